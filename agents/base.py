@@ -1,0 +1,68 @@
+"""The agent contract every agent implements and the training loop relies on.
+
+An agent acts in a batch of parallel environments and learns from replayed sequences.
+
+``initial_state(batch_size) -> state``
+    The recurrent state for ``batch_size`` env streams (any pytree of tensors, or ``None`` for
+    memoryless agents). The loop keeps it between ``act`` calls.
+
+``act(obs, state, explore) -> (action, state)``
+    ``obs`` is a dict of numpy arrays with a leading env dimension ``N``: the observation keys of
+    the env (``state``: float32 ``[N, D]``, ``pixels``: uint8 ``[N, 3, H, W]``) plus
+    ``is_first``: bool ``[N]``. Where ``is_first`` is true the agent resets that stream's
+    recurrent state before using it (the env was just reset). ``explore=True`` samples from
+    the policy; ``explore=False`` acts greedily (the mode), as in evaluation. ``action`` is a
+    numpy array the vector env accepts: float32 ``[N, A]`` in ``[-1, 1]`` for continuous
+    actions, int64 ``[N]`` for discrete ones.
+
+``update(batch) -> metrics``
+    One gradient update from a replayed batch, a dict of tensors ``[B, T, ...]``: the
+    observation keys, ``action`` (the action taken *at* that step, i.e. after observing it),
+    ``reward`` (received on arriving at that step; 0 where ``is_first``), ``is_first``,
+    ``is_last``, ``is_terminal`` (float32 0/1). Returns scalar metrics named with the logger's
+    namespaces (``loss/...``, ``world_model/...``, ``train/...``).
+
+``state_dict() / load_state_dict(state)``
+    Everything needed to continue training exactly: ``state["weights"]`` is a flat
+    ``dict[str, Tensor]`` of model parameters and buffers (saved as safetensors); every other
+    key (optimizer states, counters, RNG) must hold only tensors, numbers, strings, lists and
+    dicts so it loads with ``torch.load(..., weights_only=True)``.
+
+``report(batch) -> dict`` (optional)
+    Images/videos for evaluation-time logging (e.g. open-loop predictions), keyed by name.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import numpy as np
+import torch
+
+State = Any
+
+
+class Agent(abc.ABC):
+    """Base class of agents; see the module docstring for the contract."""
+
+    @abc.abstractmethod
+    def initial_state(self, batch_size: int) -> State: ...
+
+    @abc.abstractmethod
+    def act(
+        self, obs: dict[str, np.ndarray], state: State, explore: bool
+    ) -> tuple[np.ndarray, State]: ...
+
+    @abc.abstractmethod
+    def update(self, batch: dict[str, torch.Tensor]) -> dict[str, float]: ...
+
+    @abc.abstractmethod
+    def state_dict(self) -> dict[str, Any]: ...
+
+    @abc.abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def report(self, batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        """Media for logging at eval time: name -> uint8 video ``[T, H, W, 3]``. Default: none."""
+        return {}

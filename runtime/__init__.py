@@ -1,0 +1,1 @@
+"""What every agent shares: config, replay, training loop, logging, checkpoints."""

@@ -1,0 +1,494 @@
+"""Typed configuration: dataclass sections, YAML presets and ``key=value`` overrides.
+
+A run's configuration is built in layers, later layers winning:
+
+1. the dataclass defaults below,
+2. the named presets (``runtime/presets/<name>.yaml``), in the order given,
+3. command-line overrides ``section.key=value`` (values parsed as YAML scalars/lists).
+
+Shorthands: ``env=<id>`` sets ``env.id``, ``agent=<name>`` sets ``agent.name``,
+``accelerator=<name>`` sets ``accelerator.name``, ``preset=a,b`` (or ``preset=[a,b]``) picks
+presets. Derived values are properties, never fields filled in later.
+
+Every error is a ``ConfigError`` with a one-line message naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A configuration key, type or value is invalid. The message says which and why."""
+
+
+def _positive(min_value: float = 1) -> dict[str, Any]:
+    return {"min": min_value}
+
+
+# --------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class EnvConfig:
+    """Which task the agent faces and how it is observed (see ``envs.make_env``)."""
+
+    id: str = "dmc:cartpole-balance"
+    obs: Literal["state", "pixels", "both"] = "state"
+    size: int = field(default=64, metadata=_positive(8))
+    # Env steps (frames) per agent step; rewards are summed over the repeat.
+    action_repeat: int = field(default=2, metadata=_positive(1))
+    # Episode length limit in env steps (frames); None keeps the task's own limit.
+    time_limit: int | None = field(default=None, metadata=_positive(1))
+    num_envs: int = field(default=1, metadata=_positive(1))
+    eval_num_envs: int = field(default=1, metadata=_positive(1))
+    # Subprocess workers for the vector env; worth it for pixel tasks with several envs.
+    asynchronous: bool = False
+    render_quality: Literal["fast", "default"] = "fast"
+    camera: int | None = None
+
+
+@dataclass
+class AgentConfig:
+    """Which agent acts and learns. Agent-specific knobs live here too."""
+
+    name: str = "random"
+    # --- dreamer (agent=dreamer): actor-critic learned in imagination (DreamerV3 defaults).
+    # Imagined rollout length from every replayed posterior state.
+    horizon: int = field(default=15, metadata=_positive(1))
+    discount: float = 0.997
+    return_lambda: float = 0.95
+    # Actor and critic MLPs (see presets xs/s/m for the DreamerV3 size table).
+    units: int = field(default=512, metadata=_positive(1))
+    layers: int = field(default=2, metadata=_positive(1))
+    actor_lr: float = field(default=3e-5, metadata=_positive(0))
+    critic_lr: float = field(default=3e-5, metadata=_positive(0))
+    actor_eps: float = field(default=1e-5, metadata=_positive(0))
+    critic_eps: float = field(default=1e-5, metadata=_positive(0))
+    # Global gradient-norm clipping per optimizer.
+    actor_grad_clip: float = field(default=100.0, metadata=_positive(0))
+    critic_grad_clip: float = field(default=100.0, metadata=_positive(0))
+    actor_entropy: float = field(default=3e-4, metadata=_positive(0))
+    # auto: REINFORCE for discrete actions, backprop through the dynamics for continuous ones.
+    actor_grad: Literal["auto", "reinforce", "dynamics"] = "auto"
+    actor_unimix: float = field(default=0.01, metadata=_positive(0))
+    actor_min_std: float = field(default=0.1, metadata=_positive(0))
+    actor_max_std: float = field(default=1.0, metadata=_positive(0))
+    critic_bins: int = field(default=255, metadata=_positive(2))
+    # Slow (EMA) critic: mixed in with this fraction every `slow_critic_every` updates; the
+    # critic is regularised toward its predictions with weight `slow_critic_reg`.
+    slow_critic_fraction: float = field(default=0.02, metadata=_positive(0))
+    slow_critic_every: int = field(default=1, metadata=_positive(1))
+    slow_critic_reg: float = field(default=1.0, metadata=_positive(0))
+    # Returns are divided by max(limit, EMA(P_high) - EMA(P_low)) for the actor.
+    return_norm_decay: float = field(default=0.99, metadata=_positive(0))
+    return_norm_limit: float = field(default=1.0, metadata=_positive(0))
+    return_norm_low: float = field(default=5.0, metadata=_positive(0))
+    return_norm_high: float = field(default=95.0, metadata=_positive(0))
+    actor_scale: float = field(default=1.0, metadata=_positive(0))
+    critic_scale: float = field(default=1.0, metadata=_positive(0))
+    # torch.compile the per-step RSSM cells and the loss functions (opt-in).
+    compile: bool = False
+    # bf16 autocast for the forward passes (losses and optimizer states stay fp32).
+    precision: Literal["fp32", "bf16"] = "fp32"
+
+
+@dataclass
+class WorldModelConfig:
+    """World-model architecture knobs (used by model-based agents)."""
+
+    representation: Literal["reconstruction"] = "reconstruction"
+    # RSSM: GRU state size, hidden width, latent (stoch groups x classes, or stoch dims for
+    # the Gaussian latent), block-diagonal GRU blocks, initial state.
+    deter: int = field(default=512, metadata=_positive(1))
+    hidden: int = field(default=512, metadata=_positive(1))
+    stoch: int = field(default=32, metadata=_positive(1))
+    classes: int = field(default=32, metadata=_positive(1))
+    latent: Literal["categorical", "gaussian"] = "categorical"
+    unimix: float = field(default=0.01, metadata=_positive(0))
+    blocks: int = field(default=8, metadata=_positive(1))
+    prior_layers: int = field(default=2, metadata=_positive(1))
+    post_layers: int = field(default=1, metadata=_positive(1))
+    initial: Literal["learned", "zero"] = "learned"
+    # Encoder/decoder MLPs (vector obs), reward/continue heads, CNN depth multiplier.
+    units: int = field(default=512, metadata=_positive(1))
+    mlp_layers: int = field(default=2, metadata=_positive(1))
+    head_layers: int = field(default=1, metadata=_positive(0))
+    cnn_depth: int = field(default=32, metadata=_positive(1))
+    norm: Literal["rms", "layer"] = "rms"
+    act: Literal["silu", "elu", "relu", "gelu"] = "silu"
+    reward_bins: int = field(default=255, metadata=_positive(2))
+    # KL balancing: free bits (nats) and the loss scales the agent sums the terms with.
+    free_nats: float = field(default=1.0, metadata=_positive(0))
+    dyn_scale: float = field(default=0.5, metadata=_positive(0))
+    rep_scale: float = field(default=0.1, metadata=_positive(0))
+    rec_scale: float = field(default=1.0, metadata=_positive(0))
+    reward_scale: float = field(default=1.0, metadata=_positive(0))
+    continue_scale: float = field(default=1.0, metadata=_positive(0))
+    lr: float = field(default=1e-4, metadata=_positive(0))
+    eps: float = field(default=1e-8, metadata=_positive(0))
+    grad_clip: float = field(default=1000.0, metadata=_positive(0))
+
+
+@dataclass
+class ReplayConfig:
+    """Sequence replay: capacity in steps, sampled windows of ``batch_size x batch_length``."""
+
+    capacity: int = field(default=1_000_000, metadata=_positive(1))
+    batch_size: int = field(default=16, metadata=_positive(1))
+    batch_length: int = field(default=64, metadata=_positive(1))
+    # Steps per stored chunk (per env stream); full chunks are written to disk once.
+    chunk_size: int = field(default=1024, metadata=_positive(1))
+    # Keep the replay on disk with the checkpoints so a resume restores it exactly.
+    save: bool = True
+
+    @property
+    def steps_per_batch(self) -> int:
+        return self.batch_size * self.batch_length
+
+
+@dataclass
+class SparseConfig:
+    """Dynamic-sparse layers (see ``sparse``). Off by default."""
+
+    enabled: bool = False
+
+
+@dataclass
+class AcceleratorConfig:
+    """Where training runs: ``auto`` picks cuda when present, else cpu."""
+
+    name: Literal["auto", "cpu", "cuda"] = "auto"
+    # Torch intra-op threads; 0 = leave torch's default. 1 is best beside env workers.
+    threads: int = field(default=1, metadata=_positive(0))
+    deterministic: bool = False
+
+
+@dataclass
+class LoggingConfig:
+    """Logger backends. ``metrics.jsonl`` in the run directory is always written."""
+
+    console: bool = True
+    wandb: bool = True
+    tensorboard: bool = False
+    project: str = "imagine-rl"
+    entity: str | None = None
+    group: str | None = None
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
+    # offline never blocks and needs no account; "online" needs `wandb login`.
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    video_fps: int = field(default=20, metadata=_positive(1))
+
+
+@dataclass
+class RunConfig:
+    """The training schedule. Step counts are env steps (frames, action repeat included)."""
+
+    dir: str = "runs/default"
+    steps: int = field(default=20_000, metadata=_positive(1))
+    # Replayed steps (batch_size x batch_length per update) per agent (policy) step.
+    replay_ratio: float = field(default=32.0, metadata=_positive(0))
+    # Env steps collected before the first update.
+    learning_starts: int = field(default=1000, metadata=_positive(0))
+    eval_every: int = field(default=5000, metadata=_positive(1))
+    eval_episodes: int = field(default=5, metadata=_positive(0))
+    eval_initial: bool = False
+    video: bool = True
+    checkpoint_every: int = field(default=5000, metadata=_positive(1))
+    keep_checkpoints: int = field(default=3, metadata=_positive(1))
+    log_every: int = field(default=1000, metadata=_positive(1))
+
+
+@dataclass
+class Config:
+    """The whole run. ``seed`` seeds envs, torch and numpy; ``preset`` records the presets used."""
+
+    seed: int = 0
+    preset: list[str] = field(default_factory=list)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    world_model: WorldModelConfig = field(default_factory=WorldModelConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    sparse: SparseConfig = field(default_factory=SparseConfig)
+    accelerator: AcceleratorConfig = field(default_factory=AcceleratorConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def policy_steps(self) -> int:
+        """Agent steps per env stream needed to reach ``run.steps`` env steps in total."""
+        return -(-self.run.steps // self.env.action_repeat)
+
+
+# `section=value` sets this field of the section.
+SHORTHANDS: dict[str, str] = {"env": "id", "agent": "name", "accelerator": "name"}
+# Top-level keys handled by the CLI rather than stored in Config.
+CLI_KEYS = ("resume",)
+
+
+# --------------------------------------------------------------------------------------
+# Conversion between dicts and dataclasses
+# --------------------------------------------------------------------------------------
+
+
+def to_dict(config: Any) -> Any:
+    """Plain nested dict of a config (lists copied), suitable for YAML/JSON."""
+    if dataclasses.is_dataclass(config):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, list | tuple):
+        return [to_dict(v) for v in config]
+    return config
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        return f"list of {_type_name(inner)}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert where lossless."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}{hint}")
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected bool (true/false), got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected int, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                as_float = float(value)  # accepts "1e6" (a string in YAML 1.1)
+            except ValueError:
+                as_float = None
+            if as_float is not None and as_float.is_integer():
+                return int(as_float)
+        raise ConfigError(f"{key}: expected int, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected float, got {value!r}")
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected float, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected str, got {value!r}")
+    raise ConfigError(f"{key}: unsupported annotation {tp!r}")
+
+
+def _unknown_key(prefix: str, name: str, valid: list[str]) -> ConfigError:
+    full = f"{prefix}{name}"
+    candidates = [f"{prefix}{v}" for v in valid]
+    close = difflib.get_close_matches(full, candidates, n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}?" if close else f"valid keys: {', '.join(candidates)}"
+    return ConfigError(f"unknown config key '{full}': {hint}")
+
+
+def _apply(config: Any, updates: dict[str, Any], prefix: str = "") -> None:
+    """Recursively write ``updates`` into the dataclass ``config``, type-checking each value."""
+    hints = typing.get_type_hints(type(config))
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    for name, value in updates.items():
+        if name not in fields:
+            raise _unknown_key(prefix, name, list(fields))
+        key = f"{prefix}{name}"
+        current = getattr(config, name)
+        if dataclasses.is_dataclass(current):
+            if isinstance(value, dict):
+                _apply(current, value, prefix=f"{key}.")
+                continue
+            shorthand = SHORTHANDS.get(name) if not prefix else None
+            if shorthand is None:
+                raise ConfigError(f"{key}: is a section; set its keys as {key}.<key>=value")
+            _apply(current, {shorthand: value}, prefix=f"{key}.")
+            continue
+        setattr(config, name, _coerce(key, value, hints[name]))
+
+
+def _check_ranges(config: Any, prefix: str = "") -> None:
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_ranges(value, prefix=f"{key}.")
+            continue
+        minimum = f.metadata.get("min")
+        if minimum is not None and value is not None and value < minimum:
+            raise ConfigError(f"{key}: must be >= {minimum}, got {value!r}")
+
+
+def validate(config: Config) -> Config:
+    """Range checks and cross-field rules. Returns the config for chaining."""
+    _check_ranges(config)
+    if config.replay.batch_length > config.replay.capacity:
+        raise ConfigError(
+            f"replay.batch_length ({config.replay.batch_length}) exceeds replay.capacity "
+            f"({config.replay.capacity}); raise the capacity or shorten the windows"
+        )
+    if config.env.obs != "state" and config.env.size < 8:
+        raise ConfigError(f"env.size: must be >= 8 for pixel observations, got {config.env.size}")
+    return config
+
+
+# --------------------------------------------------------------------------------------
+# Presets and overrides
+# --------------------------------------------------------------------------------------
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """The nested dict of one named preset (or a path to a YAML file)."""
+    path = Path(name)
+    if path.suffix not in (".yaml", ".yml") or not path.exists():
+        path = PRESET_DIR / f"{name}.yaml"
+    if not path.exists():
+        names = available_presets()
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise ConfigError(f"unknown preset '{name}': {hint}available: {', '.join(names)}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset '{name}' ({path}) must be a mapping of sections")
+    return data
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """``["a.b=1", "env=dmc:walker-walk"]`` -> ``{"a.b": 1, "env": "dmc:walker-walk"}``.
+
+    Values are parsed as YAML (``true``, ``1e-4``, ``[a, b]``, ``null``); a value that
+    YAML cannot parse is kept as a string.
+    """
+    overrides: dict[str, Any] = {}
+    for arg in args:
+        if "=" not in arg or arg.startswith("="):
+            raise ConfigError(f"bad argument {arg!r}: expected key=value, e.g. run.steps=5000")
+        key, raw = arg.split("=", 1)
+        key = key.strip().lstrip("+")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        # YAML reads 'dmc:walker-walk' fine but would turn e.g. '1:30' into an int (sexagesimal
+        # in YAML 1.1); keep the literal text when the parsed value is not a plain scalar match.
+        if isinstance(value, int | float) and not isinstance(value, bool) and ":" in raw:
+            value = raw
+        overrides[key] = value
+    return overrides
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        parts = key.split(".")
+        node = nested
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                # `env=x env.obs=y`: keep the shorthand as the section's own field.
+                child = node[part] = {SHORTHANDS.get(part, part): child}
+            node = child
+        leaf = parts[-1]
+        if isinstance(node.get(leaf), dict) and not isinstance(value, dict):
+            node[leaf][SHORTHANDS.get(leaf, leaf)] = value
+        else:
+            node[leaf] = value
+    return nested
+
+
+def build_config(
+    overrides: list[str] | dict[str, Any] | None = None,
+    base: dict[str, Any] | None = None,
+) -> Config:
+    """Defaults <- ``base`` (e.g. a resumed run's config) <- presets <- overrides.
+
+    ``overrides`` is a list of ``key=value`` strings or an already parsed flat dict.
+    """
+    flat = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
+    for key in CLI_KEYS:
+        flat.pop(key, None)
+    config = Config()
+    if base:
+        _apply(config, base)
+    presets = flat.pop("preset", None)
+    if presets is not None:
+        names = _coerce("preset", presets, list[str])
+        for name in names:
+            _apply(config, load_preset(name), prefix="")
+        config.preset = list(dict.fromkeys([*config.preset, *names]))
+    _apply(config, _nest(flat))
+    return validate(config)
+
+
+def save_yaml(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def load_yaml(path: str | Path) -> Config:
+    """A config written by ``save_yaml`` (a run's ``config.yaml``), validated."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config sections")
+    config = Config()
+    _apply(config, data)
+    return validate(config)

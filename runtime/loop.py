@@ -1,0 +1,391 @@
+"""The training loop shared by every agent: collect, replay, update, evaluate, log, checkpoint.
+
+Factories in, metrics out: ``train`` receives ``make_env``, ``make_agent``, ``make_replay`` and a
+logger, so tests inject tiny pieces.
+
+Step semantics (DreamerV3's): at every vector step the agent acts on the current observation;
+the env is a gymnasium vector env with ``NEXT_STEP`` autoreset, so the observation that ends an
+episode is recorded too (``is_last``, and ``is_terminal`` for a true termination) and the step
+after it returns the reset observation, recorded with ``is_first``. Env-step counters count
+``num_envs * action_repeat`` per vector step, the reset steps included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from runtime.checkpoint import LoadedCheckpoint, save_checkpoint
+from runtime.config import Config, to_dict
+from runtime.logging import Logger
+from runtime.replay import SequenceReplay
+
+EnvFactory = Callable[[str, int, int], gym.vector.VectorEnv]  # (mode, num_envs, seed)
+AgentFactory = Callable[[gym.spaces.Dict, gym.Space], Any]  # (obs space, action space)
+ReplayFactory = Callable[[], SequenceReplay]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (non-finite loss, env crash); the message says what to do."""
+
+
+class ReplayRatioClock:
+    """How many updates are due: ``replayed steps / policy steps == ratio``, exactly.
+
+    The count is a pure function of the policy steps taken since learning started, so it stays
+    exact across a resume (only ``updates_done`` is stored).
+    """
+
+    def __init__(self, ratio: float, steps_per_update: int, updates_done: int = 0) -> None:
+        self.ratio = Fraction(ratio).limit_denominator(10_000)
+        self.steps_per_update = steps_per_update
+        self.updates_done = updates_done
+
+    def due(self, policy_steps: int) -> int:
+        """Updates to run now, given the policy steps counted since learning started."""
+        target = math.floor(policy_steps * self.ratio / self.steps_per_update)
+        return max(0, target - self.updates_done)
+
+
+@dataclass
+class Counters:
+    env_steps: int = 0  # frames: num_envs * action_repeat per vector step
+    policy_steps: int = 0  # agent decisions summed over envs
+    learn_policy_steps: int = 0  # policy steps since learning started (drives the clock)
+    updates: int = 0
+    episodes: int = 0
+    next_eval: int = 0
+    next_checkpoint: int = 0
+    next_log: int = 0
+
+
+def _stack_obs(obs: dict[str, np.ndarray], is_first: np.ndarray) -> dict[str, np.ndarray]:
+    return {**obs, "is_first": is_first.copy()}
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        # numpy's legacy global generator is what third-party code draws from.
+        "numpy": np.random.get_state()[1].tolist(),  # noqa: NPY002 - MT19937 key: plain ints
+        "numpy_pos": int(np.random.get_state()[2]),  # noqa: NPY002
+        "python": list(random.getstate()[1]),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(  # noqa: NPY002
+        ("MT19937", np.asarray(state["numpy"], dtype=np.uint32), state["numpy_pos"])
+    )
+    random.setstate((3, tuple(state["python"]), None))
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints at the next step boundary and returns."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            # Outside the main thread signal() raises ValueError: leave signals alone there.
+            with contextlib.suppress(ValueError):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.signal = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def evaluate_policy(
+    agent: Any,
+    env: gym.vector.VectorEnv,
+    episodes: int,
+    seed: int,
+    record_video: bool = False,
+) -> tuple[list[float], list[int], np.ndarray | None]:
+    """Run ``episodes`` greedy episodes, spread evenly over the vector env's sub-envs.
+
+    Each sub-env counts only its first ``quota`` episodes, so short episodes are not
+    over-represented. Returns (returns, lengths, video of env 0's first episode or None).
+
+    Shapes: video ``[T, H, W, 3]`` uint8.
+    """
+    num_envs = env.num_envs
+    quota = np.array([episodes // num_envs + (i < episodes % num_envs) for i in range(num_envs)])
+    finished = np.zeros(num_envs, dtype=int)
+    obs, _ = env.reset(seed=seed)
+    is_first = np.ones(num_envs, dtype=bool)
+    done = np.zeros(num_envs, dtype=bool)
+    state = agent.initial_state(num_envs)
+    running = np.zeros(num_envs)
+    lengths_now = np.zeros(num_envs, dtype=int)
+    returns: list[float] = []
+    lengths: list[int] = []
+    frames: list[np.ndarray] = []
+    recording = record_video
+    while (finished < quota).any():
+        if recording:
+            frames.append(_frame(env, obs))
+        action, state = agent.act(_stack_obs(obs, is_first), state, explore=False)
+        obs, reward, terminated, truncated, _ = env.step(action)
+        # After a done, NEXT_STEP autoreset ignores the action and returns the reset obs.
+        reward = np.where(done, 0.0, reward)
+        running += reward
+        lengths_now += ~done
+        is_first = done.copy()
+        new_done = (terminated | truncated) & ~done
+        for i in np.flatnonzero(new_done):
+            if finished[i] < quota[i]:
+                returns.append(float(running[i]))
+                lengths.append(int(lengths_now[i]))
+            finished[i] += 1
+            running[i] = 0.0
+            lengths_now[i] = 0
+            if i == 0 and recording:
+                frames.append(_frame(env, obs))
+                recording = False
+        done = new_done
+    video = np.stack(frames) if frames else None
+    return returns, lengths, video
+
+
+def _frame(env: gym.vector.VectorEnv, obs: dict[str, np.ndarray]) -> np.ndarray:
+    """Env 0's current frame as ``[H, W, 3]`` uint8, from pixels or ``render()``."""
+    if "pixels" in obs:
+        return np.ascontiguousarray(obs["pixels"][0].transpose(1, 2, 0))
+    frames = env.call("render")
+    frame = frames[0]
+    if frame is None:
+        raise TrainingError("eval videos need render_mode='rgb_array' on the eval env")
+    return np.asarray(frame, dtype=np.uint8)
+
+
+def train(
+    config: Config,
+    make_env: EnvFactory,
+    make_agent: AgentFactory,
+    make_replay: ReplayFactory,
+    logger: Logger,
+    run_dir: str | Path,
+    checkpoint: LoadedCheckpoint | None = None,
+) -> dict[str, Any]:
+    """Train until ``config.run.steps`` env steps, or until SIGINT/SIGTERM.
+
+    Returns a summary: counters, last eval metrics, ``interrupted`` and the last checkpoint.
+    """
+    run_dir = Path(run_dir)
+    run = config.run
+    num_envs = config.env.num_envs
+    steps_per_vector_step = num_envs * config.env.action_repeat
+
+    envs = make_env("train", num_envs, config.seed)
+    eval_envs = make_env("eval", config.env.eval_num_envs, config.seed + 10_000)
+    agent = make_agent(envs.single_observation_space, envs.single_action_space)
+    replay = make_replay()
+    counters = Counters(next_eval=0 if run.eval_initial else run.eval_every)
+    counters.next_checkpoint = run.checkpoint_every
+    counters.next_log = run.log_every
+    clock = ReplayRatioClock(run.replay_ratio, config.replay.steps_per_batch)
+
+    if checkpoint is not None:
+        agent.load_state_dict(checkpoint.agent_state)
+        train_state = checkpoint.train_state
+        counters = Counters(**train_state["counters"])
+        clock.updates_done = counters.updates
+        _set_rng_state(train_state["rng"])
+        if checkpoint.replay_path is not None:
+            replay.load(checkpoint.replay_path)
+
+    last_checkpoint: Path | None = checkpoint.path if checkpoint is not None else None
+    # Env steps of the newest eval and checkpoint, so the end of a run does not repeat them.
+    marks = {"eval": -1, "checkpoint": counters.env_steps if checkpoint is not None else -1}
+    last_eval: dict[str, float] = {}
+    update_metrics: dict[str, list[float]] = {}
+    episode_returns: list[float] = []
+    episode_lengths: list[int] = []
+
+    def do_checkpoint() -> Path:
+        nonlocal last_checkpoint
+        train_state = {"counters": asdict(counters), "rng": _rng_state()}
+        last_checkpoint = save_checkpoint(
+            run_dir,
+            counters.env_steps,
+            to_dict(config),
+            agent.state_dict(),
+            train_state,
+            replay=replay if config.replay.save else None,
+            keep=run.keep_checkpoints,
+        )
+        marks["checkpoint"] = counters.env_steps
+        return last_checkpoint
+
+    def do_eval() -> None:
+        nonlocal last_eval
+        marks["eval"] = counters.env_steps
+        start = time.time()
+        returns, lengths, video = evaluate_policy(
+            agent,
+            eval_envs,
+            run.eval_episodes,
+            seed=config.seed + 10_000 + counters.env_steps,
+            record_video=run.video,
+        )
+        last_eval = {
+            "eval/return_mean": float(np.mean(returns)),
+            "eval/return_std": float(np.std(returns)),
+            "eval/length_mean": float(np.mean(lengths)),
+            "eval/episodes": float(len(returns)),
+            "perf/eval_seconds": time.time() - start,
+        }
+        logger.log(last_eval, counters.env_steps)
+        if video is not None:
+            logger.video("eval/video", video, counters.env_steps)
+        if replay.can_sample():
+            for name, media in agent.report(replay.sample()).items():
+                logger.video(name, media, counters.env_steps)
+
+    # Reset seeds differ after a resume so a resumed run does not replay its first episodes.
+    obs, _ = envs.reset(seed=config.seed + counters.policy_steps)
+    state = agent.initial_state(num_envs)
+    is_first = np.ones(num_envs, dtype=bool)
+    is_last = np.zeros(num_envs, dtype=bool)
+    is_terminal = np.zeros(num_envs, dtype=bool)
+    reward = np.zeros(num_envs, dtype=np.float32)
+    running_return = np.zeros(num_envs)
+    running_length = np.zeros(num_envs, dtype=int)
+    timer = {"env": 0.0, "train": 0.0, "start": time.time(), "start_steps": counters.env_steps}
+
+    with _StopFlag() as stop:
+        if run.eval_initial and counters.env_steps == 0 and run.eval_episodes > 0:
+            do_eval()
+            counters.next_eval = run.eval_every
+        while counters.env_steps < run.steps and stop.signal is None:
+            action, state = agent.act(_stack_obs(obs, is_first), state, explore=True)
+            tick = time.time()
+            try:
+                next_obs, env_reward, terminated, truncated, _ = envs.step(action)
+            except Exception as error:
+                path = do_checkpoint()
+                raise TrainingError(
+                    f"env '{config.env.id}' crashed at env step {counters.env_steps} "
+                    f"({type(error).__name__}: {error}); a checkpoint was saved at {path}: "
+                    f"resume with `python scripts/train.py resume={run_dir}`"
+                ) from error
+            timer["env"] += time.time() - tick
+            # Recorded only once the env accepted the action, so replay and counters agree.
+            replay.add(
+                {
+                    **obs,
+                    "action": np.asarray(action),
+                    "reward": reward,
+                    "is_first": is_first,
+                    "is_last": is_last,
+                    "is_terminal": is_terminal,
+                }
+            )
+            obs = next_obs
+            # The step after a done is the autoreset: reward 0, a new episode's first obs.
+            was_done = is_last
+            reward = np.where(was_done, 0.0, env_reward).astype(np.float32)
+            is_first = was_done.copy()
+            is_last = (terminated | truncated) & ~was_done
+            is_terminal = terminated & ~was_done
+            running_return += reward
+            running_length += ~was_done
+            for i in np.flatnonzero(is_last):
+                episode_returns.append(float(running_return[i]))
+                episode_lengths.append(int(running_length[i]))
+                counters.episodes += 1
+                running_return[i] = 0.0
+                running_length[i] = 0
+
+            counters.env_steps += steps_per_vector_step
+            counters.policy_steps += num_envs
+            if counters.env_steps > run.learning_starts and replay.can_sample():
+                counters.learn_policy_steps += num_envs
+                tick = time.time()
+                for _ in range(clock.due(counters.learn_policy_steps)):
+                    metrics = agent.update(replay.sample())
+                    clock.updates_done += 1
+                    counters.updates += 1
+                    for key, value in metrics.items():
+                        if key.startswith("loss/") and not math.isfinite(value):
+                            raise TrainingError(
+                                f"non-finite {key} = {value} at update {counters.updates} "
+                                f"(env step {counters.env_steps}); the last good checkpoint is "
+                                f"{last_checkpoint}. Lower the learning rate or check the inputs."
+                            )
+                        update_metrics.setdefault(key, []).append(value)
+                timer["train"] += time.time() - tick
+            logger.progress(counters.env_steps)
+
+            if counters.env_steps >= counters.next_log:
+                counters.next_log += run.log_every
+                elapsed = max(time.time() - timer["start"], 1e-9)
+                fps = (counters.env_steps - timer["start_steps"]) / elapsed
+                metrics = {k: float(np.mean(v)) for k, v in update_metrics.items()}
+                metrics.update(replay.stats())
+                metrics.update(
+                    {
+                        "train/env_steps": counters.env_steps,
+                        "train/policy_steps": counters.policy_steps,
+                        "train/updates": counters.updates,
+                        "train/episodes": counters.episodes,
+                        "perf/env_steps_per_s": fps,
+                        "perf/env_time_fraction": timer["env"] / elapsed,
+                        "perf/train_time_fraction": timer["train"] / elapsed,
+                    }
+                )
+                if episode_returns:
+                    metrics["train/episode_return"] = float(np.mean(episode_returns))
+                    metrics["train/episode_length"] = float(np.mean(episode_lengths))
+                logger.log(metrics, counters.env_steps)
+                update_metrics.clear()
+                episode_returns.clear()
+                episode_lengths.clear()
+
+            if counters.env_steps >= counters.next_eval:
+                counters.next_eval += run.eval_every
+                if run.eval_episodes > 0:
+                    do_eval()
+            if counters.env_steps >= counters.next_checkpoint:
+                counters.next_checkpoint += run.checkpoint_every
+                do_checkpoint()
+
+        interrupted = stop.signal is not None
+        finished = counters.env_steps >= run.steps
+        if finished and run.eval_episodes > 0 and marks["eval"] != counters.env_steps:
+            do_eval()
+        if marks["checkpoint"] != counters.env_steps:
+            do_checkpoint()
+
+    envs.close()
+    eval_envs.close()
+    return {
+        "counters": asdict(counters),
+        "eval": last_eval,
+        "interrupted": interrupted,
+        "signal": stop.signal,
+        "checkpoint": str(last_checkpoint) if last_checkpoint else None,
+    }

@@ -1,0 +1,101 @@
+"""Evaluate a checkpoint: ``python scripts/evaluate.py checkpoint=<dir> episodes=10 video=true json=out.json``.
+
+``checkpoint`` is a checkpoint directory (``<run>/checkpoints/step_<N>``) or a run directory
+(its latest checkpoint). The agent and its env are rebuilt from the checkpoint's config and run
+greedily (the policy's mode). Prints mean/std return; ``json=`` writes
+``{"env", "agent", "step", "episodes", "return_mean", "return_std", "returns"}`` (plus
+``lengths`` and ``video``); ``video=true`` writes an mp4 of the first episode (``video_path=``
+to choose where; default ``<run>/videos/evaluate_step_<N>.mp4``).
+
+Other keys: ``seed=`` (default 12345), ``num_envs=`` (default 1), ``accelerator=``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+KEYS = ("checkpoint", "episodes", "video", "json", "video_path", "seed", "num_envs", "accelerator")
+
+
+def main(argv: list[str]) -> int:
+    import difflib
+
+    from runtime.checkpoint import CheckpointError, load_checkpoint
+    from runtime.config import ConfigError, build_config, parse_overrides
+
+    try:
+        args = parse_overrides(argv)
+        for key in args:
+            if key not in KEYS:
+                close = difflib.get_close_matches(key, KEYS, n=1)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                raise ConfigError(f"unknown argument '{key}': {hint}valid: {', '.join(KEYS)}")
+        if "checkpoint" not in args:
+            raise ConfigError("missing checkpoint=<checkpoint dir or run dir>")
+        episodes = int(args.get("episodes", 10))
+        num_envs = int(args.get("num_envs", 1))
+        if episodes < 1 or num_envs < 1:
+            raise ConfigError("episodes and num_envs must be >= 1")
+        video = bool(args.get("video", False))
+        seed = int(args.get("seed", 12345))
+        loaded = load_checkpoint(Path(str(args["checkpoint"])))
+        overrides = {"env.eval_num_envs": num_envs, "run.video": video}
+        if "accelerator" in args:
+            overrides["accelerator"] = args["accelerator"]
+        config = build_config(overrides, base=loaded.config)
+    except (ConfigError, CheckpointError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    import numpy as np
+
+    import agents
+    from runtime.accelerator import configure_threads, seed_everything
+    from runtime.factories import make_env_factory
+    from runtime.logging import write_video
+    from runtime.loop import evaluate_policy
+
+    configure_threads(config.accelerator)
+    seed_everything(seed)
+    env = make_env_factory(config, video=video)("eval", num_envs, seed)
+    agent = agents.make_agent(config, env.single_observation_space, env.single_action_space)
+    agent.load_state_dict(loaded.agent_state)
+    returns, lengths, frames = evaluate_policy(agent, env, episodes, seed, record_video=video)
+    env.close()
+
+    result = {
+        "env": config.env.id,
+        "agent": config.agent.name,
+        "step": loaded.step,
+        "episodes": len(returns),
+        "return_mean": float(np.mean(returns)),
+        "return_std": float(np.std(returns)),
+        "returns": returns,
+        "lengths": lengths,
+        "checkpoint": str(loaded.path),
+    }
+    if video and frames is not None:
+        run_dir = loaded.path.parent.parent
+        default = run_dir / "videos" / f"evaluate_step_{loaded.step}.mp4"
+        path = write_video(args.get("video_path", default), frames, config.logging.video_fps)
+        result["video"] = str(path)
+        print(f"video: {path}")
+    print(
+        f"{config.env.id} {config.agent.name} step {loaded.step}: return "
+        f"{result['return_mean']:.1f} +- {result['return_std']:.1f} over {len(returns)} episodes"
+    )
+    if "json" in args:
+        out = Path(str(args["json"]))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        print(f"json: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

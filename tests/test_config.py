@@ -1,0 +1,120 @@
+"""Config layering, overrides, presets and one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from runtime.config import (
+    Config,
+    ConfigError,
+    available_presets,
+    build_config,
+    load_yaml,
+    parse_overrides,
+    save_yaml,
+    to_dict,
+)
+
+
+def test_defaults_are_valid():
+    config = build_config([])
+    assert isinstance(config, Config)
+    assert config.logging.mode == "offline"
+    assert config.replay.steps_per_batch == config.replay.batch_size * config.replay.batch_length
+
+
+def test_issue_command_line_grammar():
+    config = build_config(
+        [
+            "env=dmc:walker-walk",
+            "agent=random",
+            "preset=debug",
+            "run.steps=5000",
+            "seed=1",
+            "run.dir=runs/x",
+        ]
+    )
+    assert config.env.id == "dmc:walker-walk"
+    assert config.agent.name == "random"
+    assert config.run.steps == 5000  # the override beats the preset
+    assert config.seed == 1
+    assert config.run.dir == "runs/x"
+    assert config.preset == ["debug"]
+    assert config.replay.batch_size == 4  # from the preset
+
+
+def test_value_parsing_and_coercion():
+    config = build_config(
+        [
+            "run.steps=1e4",
+            "run.replay_ratio=2",
+            "logging.tags=[a, b]",
+            "env.time_limit=null",
+            "env.asynchronous=true",
+            "logging.group=123",
+        ]
+    )
+    assert config.run.steps == 10_000 and isinstance(config.run.steps, int)
+    assert config.run.replay_ratio == 2.0 and isinstance(config.run.replay_ratio, float)
+    assert config.logging.tags == ["a", "b"]
+    assert config.env.time_limit is None
+    assert config.env.asynchronous is True
+    assert config.logging.group == "123"
+
+
+def test_shorthand_and_section_key_together():
+    config = build_config(["env=gym:Pendulum-v1", "env.obs=pixels"])
+    assert config.env.id == "gym:Pendulum-v1" and config.env.obs == "pixels"
+
+
+def test_presets_layer_in_order(tmp_path):
+    first = tmp_path / "a.yaml"
+    second = tmp_path / "b.yaml"
+    first.write_text(yaml.safe_dump({"run": {"steps": 111, "eval_every": 7}}))
+    second.write_text(yaml.safe_dump({"run": {"steps": 222}}))
+    config = build_config([f"preset={first},{second}"])
+    assert config.run.steps == 222 and config.run.eval_every == 7
+    assert "debug" in available_presets()
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["run.stpes=5"], "unknown config key 'run.stpes': did you mean run.steps"),
+        (["evn.id=x"], "unknown config key 'evn': did you mean env"),
+        (["run.steps=-1"], "run.steps: must be >= 1, got -1"),
+        (["env.size=0"], "env.size: must be >= 8, got 0"),
+        (["run.steps=abc"], "run.steps: expected int, got 'abc'"),
+        (["run.steps=1.5"], "run.steps: expected int, got 1.5"),
+        (["env.asynchronous=maybe"], "env.asynchronous: expected bool"),
+        (["env.obs=pixel"], "did you mean 'pixels'"),
+        (["preset=dbg"], "unknown preset 'dbg': did you mean 'debug'?"),
+        (["run=3"], "run: is a section"),
+        (["steps"], "expected key=value"),
+        (["replay.capacity=10", "replay.batch_length=64"], "exceeds replay.capacity"),
+    ],
+)
+def test_bad_keys_and_values_give_one_line_errors(args, expected):
+    with pytest.raises(ConfigError) as info:
+        build_config(args)
+    message = str(info.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_yaml_round_trip(tmp_path):
+    config = build_config(["preset=debug", "env=dmc:cartpole-swingup", "logging.tags=[x]"])
+    save_yaml(config, tmp_path / "config.yaml")
+    assert to_dict(load_yaml(tmp_path / "config.yaml")) == to_dict(config)
+
+
+def test_base_then_overrides():
+    base = to_dict(build_config(["run.steps=300", "seed=4"]))
+    config = build_config(["run.steps=600"], base=base)
+    assert config.run.steps == 600 and config.seed == 4
+
+
+def test_parse_overrides_keeps_env_ids_as_text():
+    assert parse_overrides(["env=dmc:walker-walk"]) == {"env": "dmc:walker-walk"}
+    assert parse_overrides(["x=1:30"]) == {"x": "1:30"}

@@ -43,10 +43,7 @@ class RandomAgent(Agent):
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         self.updates += 1
         reward = batch["reward"].float()
-        return {
-            "train/updates": float(self.updates),
-            "train/batch_reward_mean": float(reward.mean()),
-        }
+        return {"train/batch_reward_mean": float(reward.mean())}
 
     def state_dict(self) -> dict[str, Any]:
         # The bit generator state is nested ints and strings: weights_only-safe.

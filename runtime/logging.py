@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import yaml
 
 from runtime.config import Config, to_dict
 
@@ -175,6 +176,13 @@ class WandbBackend:
             )
             self.run = wandb.init(mode="offline", **kwargs)
         self.run_id = self.run.id
+        # The run config also lives in the .wandb records; a readable copy sits beside the
+        # media so an offline run directory is self-describing before any sync.
+        files_dir = Path(self.run.dir)
+        files_dir.mkdir(parents=True, exist_ok=True)
+        (files_dir / "imagine_rl_config.yaml").write_text(
+            yaml.safe_dump(to_dict(config), sort_keys=False)
+        )
 
     def write(self, metrics: dict[str, float], step: int) -> None:
         self.run.log(metrics, step=step)

@@ -118,3 +118,13 @@ def test_base_then_overrides():
 def test_parse_overrides_keeps_env_ids_as_text():
     assert parse_overrides(["env=dmc:walker-walk"]) == {"env": "dmc:walker-walk"}
     assert parse_overrides(["x=1:30"]) == {"x": "1:30"}
+
+
+def test_all_packages_import():
+    import agents
+    import envs
+    import runtime
+    import sparse
+    import worldmodels
+
+    assert all(m.__file__ for m in (agents, envs, runtime, sparse, worldmodels))

@@ -83,7 +83,7 @@ def test_wandb_offline_run_has_config_and_video(trained_run):
     assert runs, "no offline wandb run directory"
     files = [p for p in runs[0].rglob("*") if p.is_file()]
     names = [p.name for p in files]
-    assert "config.yaml" in names or any(p.suffix == ".wandb" for p in files)
+    assert "imagine_rl_config.yaml" in names
     assert any(p.suffix in (".mp4", ".gif") for p in files), names
     # The config is the resolved run config.
     wandb_files = [p for p in files if p.suffix == ".wandb"]

@@ -42,5 +42,7 @@ def make_agent(config: Config, obs_space: gym.spaces.Dict, action_space: gym.Spa
     if name not in _AGENTS:
         close = difflib.get_close_matches(name, list(_AGENTS), n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
-        raise ValueError(f"unknown agent '{name}': {hint}available: {', '.join(available_agents())}")
+        raise ValueError(
+            f"unknown agent '{name}': {hint}available: {', '.join(available_agents())}"
+        )
     return _AGENTS[name](config, obs_space, action_space)

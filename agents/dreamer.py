@@ -1,0 +1,453 @@
+"""DreamerV3: a world model learned from replay, an actor-critic learned in its imagination.
+
+Each ``update`` does one world-model step on the replayed batch, then one actor and one critic
+step on rollouts of ``agent.horizon`` imagined steps started from every posterior state of the
+batch. The actor's loss never updates world-model weights: its gradient is taken with respect
+to the actor's parameters only (``torch.autograd.grad``) and each part has its own optimizer.
+
+Config mapping: ``world_model.*`` -> ``worldmodels.WorldModelSpec``/``RSSMConfig``,
+``agent.*`` -> the actor, critic, returns and optimizers here. See ``runtime/presets/{xs,s,m,
+dreamer_debug}.yaml`` for sizes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from agents.base import Agent, State
+from runtime.accelerator import resolve_device
+from runtime.config import Config
+from worldmodels import (
+    Actor,
+    Critic,
+    LayerFactory,
+    ReturnNormalizer,
+    RSSMConfig,
+    WorldModel,
+    WorldModelSpec,
+    lambda_return,
+    preprocess_obs,
+)
+
+_FLAGS = ("is_first", "is_last", "is_terminal")
+
+
+def world_model_spec(config: Config) -> WorldModelSpec:
+    """The world-model architecture described by ``config.world_model``."""
+    w = config.world_model
+    rssm = RSSMConfig(
+        deter=w.deter,
+        hidden=w.hidden,
+        stoch=w.stoch,
+        classes=w.classes,
+        latent=w.latent,
+        unimix=w.unimix,
+        blocks=w.blocks,
+        prior_layers=w.prior_layers,
+        post_layers=w.post_layers,
+        initial=w.initial,
+    )
+    return WorldModelSpec(
+        rssm=rssm,
+        units=w.units,
+        mlp_layers=w.mlp_layers,
+        head_layers=w.head_layers,
+        cnn_depth=w.cnn_depth,
+        reward_bins=w.reward_bins,
+        free_nats=w.free_nats,
+        norm=w.norm,
+        act=w.act,
+    )
+
+
+class DreamerAgent(Agent):
+    """DreamerV3 agent for ``Box`` (in ``[-1, 1]``) or ``Discrete`` actions."""
+
+    def __init__(self, config: Config, obs_space: gym.spaces.Dict, action_space: gym.Space) -> None:
+        self.config = config
+        a, w = config.agent, config.world_model
+        self.device = resolve_device(config.accelerator)
+        if isinstance(action_space, gym.spaces.Discrete):
+            self.discrete, self.action_dim = True, int(action_space.n)
+            self.action_start = int(action_space.start)
+        elif isinstance(action_space, gym.spaces.Box):
+            self.discrete, self.action_dim = False, int(np.prod(action_space.shape))
+            self.action_start = 0
+        else:
+            raise TypeError(f"DreamerAgent supports Box and Discrete actions, got {action_space}")
+        self.action_space = action_space
+        self.obs_shapes = {
+            key: tuple(space.shape)
+            for key, space in obs_space.spaces.items()
+            if key not in _FLAGS and not key.startswith("log_")
+        }
+        if a.actor_grad == "auto":
+            self.dynamics_grad = not self.discrete
+        else:
+            self.dynamics_grad = a.actor_grad == "dynamics"
+        if self.dynamics_grad and self.discrete:
+            raise ValueError("agent.actor_grad=dynamics needs continuous actions; use reinforce")
+
+        # Build every module with a fixed seed, without disturbing the global RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.factory = LayerFactory(norm=w.norm, act=w.act)
+            self.wm = WorldModel(
+                self.obs_shapes, self.action_dim, world_model_spec(config), self.factory
+            )
+            feat = self.wm.feat_size
+            self.actor = Actor(
+                feat,
+                self.action_dim,
+                self.discrete,
+                a.units,
+                a.layers,
+                self.factory,
+                a.actor_unimix,
+                a.actor_min_std,
+                a.actor_max_std,
+            )
+            self.critic = Critic(feat, a.units, a.layers, self.factory, a.critic_bins)
+        self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)
+        self.retnorm = ReturnNormalizer(
+            a.return_norm_decay, a.return_norm_limit, a.return_norm_low, a.return_norm_high
+        )
+        for module in self._modules().values():
+            module.to(self.device)
+
+        def adam(params, lr, eps):
+            return torch.optim.Adam(params, lr=lr, eps=eps, foreach=True)
+
+        self.wm_opt = adam(self.wm.parameters(), w.lr, w.eps)
+        self.actor_opt = adam(self.actor.parameters(), a.actor_lr, a.actor_eps)
+        self.critic_opt = adam(self.critic.parameters(), a.critic_lr, a.critic_eps)
+        self.updates = 0
+        self.loss_scales = {
+            "loss/reconstruction": w.rec_scale,
+            "loss/reward": w.reward_scale,
+            "loss/continue": w.continue_scale,
+            "loss/dynamics": w.dyn_scale,
+            "loss/representation": w.rep_scale,
+        }
+        self.autocast_enabled = a.precision == "bf16"
+        # Compiled (agent.compile) or eager: the per-step cells and the batched loss pieces.
+        # The loops over time (observe, imagine, lambda-returns) stay in Python.
+        self._actor_net = self.actor.net
+        self._ac_losses = self._ac_losses_impl
+        if a.compile:
+            self.wm.compile()
+            self._actor_net = torch.compile(self.actor.net)
+            self._ac_losses = torch.compile(self._ac_losses_impl)
+
+    # ---------------------------------------------------------------------------------
+    # Helpers
+    # ---------------------------------------------------------------------------------
+    def _modules(self) -> dict[str, torch.nn.Module]:
+        return {
+            "world_model": self.wm,
+            "actor": self.actor,
+            "critic": self.critic,
+            "slow_critic": self.slow_critic,
+            "return_norm": self.retnorm,
+        }
+
+    def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"world_model": self.wm_opt, "actor": self.actor_opt, "critic": self.critic_opt}
+
+    def _autocast(self):
+        if not self.autocast_enabled:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def _encode_action(self, action: torch.Tensor) -> torch.Tensor:
+        """Env actions ``[..., (A)]`` -> model actions ``[..., A]`` (one-hot if discrete)."""
+        if self.discrete:
+            index = action.long()
+            if index.dim() == 3 and index.shape[-1] == 1:  # stored as [B, T, 1]
+                index = index[..., 0]
+            return F.one_hot(index - self.action_start, self.action_dim).float()
+        lead = action.shape[: action.dim() - len(self.action_space.shape)]
+        return action.float().reshape(*lead, self.action_dim)
+
+    def preprocess(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Replay batch ``[B, T, ...]`` -> device tensors the world model consumes."""
+        dev = self.device
+        data = preprocess_obs(
+            {k: batch[k].to(dev, non_blocking=True) for k in self.obs_shapes}, self.wm.image_keys
+        )
+        data["action"] = self._encode_action(batch["action"].to(dev, non_blocking=True))
+        for key in ("reward", "is_first", "is_terminal"):
+            data[key] = batch[key].to(dev, non_blocking=True).float()
+        return data
+
+    @staticmethod
+    def _to_floats(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+        """One device sync for all metrics."""
+        keys = list(metrics)
+        values = torch.stack([metrics[k].detach().float().reshape(()) for k in keys]).cpu().tolist()
+        return dict(zip(keys, values))
+
+    # ---------------------------------------------------------------------------------
+    # Training
+    # ---------------------------------------------------------------------------------
+    def train_world_model(
+        self, data: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """One world-model optimizer step; returns (detached posterior states, metrics)."""
+        self.wm_opt.zero_grad(set_to_none=True)
+        with self._autocast():
+            losses, metrics, post = self.wm.loss_and_states(data)
+        total = sum(self.loss_scales[k] * losses[k] for k in losses)
+        total.backward()
+        norm = torch.nn.utils.clip_grad_norm_(
+            self.wm.parameters(), self.config.world_model.grad_clip, foreach=True
+        )
+        self.wm_opt.step()
+        self.wm_opt.zero_grad(set_to_none=True)
+        metrics = {**metrics, **{k: v.detach() for k, v in losses.items()}}
+        metrics["loss/world_model"] = total.detach()
+        metrics["train/grad_norm_world_model"] = norm
+        post = {k: post[k].detach() for k in ("deter", "stoch")}
+        return post, metrics
+
+    def _behaviour_losses(
+        self, start: dict[str, torch.Tensor], start_continue: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Actor and critic losses on an imagined rollout from ``start`` (``[N, ...]``).
+
+        The policy runs once per imagined state (its raw outputs are kept for the losses);
+        for REINFORCE the rollout itself is not differentiated.
+        """
+        dynamics = self.dynamics_grad
+        raws = []
+
+        def policy(state):
+            feat = self.wm.feat(state)
+            with torch.enable_grad():
+                raw = self._actor_net(feat if dynamics else feat.detach())
+            raws.append(raw)
+            action = self.actor.action(self.actor.dist(raw), sample=True)
+            return action if dynamics else action.detach()
+
+        with contextlib.nullcontext() if dynamics else torch.no_grad():
+            traj = self.wm.imagine(policy, start, self.config.agent.horizon)
+        return self._ac_losses(traj, torch.stack(raws, 1), start_continue)
+
+    def _ac_losses_impl(
+        self, traj: dict[str, torch.Tensor], actor_raw: torch.Tensor, start_continue: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Losses from an imagined trajectory (``[N, H+1, ...]`` states, ``[N, H, ...]``
+        actions and policy outputs). The critic's logits serve both the returns and its loss."""
+        a = self.config.agent
+        H = a.horizon
+        # Heads run on all H+1 states at once (contiguous; the reward and continue predictions
+        # at s_0 go unused: the start's own continue flag is known).
+        feat = self.wm.feat(traj)  # [N, H+1, F]; only differentiable for dynamics backprop
+        reward = self.wm.reward(feat)
+        with torch.no_grad():  # the discount is not a path for the actor's gradient
+            cont = self.wm.continue_prob(feat)
+        cont = torch.cat([start_continue[:, None], cont[:, 1:]], 1)
+        discount = a.discount * cont
+        logits = self.critic(feat)  # [N, H+1, bins]
+        value = self.critic.twohot.decode(logits)
+        ret = lambda_return(reward, discount, value, a.return_lambda)  # [N, H]
+        # Weight of each state: the (discounted) probability that the episode reaches it.
+        weight = (torch.cumprod(discount[:, :H], 1) / a.discount).detach()
+
+        self.retnorm.update(ret)
+        scale = self.retnorm.scale()
+        base = value[:, :H].detach()
+        dist = self.actor.dist(actor_raw)
+        entropy = self.actor.entropy(dist)  # [N, H]
+        if self.dynamics_grad:
+            objective = (ret - base) / scale
+        else:
+            adv = ((ret - base) / scale).detach()
+            objective = self.actor.log_prob(dist, traj["action"].detach()) * adv
+        actor_loss = -(weight * (objective + a.actor_entropy * entropy)).mean()
+
+        # The critic's loss only ever reaches the critic's parameters (see train_behaviour),
+        # so sharing the logits with the (possibly differentiable) returns is safe.
+        target = ret.detach()
+        with torch.no_grad():
+            slow = self.slow_critic.value(feat.detach())[:, :H]
+        critic_nll = -self.critic.twohot.log_prob(logits[:, :H], target)
+        critic_reg = -self.critic.twohot.log_prob(logits[:, :H], slow)
+        critic_loss = (weight * (critic_nll + a.slow_critic_reg * critic_reg)).mean()
+
+        metrics = {
+            "train/actor_entropy": entropy.mean().detach(),
+            "train/return_scale": scale.detach(),
+            "train/return_low": self.retnorm.low.detach().clone(),
+            "train/return_high": self.retnorm.high.detach().clone(),
+            "train/imagined_return": ret.mean().detach(),
+            "train/imagined_reward": reward[:, 1:].mean().detach(),
+            "train/imagined_continue": cont[:, 1:].mean().detach(),
+            "train/value": base.mean().detach(),
+            "train/advantage": ((ret - base) / scale).mean().detach(),
+            "train/critic_nll": critic_nll.mean().detach(),
+            "loss/actor": actor_loss.detach(),
+            "loss/critic": critic_loss.detach(),
+        }
+        return a.actor_scale * actor_loss, a.critic_scale * critic_loss, metrics
+
+    def train_behaviour(self, post: dict[str, torch.Tensor], data: dict[str, torch.Tensor]):
+        """One actor and one critic step on imagination from every posterior state."""
+        a = self.config.agent
+        start = {
+            "deter": post["deter"].detach().reshape(-1, post["deter"].shape[-1]),
+            "stoch": post["stoch"].detach().flatten(0, 1),
+        }
+        start_continue = 1.0 - data["is_terminal"].reshape(-1)
+        with self._autocast():
+            actor_loss, critic_loss, metrics = self._behaviour_losses(start, start_continue)
+        actor_params = [p for p in self.actor.parameters() if p.requires_grad]
+        critic_params = [p for p in self.critic.parameters() if p.requires_grad]
+        # Gradients w.r.t. the actor's (critic's) parameters only: the world model's weights
+        # get no gradient from these losses (their .grad stays untouched).
+        for params, loss, opt, clip, name in (
+            (actor_params, actor_loss, self.actor_opt, a.actor_grad_clip, "actor"),
+            (critic_params, critic_loss, self.critic_opt, a.critic_grad_clip, "critic"),
+        ):
+            # The actor's graph shares the critic's forward pass: keep it for the critic.
+            grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
+            for p, g in zip(params, grads):
+                p.grad = g if g is not None else torch.zeros_like(p)
+            metrics[f"train/grad_norm_{name}"] = torch.nn.utils.clip_grad_norm_(
+                params, clip, foreach=True
+            )
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if self.updates % a.slow_critic_every == 0:
+            self._update_slow_critic(a.slow_critic_fraction)
+        return metrics
+
+    @torch.no_grad()
+    def _update_slow_critic(self, fraction: float) -> None:
+        # Pair parameters by name, ignoring parametrizations (e.g. sparse masks put ``weight``
+        # under ``parametrizations.weight.original``), so the order of the lists cannot drift.
+        def canonical(name: str) -> str:
+            return name.replace("parametrizations.", "").replace(".original", "")
+
+        fast = {canonical(n): p for n, p in self.critic.named_parameters()}
+        slow = {canonical(n): p for n, p in self.slow_critic.named_parameters()}
+        names = sorted(slow)
+        torch._foreach_lerp_([slow[n] for n in names], [fast[n] for n in names], fraction)
+
+    def update(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        data = self.preprocess(batch)
+        post, metrics = self.train_world_model(data)
+        metrics.update(self.train_behaviour(post, data))
+        self.updates += 1  # (the loop reports train/updates itself)
+        return self._to_floats(metrics)
+
+    # ---------------------------------------------------------------------------------
+    # Acting
+    # ---------------------------------------------------------------------------------
+    def initial_state(self, batch_size: int) -> State:
+        with torch.inference_mode():
+            state = self.wm.rssm.initial(batch_size, self.device)
+            state = {k: v.clone() for k, v in state.items()}
+        state["action"] = torch.zeros(batch_size, self.action_dim, device=self.device)
+        return state
+
+    @torch.inference_mode()
+    def act(
+        self, obs: dict[str, np.ndarray], state: State, explore: bool
+    ) -> tuple[np.ndarray, State]:
+        n = len(obs["is_first"])
+        if state is None:
+            state = self.initial_state(n)
+        dev = self.device
+        tensors = {k: torch.as_tensor(np.asarray(obs[k]), device=dev) for k in self.obs_shapes}
+        embed = self.wm.encoder(preprocess_obs(tensors, self.wm.image_keys))
+        keep = 1.0 - torch.as_tensor(np.asarray(obs["is_first"]), device=dev).float()
+        rssm = self.wm.rssm
+        init = rssm.initial(n, dev)
+        action_feat = rssm.action_features(state["action"] * keep[:, None])
+        deter, stoch, _ = rssm.obs_step(
+            state["deter"], state["stoch"], action_feat, embed, keep, init["deter"], init["stoch"]
+        )
+        dist = self.actor(rssm.feat({"deter": deter, "stoch": stoch}))
+        action = self.actor.action(dist, sample=explore)
+        if not self.discrete:
+            action = action.clamp(-1.0, 1.0)
+        new_state = {"deter": deter, "stoch": stoch, "action": action}
+        if self.discrete:
+            out = (action.argmax(-1) + self.action_start).cpu().numpy().astype(np.int64)
+        else:
+            out = action.cpu().numpy().astype(np.float32).reshape(n, *self.action_space.shape)
+        return out, new_state
+
+    # ---------------------------------------------------------------------------------
+    # Checkpoints and reports
+    # ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        weights = {}
+        for prefix, module in self._modules().items():
+            for key, value in module.state_dict().items():
+                weights[f"{prefix}.{key}"] = value.detach().cpu().clone()
+        optimizers = {name: opt.state_dict() for name, opt in self._optimizers().items()}
+        return {"weights": weights, "optimizers": optimizers, "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        weights = state["weights"]
+        for prefix, module in self._modules().items():
+            own = {
+                key[len(prefix) + 1 :]: value
+                for key, value in weights.items()
+                if key.startswith(prefix + ".")
+            }
+            module.load_state_dict(own, strict=True)
+        for name, opt in self._optimizers().items():
+            opt.load_state_dict(state["optimizers"][name])
+        self.updates = int(state["updates"])
+
+    @torch.no_grad()
+    def report(self, batch: dict[str, torch.Tensor], context: int = 5, rows: int = 4) -> dict:
+        """Open-loop video per image key: truth | model | error, up to ``rows`` sequences
+        stacked vertically, as uint8 ``[T, rows * H, 3 * W, 3]``. ``{}`` without images."""
+        if not self.wm.image_keys:
+            return {}
+        small = {k: v[:rows] for k, v in batch.items()}
+        data = self.preprocess(small)
+        if data["is_first"].shape[1] <= context:
+            return {}
+        pred = self.wm.open_loop(data, context)
+        videos = {}
+        for key in self.wm.image_keys:
+            truth = (data[key] + 0.5).clamp(0, 1)
+            model = (pred[key].float() + 0.5).clamp(0, 1)
+            error = ((model - truth) + 1.0) / 2.0
+            video = torch.cat([truth, model, error], -1)  # [B, T, C, H, 3W]
+            B, T, C, H, W3 = video.shape
+            video = video.permute(1, 0, 3, 4, 2).reshape(T, B * H, W3, C)
+            if C == 1:
+                video = video.expand(-1, -1, -1, 3)
+            videos[f"world_model/openloop_{key}"] = (
+                (video[..., :3] * 255).round().to(torch.uint8).cpu().numpy()
+            )
+        return videos
+
+    def num_parameters(self) -> dict[str, int]:
+        """Trainable parameter counts per part (slow critic excluded)."""
+        counts = {
+            name: sum(p.numel() for p in module.parameters())
+            for name, module in (
+                ("world_model", self.wm),
+                ("actor", self.actor),
+                ("critic", self.critic),
+            )
+        }
+        counts["total"] = sum(counts.values())
+        return counts
+
+
+__all__ = ["DreamerAgent", "world_model_spec"]

@@ -1,0 +1,285 @@
+"""DreamerAgent: the agent contract, the actor/world-model separation, checkpoints, presets."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from agents.dreamer import DreamerAgent
+from agents.registry import available_agents, make_agent
+from runtime.config import build_config
+from worldmodels import BlockLinear
+
+torch.set_num_threads(1)
+
+STATE = gym.spaces.Box(-np.inf, np.inf, (5,), np.float32)
+PIXELS = gym.spaces.Box(0, 255, (3, 64, 64), np.uint8)
+BOX = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+DISCRETE = gym.spaces.Discrete(4)
+
+
+def make(obs: dict, action_space: gym.Space, *overrides: str, seed: int = 0) -> DreamerAgent:
+    config = build_config(
+        ["agent=dreamer", "accelerator=cpu", "preset=dreamer_debug", f"seed={seed}", *overrides]
+    )
+    agent = make_agent(config, gym.spaces.Dict(obs), action_space)
+    assert isinstance(agent, DreamerAgent)
+    return agent
+
+
+def make_batch(obs: dict, action_space: gym.Space, B: int = 3, T: int = 10, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    batch = {}
+    for key, space in obs.items():
+        if space.dtype == np.uint8:
+            batch[key] = torch.from_numpy(
+                rng.integers(0, 256, (B, T, *space.shape), dtype=np.uint8)
+            )
+        else:
+            batch[key] = torch.from_numpy(rng.normal(size=(B, T, *space.shape)).astype(np.float32))
+    if isinstance(action_space, gym.spaces.Discrete):
+        batch["action"] = torch.from_numpy(rng.integers(0, action_space.n, (B, T)))
+    else:
+        batch["action"] = torch.from_numpy(
+            rng.uniform(-1, 1, (B, T, *action_space.shape)).astype(np.float32)
+        )
+    batch["reward"] = torch.from_numpy(rng.normal(size=(B, T)).astype(np.float32))
+    for key in ("is_first", "is_last", "is_terminal"):
+        batch[key] = torch.zeros(B, T)
+    batch["is_first"][:, 0] = 1
+    batch["reward"][:, 0] = 0
+    batch["is_first"][0, T // 2] = 1  # an episode boundary inside a sequence
+    batch["is_last"][0, T // 2 - 1] = batch["is_terminal"][0, T // 2 - 1] = 1
+    return batch
+
+
+def obs_numpy(obs: dict, n: int, is_first, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    out = {"is_first": np.asarray(is_first, bool)}
+    for key, space in obs.items():
+        if space.dtype == np.uint8:
+            out[key] = rng.integers(0, 256, (n, *space.shape), dtype=np.uint8)
+        else:
+            out[key] = rng.normal(size=(n, *space.shape)).astype(np.float32)
+    return out
+
+
+CASES = [
+    ({"state": STATE}, BOX),
+    ({"state": STATE}, DISCRETE),
+    ({"pixels": PIXELS}, DISCRETE),
+    ({"pixels": PIXELS, "state": STATE}, BOX),
+]
+
+
+def test_registered():
+    assert "dreamer" in available_agents()
+
+
+@pytest.mark.parametrize("obs,action_space", CASES)
+def test_update_metrics_and_act(obs, action_space):
+    agent = make(obs, action_space)
+    metrics = agent.update(make_batch(obs, action_space))
+    for key in (
+        "loss/reconstruction",
+        "loss/reward",
+        "loss/continue",
+        "loss/dynamics",
+        "loss/representation",
+        "loss/actor",
+        "loss/critic",
+        "world_model/kl",
+        "world_model/prior_entropy",
+        "world_model/posterior_entropy",
+        "train/actor_entropy",
+        "train/return_scale",
+        "train/grad_norm_world_model",
+        "train/grad_norm_actor",
+        "train/grad_norm_critic",
+    ):
+        assert key in metrics, key
+    assert all(isinstance(v, float) and math.isfinite(v) for v in metrics.values())
+    assert all(k.split("/")[0] in ("loss", "world_model", "train") for k in metrics)
+
+    state = agent.initial_state(2)
+    for step in range(3):
+        for explore in (True, False):
+            action, new_state = agent.act(obs_numpy(obs, 2, [step == 0] * 2, step), state, explore)
+            if isinstance(action_space, gym.spaces.Discrete):
+                assert action.shape == (2,) and action.dtype == np.int64
+                assert ((action >= 0) & (action < action_space.n)).all()
+            else:
+                assert action.shape == (2, 2) and action.dtype == np.float32
+                assert (np.abs(action) <= 1).all()
+        state = new_state
+
+
+@pytest.mark.parametrize("action_space", [BOX, DISCRETE], ids=["dynamics", "reinforce"])
+def test_actor_step_leaves_world_model_untouched(action_space):
+    obs = {"state": STATE}
+    agent = make(obs, action_space)
+    data = agent.preprocess(make_batch(obs, action_space))
+    # Give the reward and critic outputs non-zero weights so every path carries gradient.
+    agent.update(make_batch(obs, action_space, seed=1))
+    with torch.no_grad():
+        for head in (agent.wm.reward_head.out, agent.critic.net.out):
+            head.weight.normal_(0, 0.1)
+    post, _ = agent.train_world_model(data)
+    wm_before = {k: v.clone() for k, v in agent.wm.state_dict().items()}
+    actor_before = {k: v.clone() for k, v in agent.actor.state_dict().items()}
+    critic_before = {k: v.clone() for k, v in agent.critic.state_dict().items()}
+    slow_before = {k: v.clone() for k, v in agent.slow_critic.state_dict().items()}
+    assert all(p.grad is None for p in agent.wm.parameters())
+
+    metrics = agent.train_behaviour(post, data)
+
+    assert all(p.grad is None or not p.grad.any() for p in agent.wm.parameters())
+    for key, value in agent.wm.state_dict().items():
+        assert torch.equal(value, wm_before[key]), key
+    assert any(not torch.equal(v, actor_before[k]) for k, v in agent.actor.state_dict().items())
+    assert any(not torch.equal(v, critic_before[k]) for k, v in agent.critic.state_dict().items())
+    assert any(
+        not torch.equal(v, slow_before[k]) for k, v in agent.slow_critic.state_dict().items()
+    )
+    assert metrics["train/grad_norm_actor"] > 0 and metrics["train/grad_norm_critic"] > 0
+
+
+def test_dynamics_backprop_reaches_actor_through_the_model():
+    """With continuous actions the actor's loss differentiates the imagined returns: its
+    gradient exceeds what the entropy bonus alone gives."""
+    obs = {"state": STATE}
+    agent = make(obs, BOX, "agent.actor_entropy=0")
+    with torch.no_grad():
+        for head in (agent.wm.reward_head.out, agent.critic.net.out):
+            head.weight.normal_(0, 0.1)
+    data = agent.preprocess(make_batch(obs, BOX))
+    post, _ = agent.train_world_model(data)
+    start = {"deter": post["deter"].flatten(0, 1), "stoch": post["stoch"].flatten(0, 1)}
+    actor_loss, _, _ = agent._behaviour_losses(start, 1 - data["is_terminal"].reshape(-1))
+    grads = torch.autograd.grad(actor_loss, list(agent.actor.parameters()), allow_unused=True)
+    assert sum(g.abs().sum() for g in grads if g is not None) > 0
+
+
+def test_state_dict_round_trip_is_exact():
+    obs, space = {"state": STATE}, DISCRETE
+    agent = make(obs, space)
+    batch = make_batch(obs, space)
+    agent.update(batch)
+    agent.update(make_batch(obs, space, seed=1))
+    state = agent.state_dict()
+    assert set(state) == {"weights", "optimizers", "updates"}
+    prefixes = {k.split(".")[0] for k in state["weights"]}
+    assert prefixes == {"world_model", "actor", "critic", "slow_critic", "return_norm"}
+    assert all(isinstance(v, torch.Tensor) for v in state["weights"].values())
+    # Everything but the weights loads with weights_only=True (as the checkpointer does).
+    buffer = io.BytesIO()
+    torch.save({k: v for k, v in state.items() if k != "weights"}, buffer)
+    buffer.seek(0)
+    rest = torch.load(buffer, weights_only=True)
+
+    other = make(obs, space, seed=7)
+    other.load_state_dict({"weights": state["weights"], **rest})
+    assert other.updates == 2
+    for key, value in other.state_dict()["weights"].items():
+        assert torch.equal(value, state["weights"][key]), key
+    # Continuing from the restored state gives the same update as the original.
+    torch.manual_seed(3)
+    m1 = agent.update(batch)
+    torch.manual_seed(3)
+    m2 = other.update(batch)
+    assert m1 == m2
+    for key, value in other.state_dict()["weights"].items():
+        assert torch.equal(value, agent.state_dict()["weights"][key]), key
+
+
+def test_act_resets_state_on_is_first():
+    obs = {"state": STATE}
+    agent = make(obs, BOX)
+    fresh_obs = obs_numpy(obs, 2, [True, True], seed=5)
+    _, fresh = agent.act(fresh_obs, agent.initial_state(2), explore=False)
+    state = agent.initial_state(2)
+    for step in range(4):
+        _, state = agent.act(obs_numpy(obs, 2, [step == 0] * 2, step), state, explore=True)
+    # Env 0 restarts; env 1 continues its episode.
+    mixed = dict(fresh_obs, is_first=np.array([True, False]))
+    _, after = agent.act(mixed, state, explore=False)
+    assert torch.allclose(after["deter"][0], fresh["deter"][0], atol=1e-6)
+    assert not torch.allclose(after["deter"][1], fresh["deter"][1], atol=1e-4)
+
+
+def test_report_open_loop_video():
+    obs = {"pixels": PIXELS}
+    agent = make(obs, DISCRETE)
+    videos = agent.report(make_batch(obs, DISCRETE, B=2, T=8))
+    (video,) = videos.values()
+    assert video.dtype == np.uint8 and video.shape == (8, 2 * 64, 3 * 64, 3)
+    state_agent = make({"state": STATE}, DISCRETE)
+    assert state_agent.report(make_batch({"state": STATE}, DISCRETE)) == {}
+
+
+def test_all_weight_layers_come_from_the_layer_factory():
+    agent = make({"state": STATE, "pixels": PIXELS}, BOX)
+    registered = {id(m) for m in agent.factory.layers.values()}
+    for module in (agent.wm, agent.actor, agent.critic):
+        for m in module.modules():
+            if isinstance(m, nn.Linear | nn.Conv2d | nn.ConvTranspose2d | BlockLinear):
+                assert id(m) in registered, m
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("world_model.latent=gaussian",),
+        ("agent.precision=bf16",),
+        ("agent.actor_grad=reinforce", "world_model.norm=rms", "world_model.initial=zero"),
+    ],
+)
+def test_variants_update(overrides):
+    obs = {"state": STATE}
+    agent = make(obs, BOX, *overrides)
+    metrics = agent.update(make_batch(obs, BOX))
+    assert all(math.isfinite(v) for v in metrics.values())
+
+
+@pytest.mark.parametrize("preset", ["xs", "s", "m", "dreamer_debug"])
+def test_presets_build(preset):
+    config = build_config(["agent=dreamer", f"preset={preset}"])
+    assert config.world_model.deter % config.world_model.blocks == 0
+    if preset in ("xs", "dreamer_debug"):  # building the larger ones takes a while
+        agent = make_agent(
+            build_config(["agent=dreamer", "accelerator=cpu", f"preset={preset}"]),
+            gym.spaces.Dict({"state": STATE}),
+            DISCRETE,
+        )
+        assert agent.num_parameters()["total"] > 0
+
+
+def test_world_model_loss_falls_on_a_fixed_batch():
+    obs = {"state": STATE}
+    agent = make(obs, DISCRETE)
+    batch = make_batch(obs, DISCRETE, B=4, T=16)
+    history = [agent.update(batch) for _ in range(30)]
+    first = sum(m["loss/world_model"] for m in history[:3]) / 3
+    last = sum(m["loss/world_model"] for m in history[-3:]) / 3
+    assert last < 0.9 * first, (first, last)
+    assert history[-1]["loss/reconstruction"] < 0.8 * history[0]["loss/reconstruction"]
+    assert agent.updates == 30
+
+
+@pytest.mark.skipif(
+    os.environ.get("IMAGINE_RL_TEST_COMPILE") != "1",
+    reason="torch.compile takes minutes on a small CPU; set IMAGINE_RL_TEST_COMPILE=1",
+)
+def test_compiled_update_runs():
+    obs = {"state": STATE}
+    agent = make(obs, BOX, "agent.compile=true")
+    for _ in range(2):
+        metrics = agent.update(make_batch(obs, BOX, B=2, T=6))
+    assert all(math.isfinite(v) for v in metrics.values())

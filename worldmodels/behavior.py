@@ -1,0 +1,138 @@
+"""Actor-critic pieces learned in imagination (DreamerV3): policy and value networks,
+lambda-returns and the percentile return normaliser.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from worldmodels.layers import LayerFactory, NormalDist, OneHotDist, TwoHot
+from worldmodels.networks import Head
+
+
+def lambda_return(
+    reward: torch.Tensor, discount: torch.Tensor, value: torch.Tensor, lam: float
+) -> torch.Tensor:
+    """TD(lambda) returns along an imagined trajectory of ``H + 1`` states ``s_0 .. s_H``.
+
+    All inputs are ``[N, H + 1]``, index ``i`` belonging to state ``s_i``: ``reward[:, i]`` is
+    received on arriving at ``s_i``, ``discount[:, i]`` is ``gamma * P(continue at s_i)`` and
+    ``value[:, i]`` the critic's estimate at ``s_i`` (index 0 of ``reward``/``discount`` is
+    unused). Returns ``R_0 .. R_{H-1}`` ``[N, H]`` with ``R_H = v_H`` and
+
+        ``R_t = r_{t+1} + d_{t+1} * ((1 - lam) * v_{t+1} + lam * R_{t+1})``.
+    """
+    horizon = value.shape[1] - 1
+    ret = value[:, -1]
+    out = []
+    for t in reversed(range(horizon)):
+        ret = reward[:, t + 1] + discount[:, t + 1] * ((1 - lam) * value[:, t + 1] + lam * ret)
+        out.append(ret)
+    return torch.stack(out[::-1], 1)
+
+
+class Actor(nn.Module):
+    """Policy ``pi(a | s)`` on model features.
+
+    Discrete: a categorical over ``action_dim`` one-hot actions with ``unimix`` uniform mixing.
+    Continuous: a diagonal Gaussian with ``tanh`` mean and std in ``[min_std, max_std]``;
+    samples are reparameterised (for dynamics backprop) and clipped to ``[-1, 1]`` with a
+    straight-through gradient by ``action``.
+    """
+
+    def __init__(
+        self,
+        feat_dim: int,
+        action_dim: int,
+        discrete: bool,
+        units: int,
+        layers: int,
+        factory: LayerFactory,
+        unimix: float = 0.01,
+        min_std: float = 0.1,
+        max_std: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.discrete, self.action_dim = discrete, action_dim
+        self.unimix, self.min_std, self.max_std = unimix, min_std, max_std
+        out = action_dim if discrete else 2 * action_dim
+        self.net = Head(feat_dim, out, units, layers, factory, "actor", outscale=0.01)
+
+    def forward(self, feat: torch.Tensor) -> OneHotDist | NormalDist:
+        return self.dist(self.net(feat))
+
+    def dist(self, raw: torch.Tensor) -> OneHotDist | NormalDist:
+        """The action distribution from the network's raw outputs ``net(feat)``."""
+        raw = raw.float()
+        if self.discrete:
+            return OneHotDist(raw, self.unimix)
+        mean, std = raw.chunk(2, -1)
+        std = (self.max_std - self.min_std) * torch.sigmoid(std + 2.0) + self.min_std
+        return NormalDist(torch.tanh(mean), std)
+
+    def action(self, dist: OneHotDist | NormalDist, sample: bool) -> torch.Tensor:
+        """A sample (or the mode) of ``dist`` as the world model consumes it."""
+        a = dist.sample() if sample else dist.mode()
+        if self.discrete:
+            return a
+        return a + (a.clamp(-1.0, 1.0) - a).detach()
+
+    def log_prob(self, dist: OneHotDist | NormalDist, action: torch.Tensor) -> torch.Tensor:
+        lp = dist.log_prob(action)
+        return lp if self.discrete else lp.sum(-1)
+
+    def entropy(self, dist: OneHotDist | NormalDist) -> torch.Tensor:
+        ent = dist.entropy()
+        return ent if self.discrete else ent.sum(-1)
+
+
+class Critic(nn.Module):
+    """Value ``v(s)`` as a two-hot distribution over symlog-spaced bins (zero-initialised)."""
+
+    def __init__(
+        self,
+        feat_dim: int,
+        units: int,
+        layers: int,
+        factory: LayerFactory,
+        bins: int = 255,
+        name: str = "critic",
+    ) -> None:
+        super().__init__()
+        self.net = Head(feat_dim, bins, units, layers, factory, name, outscale=0.0)
+        self.twohot = TwoHot(bins)
+
+    def forward(self, feat: torch.Tensor) -> torch.Tensor:
+        """Logits ``[..., bins]``."""
+        return self.net(feat)
+
+    def value(self, feat: torch.Tensor) -> torch.Tensor:
+        return self.twohot.decode(self.net(feat))
+
+
+class ReturnNormalizer(nn.Module):
+    """EMA of the ``low``/``high`` percentiles of returns; ``scale = max(limit, high - low)``.
+
+    Buffers: ``low``, ``high`` (start at 0, as DreamerV3 without debiasing).
+    """
+
+    def __init__(
+        self, decay: float = 0.99, limit: float = 1.0, low: float = 5.0, high: float = 95.0
+    ) -> None:
+        super().__init__()
+        self.decay, self.limit = decay, limit
+        self.register_buffer(
+            "quantiles", torch.tensor([low / 100.0, high / 100.0]), persistent=False
+        )
+        self.register_buffer("low", torch.zeros(()))
+        self.register_buffer("high", torch.zeros(()))
+
+    @torch.no_grad()
+    def update(self, returns: torch.Tensor) -> None:
+        q = torch.quantile(returns.detach().float().flatten(), self.quantiles)
+        self.low.lerp_(q[0], 1.0 - self.decay)
+        self.high.lerp_(q[1], 1.0 - self.decay)
+
+    def scale(self) -> torch.Tensor:
+        return (self.high - self.low).clamp(min=self.limit)

@@ -1,0 +1,211 @@
+"""The DreamerV3 world model: encoder, RSSM, decoder, reward and continue heads.
+
+Input batches (``[B, T, ...]`` tensors on the model's device) follow the replay convention:
+observation keys (images as floats in ``[-0.5, 0.5]``, see ``preprocess_obs``; vectors as
+floats), ``action [B, T, A]`` the action taken at each step (one-hot for discrete actions),
+``reward`` received on arriving at the step, ``is_first`` and ``is_terminal`` as floats.
+
+``loss(batch)`` returns ``(losses, metrics)``: unscaled loss terms ``loss/reconstruction``,
+``loss/reward``, ``loss/continue``, ``loss/dynamics``, ``loss/representation`` (the caller
+sums them with its scales) and ``world_model/...`` diagnostics, all 0-d tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from worldmodels.layers import LayerFactory, TwoHot, symlog
+from worldmodels.networks import Decoder, Encoder, Head, Shapes, split_keys
+from worldmodels.rssm import RSSM, RSSMConfig, State
+
+LOSS_KEYS = (
+    "loss/reconstruction",
+    "loss/reward",
+    "loss/continue",
+    "loss/dynamics",
+    "loss/representation",
+)
+
+
+@dataclass
+class WorldModelSpec:
+    """Architecture of a ``WorldModel`` (plain values; agents map their config onto it)."""
+
+    rssm: RSSMConfig = field(default_factory=RSSMConfig)
+    units: int = 512
+    mlp_layers: int = 2  # encoder and decoder MLPs (vector observations)
+    head_layers: int = 1  # reward and continue heads
+    cnn_depth: int = 32
+    minres: int = 4
+    reward_bins: int = 255
+    free_nats: float = 1.0
+    norm: str = "layer"
+    act: str = "silu"
+
+
+def preprocess_obs(obs: dict[str, torch.Tensor], image_keys: list[str]) -> dict[str, torch.Tensor]:
+    """Images (uint8 ``0..255``) -> float ``[-0.5, 0.5]``; other keys -> float32."""
+    out = {}
+    for key, value in obs.items():
+        if key in image_keys:
+            out[key] = value.float() / 255.0 - 0.5 if not value.is_floating_point() else value
+        else:
+            out[key] = value.float()
+    return out
+
+
+class WorldModel(nn.Module):
+    """Encoder, RSSM and heads; ``loss``, ``observe`` and ``imagine``.
+
+    ``obs_shapes`` maps observation keys to shapes (``[D]`` vectors, ``[C, H, W]`` images).
+    ``factory`` (a ``LayerFactory``) builds every weight layer; by default a fresh one.
+    """
+
+    def __init__(
+        self,
+        obs_shapes: Shapes,
+        action_dim: int,
+        spec: WorldModelSpec | None = None,
+        factory: LayerFactory | None = None,
+    ) -> None:
+        super().__init__()
+        self.spec = s = spec or WorldModelSpec()
+        self.obs_shapes = {k: tuple(v) for k, v in obs_shapes.items()}
+        self.image_keys, self.vector_keys = split_keys(self.obs_shapes)
+        self.action_dim = action_dim
+        factory = factory or LayerFactory(norm=s.norm, act=s.act)
+        f = factory.scope("wm")
+        self.encoder = Encoder(self.obs_shapes, s.units, s.mlp_layers, s.cnn_depth, f, s.minres)
+        self.rssm = RSSM(s.rssm, action_dim, self.encoder.embed_dim, f)
+        feat = s.rssm.feat_size
+        self.decoder = Decoder(
+            self.obs_shapes, feat, s.units, s.mlp_layers, s.cnn_depth, f, s.minres
+        )
+        self.reward_head = Head(feat, s.reward_bins, s.units, s.head_layers, f, "reward", 0.0)
+        self.continue_head = Head(feat, 1, s.units, s.head_layers, f, "continue")
+        self.twohot = TwoHot(s.reward_bins)
+        # Entry points that ``compile`` swaps for compiled versions.
+        self._encode = self.encode
+        self._heads = self._head_losses
+
+    def compile(self, **kwargs) -> None:
+        """``torch.compile`` the encoder, the per-step RSSM cells and the loss heads; the
+        recurrence over time stays a Python loop (short graphs, fast compiles)."""
+        self._encode = torch.compile(self.encode, **kwargs)
+        self._heads = torch.compile(self._head_losses, **kwargs)
+        self.rssm.compile_steps(**kwargs)
+
+    @property
+    def feat_size(self) -> int:
+        return self.spec.rssm.feat_size
+
+    # ---------------------------------------------------------------------------------
+    def obs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: batch[k] for k in self.obs_shapes}
+
+    def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.encoder(self.obs(batch))
+
+    def observe(
+        self, batch: dict[str, torch.Tensor], state: State | None = None, sample: bool = True
+    ) -> tuple[State, State]:
+        """``(post, prior)`` over a batch (see ``RSSM.observe``)."""
+        embed = self.encode(batch)
+        return self.rssm.observe(embed, batch["action"], batch["is_first"], state, sample)
+
+    def imagine(self, policy, start: State, horizon: int, sample: bool = True) -> State:
+        """See ``RSSM.imagine``."""
+        return self.rssm.imagine(policy, start, horizon, sample)
+
+    def feat(self, state: State) -> torch.Tensor:
+        return self.rssm.feat(state)
+
+    def reward(self, feat: torch.Tensor) -> torch.Tensor:
+        """Predicted reward ``[...]`` (the two-hot mean) at model features ``[..., F]``."""
+        return self.twohot.decode(self.reward_head(feat))
+
+    def continue_prob(self, feat: torch.Tensor) -> torch.Tensor:
+        """Probability ``[...]`` that the episode continues after the step at ``feat``."""
+        return torch.sigmoid(self.continue_head(feat).float().squeeze(-1))
+
+    # ---------------------------------------------------------------------------------
+    def loss(
+        self, batch: dict[str, torch.Tensor], state: State | None = None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        losses, metrics, _ = self.loss_and_states(batch, state)
+        return losses, metrics
+
+    def loss_and_states(
+        self, batch: dict[str, torch.Tensor], state: State | None = None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], State]:
+        """``(losses, metrics, post)``; ``post`` are the posterior states ``[B, T, ...]``."""
+        embed = self._encode(batch)
+        post, prior = self.rssm.observe(embed, batch["action"], batch["is_first"], state)
+        losses, metrics = self._heads(batch, post, prior)
+        return losses, metrics, post
+
+    def _head_losses(self, batch, post: State, prior: State):
+        s = self.spec
+        feat = self.rssm.feat(post)
+        losses: dict[str, torch.Tensor] = {}
+        metrics: dict[str, torch.Tensor] = {}
+        # Reconstruction: summed over each observation's dims, averaged over batch and time.
+        recon = self.decoder(feat)
+        rec = 0.0
+        for key in self.vector_keys:
+            err = (recon[key].float() - symlog(batch[key].float())).square().sum(-1)
+            metrics[f"world_model/recon_{key}"] = err.mean().detach()
+            rec = rec + err
+        for key in self.image_keys:
+            err = (recon[key].float() - batch[key].float()).square().sum((-3, -2, -1))
+            metrics[f"world_model/recon_{key}"] = err.mean().detach()
+            rec = rec + err
+        losses["loss/reconstruction"] = rec.mean()
+        # Reward (two-hot in symlog space) and continuation (Bernoulli).
+        reward_logits = self.reward_head(feat)
+        losses["loss/reward"] = -self.twohot.log_prob(reward_logits, batch["reward"]).mean()
+        cont_logits = self.continue_head(feat).float().squeeze(-1)
+        cont_target = 1.0 - batch["is_terminal"].float()
+        losses["loss/continue"] = F.binary_cross_entropy_with_logits(cont_logits, cont_target)
+        # KL balancing with free bits: the prior learns fast, the posterior is regularised.
+        stats = [k for k in post if k not in ("deter", "stoch")]
+        post_sg = {k: post[k].detach() for k in stats}
+        prior_sg = {k: prior[k].detach() for k in stats}
+        post_d = {k: post[k] for k in stats}
+        prior_d = {k: prior[k] for k in stats}
+        dyn = self.rssm.kl(post_sg, prior_d)
+        rep = self.rssm.kl(post_d, prior_sg)
+        losses["loss/dynamics"] = dyn.clamp(min=s.free_nats).mean()
+        losses["loss/representation"] = rep.clamp(min=s.free_nats).mean()
+        with torch.no_grad():
+            reward_pred = self.twohot.decode(reward_logits)
+            metrics["world_model/kl"] = dyn.mean()
+            metrics["world_model/prior_entropy"] = self.rssm.entropy(prior_sg).mean()
+            metrics["world_model/posterior_entropy"] = self.rssm.entropy(post_sg).mean()
+            metrics["world_model/reward_error"] = (
+                (reward_pred - batch["reward"].float()).abs().mean()
+            )
+            metrics["world_model/reward_pred_mean"] = reward_pred.mean()
+            metrics["world_model/continue_accuracy"] = (
+                ((cont_logits > 0).float() == cont_target).float().mean()
+            )
+        return losses, metrics
+
+    # ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def open_loop(
+        self, batch: dict[str, torch.Tensor], context: int = 5
+    ) -> dict[str, torch.Tensor]:
+        """Reconstructions of the first ``context`` steps (posterior), then open-loop prior
+        predictions driven by the batch's actions: ``{key: [B, T, ...]}`` decoder means."""
+        ctx = {k: v[:, :context] for k, v in batch.items()}
+        post, _ = self.observe(ctx, sample=False)
+        start = {"deter": post["deter"][:, -1], "stoch": post["stoch"][:, -1]}
+        # States after context-1, context, ...: step t consumes the action taken at t-1.
+        future = self.rssm.rollout(start, batch["action"][:, context - 1 : -1], sample=False)
+        feat = torch.cat([self.rssm.feat(post), self.rssm.feat(future)], 1)
+        return self.decoder(feat)

@@ -8,19 +8,33 @@ to the actor's parameters only (``torch.autograd.grad``) and each part has its o
 Config mapping: ``world_model.*`` -> ``worldmodels.WorldModelSpec``/``RSSMConfig``,
 ``agent.*`` -> the actor, critic, returns and optimizers here. See ``runtime/presets/{xs,s,m,
 dreamer_debug}.yaml`` for sizes.
+
+Dynamic-sparse world model (``sparse.enabled=true``): after the modules are built, the world
+model's linear/conv layers (minus ``sparse.skip``) get masks from the ``sparse`` library; the
+sparsifier is attached to the world-model optimizer and stepped after each of its steps
+(topology updates every ``sparse.update_every`` updates), its metrics (``sparse/density``,
+``sparse/flops_ratio``, ...) join the update metrics, and its state is saved under
+``state_dict()["sparse"]``. The schedule's ``total_steps`` is ``planned_updates(config)``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import fnmatch
+import math
+import re
+from fractions import Fraction
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
 
+import sparse
 from agents.base import Agent, State
 from runtime.accelerator import resolve_device
 from runtime.config import Config
@@ -65,6 +79,53 @@ def world_model_spec(config: Config) -> WorldModelSpec:
         norm=w.norm,
         act=w.act,
     )
+
+
+def planned_updates(config: Config) -> int:
+    """World-model updates a run of ``config`` will do: the sparse schedule's ``total_steps``.
+
+    Mirrors ``runtime.loop``: vector steps of ``num_envs * action_repeat`` env steps until
+    ``run.steps``; once more than ``run.learning_starts`` env steps are collected each vector
+    step adds ``num_envs`` policy steps, and ``replay_ratio`` replayed steps per policy step in
+    batches of ``batch_size * batch_length`` make ``floor(policy steps * replay_ratio /
+    (batch_size * batch_length))`` updates, i.e. about ``(run.steps - run.learning_starts) /
+    action_repeat * replay_ratio / (batch_size * batch_length)`` (policy steps are summed over
+    the envs, so ``num_envs`` only enters through the rounding). At least 1.
+    """
+    per_vector_step = config.env.num_envs * config.env.action_repeat
+    vector_steps = -(-config.run.steps // per_vector_step)
+    before = min(vector_steps, config.run.learning_starts // per_vector_step)
+    policy_steps = config.env.num_envs * (vector_steps - before)
+    ratio = Fraction(config.run.replay_ratio).limit_denominator(10_000)
+    return max(1, math.floor(policy_steps * ratio / config.replay.steps_per_batch))
+
+
+def _matches(patterns: list[str], names: list[str]) -> bool:
+    """fnmatch or full-match regex, as ``sparse`` matches ``skip``/``include``."""
+    for pattern in patterns:
+        for name in names:
+            if fnmatch.fnmatchcase(name, pattern):
+                return True
+            with contextlib.suppress(re.error):
+                if re.fullmatch(pattern, name):
+                    return True
+    return False
+
+
+def sparse_skip(wm: nn.Module, patterns: list[str]) -> list[str]:
+    """``patterns`` plus the module path of every world-model layer whose ``LayerFactory``
+    name matches one (the pixel decoder's last transposed conv also answers to
+    ``wm.decoder.cnn.out``), so ``sparse.skip`` accepts factory names and module paths."""
+    names = {
+        path: [module.layer_name]
+        for path, module in wm.named_modules()
+        if isinstance(getattr(module, "layer_name", None), str)
+    }
+    convs = [p for p, n in names.items() if re.fullmatch(r"wm\.decoder\.cnn\.\d+", n[0])]
+    if convs:
+        names[convs[-1]].append("wm.decoder.cnn.out")
+    extra = [path for path, n in names.items() if _matches(patterns, n)]
+    return list(dict.fromkeys([*patterns, *extra]))
 
 
 class DreamerAgent(Agent):
@@ -121,6 +182,10 @@ class DreamerAgent(Agent):
         )
         for module in self._modules().values():
             module.to(self.device)
+        # Masks go on before the optimizers exist (they keep the same Parameter objects anyway).
+        self.sparsifier: sparse.Sparsifier | None = None
+        if config.sparse.enabled:
+            self.sparsifier = self._sparsify()
 
         def adam(params, lr, eps):
             return torch.optim.Adam(params, lr=lr, eps=eps, foreach=True)
@@ -128,6 +193,8 @@ class DreamerAgent(Agent):
         self.wm_opt = adam(self.wm.parameters(), w.lr, w.eps)
         self.actor_opt = adam(self.actor.parameters(), a.actor_lr, a.actor_eps)
         self.critic_opt = adam(self.critic.parameters(), a.critic_lr, a.critic_eps)
+        if self.sparsifier is not None:
+            self.sparsifier.attach(self.wm_opt)  # re-mask after every step
         self.updates = 0
         self.loss_scales = {
             "loss/reconstruction": w.rec_scale,
@@ -157,6 +224,40 @@ class DreamerAgent(Agent):
             "slow_critic": self.slow_critic,
             "return_norm": self.retnorm,
         }
+
+    def _sparsify(self) -> sparse.Sparsifier:
+        """Masks on the world model's layers; FLOPs counted per replayed step (one no-grad
+        world-model loss forward on a dummy ``[1, replay.batch_length]`` batch)."""
+        cfg = self.config
+        lib_config = cfg.sparse.library_config(
+            total_steps=planned_updates(cfg),
+            seed=cfg.seed,
+            fast_path_batch=cfg.replay.steps_per_batch,
+            skip=sparse_skip(self.wm, cfg.sparse.skip),
+        )
+        T = cfg.replay.batch_length
+        batch = {k: torch.zeros(1, T, *shape) for k, shape in self.obs_shapes.items()}
+        if self.discrete:
+            batch["action"] = torch.full((1, T), self.action_start, dtype=torch.long)
+        else:
+            batch["action"] = torch.zeros(1, T, *self.action_space.shape)
+        batch["reward"] = torch.zeros(1, T)
+        batch["is_terminal"] = torch.zeros(1, T)
+        batch["is_first"] = torch.zeros(1, T)
+        batch["is_first"][:, 0] = 1
+        example = self.preprocess(batch)
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        self.wm.forward = self.wm.loss_and_states  # for the dry forward only
+        try:
+            with torch.random.fork_rng(devices=cuda):  # no draw from the global RNGs
+                return sparse.sparsify(self.wm, lib_config, example_inputs=(example,), batch_size=T)
+        finally:
+            del self.wm.forward
+
+    def _cached(self):
+        """Compute each masked weight once per block (``weight = original * mask``) rather than
+        at every access; only valid while no optimizer step happens inside."""
+        return parametrize.cached() if self.sparsifier is not None else contextlib.nullcontext()
 
     def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"world_model": self.wm_opt, "actor": self.actor_opt, "critic": self.critic_opt}
@@ -202,7 +303,7 @@ class DreamerAgent(Agent):
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """One world-model optimizer step; returns (detached posterior states, metrics)."""
         self.wm_opt.zero_grad(set_to_none=True)
-        with self._autocast():
+        with self._autocast(), self._cached():
             losses, metrics, post = self.wm.loss_and_states(data)
         total = sum(self.loss_scales[k] * losses[k] for k in losses)
         total.backward()
@@ -210,6 +311,8 @@ class DreamerAgent(Agent):
             self.wm.parameters(), self.config.world_model.grad_clip, foreach=True
         )
         self.wm_opt.step()
+        if self.sparsifier is not None:
+            self.sparsifier.step(self.wm_opt)  # re-mask, scheduled drop/regrow, RigL arming
         self.wm_opt.zero_grad(set_to_none=True)
         metrics = {**metrics, **{k: v.detach() for k, v in losses.items()}}
         metrics["loss/world_model"] = total.detach()
@@ -306,7 +409,7 @@ class DreamerAgent(Agent):
             "stoch": post["stoch"].detach().flatten(0, 1),
         }
         start_continue = 1.0 - data["is_terminal"].reshape(-1)
-        with self._autocast():
+        with self._autocast(), self._cached():
             actor_loss, critic_loss, metrics = self._behaviour_losses(start, start_continue)
         actor_params = [p for p in self.actor.parameters() if p.requires_grad]
         critic_params = [p for p in self.critic.parameters() if p.requires_grad]
@@ -346,7 +449,10 @@ class DreamerAgent(Agent):
         post, metrics = self.train_world_model(data)
         metrics.update(self.train_behaviour(post, data))
         self.updates += 1  # (the loop reports train/updates itself)
-        return self._to_floats(metrics)
+        out = self._to_floats(metrics)
+        if self.sparsifier is not None:
+            out.update(self.sparsifier.metrics())
+        return out
 
     # ---------------------------------------------------------------------------------
     # Acting
@@ -365,6 +471,12 @@ class DreamerAgent(Agent):
         n = len(obs["is_first"])
         if state is None:
             state = self.initial_state(n)
+        with self._cached():
+            return self._act(obs, state, explore, n)
+
+    def _act(
+        self, obs: dict[str, np.ndarray], state: State, explore: bool, n: int
+    ) -> tuple[np.ndarray, State]:
         dev = self.device
         tensors = {k: torch.as_tensor(np.asarray(obs[k]), device=dev) for k in self.obs_shapes}
         embed = self.wm.encoder(preprocess_obs(tensors, self.wm.image_keys))
@@ -395,9 +507,20 @@ class DreamerAgent(Agent):
             for key, value in module.state_dict().items():
                 weights[f"{prefix}.{key}"] = value.detach().cpu().clone()
         optimizers = {name: opt.state_dict() for name, opt in self._optimizers().items()}
-        return {"weights": weights, "optimizers": optimizers, "updates": self.updates}
+        state = {"weights": weights, "optimizers": optimizers, "updates": self.updates}
+        if self.sparsifier is not None:
+            # Masks (bool), schedule position, RNG; the weights hold the masked world-model
+            # layers as `<layer>.parametrizations.weight.original` and `...weight.0.mask`.
+            state["sparse"] = self.sparsifier.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if ("sparse" in state) != (self.sparsifier is not None):
+            saved, now = ("true", "false") if "sparse" in state else ("false", "true")
+            raise ValueError(
+                f"checkpoint was saved with sparse.enabled={saved}, this agent has "
+                f"sparse.enabled={now}: load it with the sparse settings it was trained with"
+            )
         weights = state["weights"]
         for prefix, module in self._modules().items():
             own = {
@@ -406,6 +529,8 @@ class DreamerAgent(Agent):
                 if key.startswith(prefix + ".")
             }
             module.load_state_dict(own, strict=True)
+        if self.sparsifier is not None:
+            self.sparsifier.load_state_dict(state["sparse"])  # checks the masks, re-arms RigL
         for name, opt in self._optimizers().items():
             opt.load_state_dict(state["optimizers"][name])
         self.updates = int(state["updates"])
@@ -420,7 +545,8 @@ class DreamerAgent(Agent):
         data = self.preprocess(small)
         if data["is_first"].shape[1] <= context:
             return {}
-        pred = self.wm.open_loop(data, context)
+        with self._cached():
+            pred = self.wm.open_loop(data, context)
         videos = {}
         for key in self.wm.image_keys:
             truth = (data[key] + 0.5).clamp(0, 1)
@@ -450,4 +576,4 @@ class DreamerAgent(Agent):
         return counts
 
 
-__all__ = ["DreamerAgent", "world_model_spec"]
+__all__ = ["DreamerAgent", "planned_updates", "sparse_skip", "world_model_spec"]

@@ -163,9 +163,77 @@ class ReplayConfig:
 
 @dataclass
 class SparseConfig:
-    """Dynamic-sparse layers (see ``sparse``). Off by default."""
+    """Dynamic-sparse layers (see ``sparse`` and README "Dynamic-sparse layers"). Off by default.
+
+    Fields mirror ``sparse.SparseConfig`` (same names, same defaults except ``skip``). Not set
+    here: ``total_steps`` (the agent derives it from the run: the world-model updates the run
+    will do), ``seed`` (the top-level ``seed``) and ``fast_path_batch`` (the agent uses
+    ``replay.batch_size * replay.batch_length``). ``enabled=true`` sparsifies the world model
+    of ``agent=dreamer``; actor and critic stay dense.
+    """
 
     enabled: bool = False
+    # Fraction of weights kept over all sparsified layers together, in (0, 1].
+    density: float = 0.1
+    # static: fixed random mask; set: drop smallest |w|, regrow at random; rigl: drop smallest
+    # |w|, regrow where the dense gradient is largest.
+    method: Literal["static", "set", "rigl"] = "rigl"
+    # How the budget is split over layers: every layer at `density`, or Erdos-Renyi-Kernel.
+    distribution: Literal["uniform", "erk"] = "erk"
+    # Masks of whole block x block tiles: 1, 4, 8 or 16 (checked by the sparse library; every
+    # sparsified layer's in/out dims must divide, else the error names the layer).
+    block: int = 1
+    # Same number of blocks in every block-row (needed for the compressed fast path).
+    balanced: bool = False
+    drop_fraction: float = field(default=0.3, metadata=_positive(0))
+    drop_schedule: Literal["cosine", "constant"] = "cosine"
+    # World-model optimizer steps between topology updates.
+    update_every: int = field(default=100, metadata=_positive(1))
+    # No topology updates after this fraction of the run's world-model updates.
+    stop_fraction: float = field(default=0.75, metadata=_positive(0))
+    # Layers kept dense. Patterns (fnmatch, or a full-match regex) are tried against the
+    # LayerFactory name (`wm.encoder.mlp.0`) and the module path in the world model
+    # (`encoder.mlp.0.0`, `encoder.mlp.0.0.weight`); `wm.decoder.cnn.out` names the pixel
+    # decoder's last transposed conv. Default: the first layer of each encoder, the action
+    # input of the RSSM, and the output layers of the decoder and the reward/continue heads.
+    # `sparse.skip=[]` sparsifies every linear/conv layer.
+    skip: list[str] = field(
+        default_factory=lambda: [
+            "wm.encoder.mlp.0",
+            "wm.encoder.cnn.0",
+            "wm.rssm.in.action",
+            "wm.decoder.mlp.out",
+            "wm.decoder.cnn.out",
+            "wm.reward.out",
+            "wm.continue.out",
+        ]
+    )
+    # Extra >=2-D parameters to sparsify by module-path pattern (e.g. the RSSM's block-diagonal
+    # GRU weights `rssm.gru_*.weight`, which are not nn.Linear and stay dense otherwise).
+    include: list[str] = field(default_factory=list)
+    # auto: a balanced nn.Linear uses the compressed kernel when a micro-benchmark (at
+    # replay.batch_size * replay.batch_length rows) says it is faster; on: always where
+    # possible; off: never. YAML reads a bare on/off as true/false: those mean on/off too.
+    fast_path: Literal["auto", "on", "off", True, False] = "auto"
+
+    def library_config(
+        self, *, total_steps: int, seed: int, fast_path_batch: int, skip: list[str] | None = None
+    ) -> Any:
+        """The ``sparse.SparseConfig`` for these settings, validated by the sparse library
+        (a bad value raises ``ConfigError`` naming the ``sparse.<key>``)."""
+        import sparse
+
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if self.fast_path is True or self.fast_path is False:
+            values["fast_path"] = "on" if self.fast_path else "off"
+        if skip is not None:
+            values["skip"] = list(skip)
+        try:
+            return sparse.SparseConfig.from_dict(
+                values, total_steps=total_steps, seed=seed, fast_path_batch=fast_path_batch
+            )
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
 
 
 @dataclass

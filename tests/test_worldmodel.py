@@ -132,6 +132,22 @@ def test_block_linear_is_block_diagonal():
     assert torch.allclose(layer(x), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+def test_dense_input_scale_reaches_the_output_from_init(norm):
+    """``norm(W x)`` only sees the direction of ``x``: without a (non-zero) bias a 1-d action
+    fed to the RSSM reached it only through its sign, and the actor's dynamics gradient was 0."""
+    torch.manual_seed(0)
+    rssm = RSSM(RSSMConfig(**TINY_RSSM), 1, 8, LayerFactory(norm=norm))
+    small, large = rssm.action_features(torch.tensor([[0.2], [1.0]]))
+    assert (small - large).abs().max() > 0.05
+    jacobian = torch.autograd.functional.jacobian(rssm.action_features, torch.tensor([[0.5]]))
+    assert jacobian.norm() > 0.1
+    # Wider inputs: the output depends on their scale, not only their direction.
+    dense = LayerFactory(norm=norm).dense(5, 16, name="d")
+    x = torch.randn(3, 5)
+    assert (dense(x) - dense(3 * x)).abs().max() > 0.05
+
+
 # --------------------------------------------------------------------------------------
 # RSSM
 # --------------------------------------------------------------------------------------

@@ -225,13 +225,19 @@ class LayerFactory:
         return ACTIVATIONS[self.act_kind]()
 
     def dense(self, in_features: int, out_features: int, *, name: str) -> nn.Sequential:
-        """Linear (no bias, the norm has one) -> norm -> activation."""
-        has_norm = self.norm_kind != "none"
-        return nn.Sequential(
-            self.linear(in_features, out_features, name=name, bias=not has_norm),
-            self.norm(out_features),
-            self.act(),
-        )
+        """Linear (with bias) -> norm -> activation.
+
+        The bias matters even before a norm: ``norm(W x)`` is invariant to the scale of ``x``,
+        so without one a 1-d action (or observation) would reach the model only through its
+        sign, and any input only through its direction. With a zero bias that stays so until
+        the bias has been learned (hundreds of updates), so the bias starts, as in
+        ``nn.Linear``, uniform in ``+-1/sqrt(in_features)``: negligible for wide inputs, enough
+        to keep the scale of a narrow one from the first update.
+        """
+        linear = self.linear(in_features, out_features, name=name)
+        bound = 1.0 / math.sqrt(max(1, in_features))
+        nn.init.uniform_(linear.bias, -bound, bound)
+        return nn.Sequential(linear, self.norm(out_features), self.act())
 
     def mlp(self, in_features: int, units: int, layers: int, *, name: str) -> nn.Sequential:
         """``layers`` dense blocks of width ``units`` (an empty MLP when ``layers`` is 0)."""

@@ -617,8 +617,17 @@ def sparsify(
     layers = _candidates(model, config)
     b = config.block
     for la in layers:
-        if la.sparse:
-            check_divisible(la.name, la.shape, b)
+        if not la.sparse:
+            continue
+        if la.kind == "param" and len(la.shape) > 2 and b > 1:
+            # Blocks tile dims 0 and 1 with the rest read as a kernel: right for convs, not for
+            # e.g. a block-diagonal weight [groups, in, out], whose blocks would span groups.
+            raise ValueError(
+                f"sparse: '{la.name}' (shape {tuple(la.shape)}) is a >2-D parameter matched by "
+                f"sparse.include; block structure (sparse.block={b}) is defined for Linear and "
+                "conv weights only: use sparse.block=1 or drop it from sparse.include"
+            )
+        check_divisible(la.name, la.shape, b)
     if example_inputs is not None:
         _count_rows(model, layers, example_inputs, batch_size)
     sparse = [la for la in layers if la.sparse]

@@ -614,3 +614,18 @@ def test_parametrize_cached_and_frozen_model():
     xx = x.clone().requires_grad_()
     frozen(xx).sum().backward()  # gradients to the inputs through a frozen sparse model
     assert xx.grad is not None
+
+
+def test_block_structure_refuses_included_3d_parameters():
+    class GroupedLinear(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(4, 16, 16))
+
+    model = torch.nn.Sequential(GroupedLinear())
+    config = SparseConfig(density=0.5, method="static", block=4, include=["0.weight"])
+    with pytest.raises(ValueError, match="sparse.block=1"):
+        sparsify(model, config)
+    # Unstructured sparsity of the same parameter is fine.
+    sparsifier = sparsify(model, SparseConfig(density=0.5, method="static", include=["0.weight"]))
+    assert sparsifier.metrics()["sparse/density"] == pytest.approx(0.5)

@@ -69,6 +69,7 @@ class Counters:
     next_eval: int = 0
     next_checkpoint: int = 0
     next_log: int = 0
+    wall_seconds: float = 0.0  # training wall-clock time, summed across resumes
 
 
 def _stack_obs(obs: dict[str, np.ndarray], is_first: np.ndarray) -> dict[str, np.ndarray]:
@@ -227,6 +228,7 @@ def train(
 
     def do_checkpoint() -> Path:
         nonlocal last_checkpoint
+        counters.wall_seconds = wall_seconds()
         train_state = {"counters": asdict(counters), "rng": _rng_state()}
         last_checkpoint = save_checkpoint(
             run_dir,
@@ -257,6 +259,7 @@ def train(
             "eval/length_mean": float(np.mean(lengths)),
             "eval/episodes": float(len(returns)),
             "perf/eval_seconds": time.time() - start,
+            "perf/wall_seconds": wall_seconds(),
         }
         logger.log(last_eval, counters.env_steps)
         if video is not None:
@@ -275,6 +278,10 @@ def train(
     running_return = np.zeros(num_envs)
     running_length = np.zeros(num_envs, dtype=int)
     timer = {"env": 0.0, "train": 0.0, "start": time.time(), "start_steps": counters.env_steps}
+    wall_base = counters.wall_seconds
+
+    def wall_seconds() -> float:
+        return wall_base + time.time() - timer["start"]
 
     with _StopFlag() as stop:
         if run.eval_initial and counters.env_steps == 0 and run.eval_episodes > 0:
@@ -353,6 +360,7 @@ def train(
                         "train/updates": counters.updates,
                         "train/episodes": counters.episodes,
                         "perf/env_steps_per_s": fps,
+                        "perf/wall_seconds": wall_seconds(),
                         "perf/env_time_fraction": timer["env"] / elapsed,
                         "perf/train_time_fraction": timer["train"] / elapsed,
                     }

@@ -155,6 +155,10 @@ def test_resume_keeps_counters_and_ratio(tmp_path):
     for key in ("env_steps", "policy_steps", "learn_policy_steps", "updates"):
         assert summary["counters"][key] == full["counters"][key], key
     assert resumed.replay.inserted == summary["counters"]["policy_steps"]
+    # Wall-clock time accumulates across the resume instead of restarting at zero.
+    assert (
+        summary["counters"]["wall_seconds"] > checkpoint.train_state["counters"]["wall_seconds"] > 0
+    )
     steps = [json.loads(x)["step"] for x in (half_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps)
 

@@ -28,6 +28,10 @@ import yaml
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
+# Applied when the command line names no preset (see ``Config``).
+DEFAULT_PRESETS = ("dreamer_tiny", "quickstart")
+
+
 class ConfigError(ValueError):
     """A configuration key, type or value is invalid. The message says which and why."""
 
@@ -64,7 +68,7 @@ class EnvConfig:
 class AgentConfig:
     """Which agent acts and learns. Agent-specific knobs live here too."""
 
-    name: str = "random"
+    name: str = "dreamer"
     # --- dreamer (agent=dreamer): actor-critic learned in imagination (DreamerV3 defaults).
     # Imagined rollout length from every replayed posterior state.
     horizon: int = field(default=15, metadata=_positive(1))
@@ -284,10 +288,15 @@ class RunConfig:
 
 @dataclass
 class Config:
-    """The whole run. ``seed`` seeds envs, torch and numpy; ``preset`` records the presets used."""
+    """The whole run. ``seed`` seeds envs, torch and numpy; ``preset`` records the presets used.
+
+    Without ``preset=`` on the command line the default presets apply (``DEFAULT_PRESETS``: a
+    small Dreamer and a short Pendulum run, the main job that fits a CPU in minutes); naming
+    any preset replaces them, leaving the dataclass defaults (DreamerV3's settings) below.
+    """
 
     seed: int = 0
-    preset: list[str] = field(default_factory=list)
+    preset: list[str] = field(default_factory=lambda: list(DEFAULT_PRESETS))
     env: EnvConfig = field(default_factory=EnvConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     world_model: WorldModelConfig = field(default_factory=WorldModelConfig)
@@ -539,13 +548,15 @@ def build_config(
         flat.pop(key, None)
     config = Config()
     if base:
-        _apply(config, base)
+        _apply(config, base)  # a resumed run's config already holds its presets' values
     presets = flat.pop("preset", None)
+    if presets is None and not base:
+        presets = list(DEFAULT_PRESETS)
     if presets is not None:
         names = _coerce("preset", presets, list[str])
         for name in names:
             _apply(config, load_preset(name), prefix="")
-        config.preset = list(dict.fromkeys([*config.preset, *names]))
+        config.preset = names if not base else list(dict.fromkeys([*config.preset, *names]))
     _apply(config, _nest(flat))
     return validate(config)
 

@@ -274,7 +274,7 @@ class RunConfig:
     dir: str = "runs/default"
     steps: int = field(default=20_000, metadata=_positive(1))
     # Replayed steps (batch_size x batch_length per update) per agent (policy) step.
-    replay_ratio: float = field(default=32.0, metadata=_positive(0))
+    replay_ratio: float = field(default=512.0, metadata=_positive(0))
     # Env steps collected before the first update.
     learning_starts: int = field(default=1000, metadata=_positive(0))
     eval_every: int = field(default=5000, metadata=_positive(1))

@@ -64,7 +64,7 @@ def main(argv: list[str]) -> int:
         return 2
 
     import agents
-    from runtime.accelerator import configure_threads, seed_everything
+    from runtime.accelerator import configure_threads, resolve_device, seed_everything
     from runtime.factories import make_env_factory, make_replay_factory
     from runtime.logging import make_logger
     from runtime.loop import TrainingError, train
@@ -82,6 +82,7 @@ def main(argv: list[str]) -> int:
         import envs
 
         envs.check_env_id(config.env.id)
+        resolve_device(config.accelerator)  # e.g. accelerator=cuda on a machine without one
         logger = make_logger(config, run_dir, wandb_run_id=run_id)
     except (ValueError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)

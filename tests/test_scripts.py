@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "imagine-rl-test-secret-0123456789abcdef"
@@ -134,9 +135,12 @@ def test_refuses_to_overwrite_a_run(trained_run):
         (["run.stpes=5"], "did you mean run.steps"),
         (["run.steps=-3"], "run.steps: must be >= 1"),
         (["resume=/nonexistent/run"], "no config.yaml"),
+        (["accelerator=cuda"], "accelerator=cpu"),
     ],
 )
 def test_bad_input_one_line_error(tmp_path, args, expected):
+    if args == ["accelerator=cuda"] and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
     result = run_script(
         "train.py", f"run.dir={tmp_path / 'x'}", "logging.wandb=false", *args, check=False
     )

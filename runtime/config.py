@@ -516,6 +516,34 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     return overrides
 
 
+def parse_script_args(
+    argv: list[str], defaults: dict[str, Any], aliases: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """``key=value`` arguments of a benchmark/research script, typed like ``defaults``.
+
+    The same grammar as ``train.py`` (``parse_overrides``); each value is coerced to the type
+    of its default (a list default takes ``a,b`` or ``[a, b]`` or one scalar; a ``None``
+    default keeps the parsed value). Unknown keys raise ``ConfigError`` with a close match.
+    """
+    args = dict(defaults)
+    for key, value in parse_overrides(argv).items():
+        key = (aliases or {}).get(key, key)
+        if key not in defaults:
+            close = difflib.get_close_matches(key, list(defaults), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ConfigError(f"unknown argument '{key}': {hint}valid: {', '.join(defaults)}")
+        default = defaults[key]
+        if isinstance(default, list):
+            if not isinstance(value, list | str):
+                value = [value]
+            args[key] = _coerce(key, value, list[type(default[0])])
+        elif default is None or (value is None and isinstance(default, str)):
+            args[key] = value  # `key=null` unsets a text option
+        else:
+            args[key] = _coerce(key, value, type(default))
+    return args
+
+
 def _nest(flat: dict[str, Any]) -> dict[str, Any]:
     nested: dict[str, Any] = {}
     for key, value in flat.items():

@@ -122,14 +122,10 @@ def bench(args: dict[str, Any], directory: Path | None, scratch: Path) -> dict[s
 
 
 def main(argv: list[str]) -> int:
-    from runtime.config import ConfigError, parse_overrides
+    from runtime.config import ConfigError, parse_script_args
 
     try:
-        given = parse_overrides(argv)
-        unknown = sorted(set(given) - set(DEFAULTS))
-        if unknown:
-            raise ConfigError(f"unknown keys {unknown}; valid: {', '.join(DEFAULTS)}")
-        args = {**DEFAULTS, **given}
+        args = parse_script_args(argv, DEFAULTS)
         for key in ("capacity", "batch_size", "batch_length", "size", "num_envs", "chunk_size"):
             if not isinstance(args[key], int) or args[key] < 1:
                 raise ConfigError(f"{key} must be a positive int, got {args[key]!r}")

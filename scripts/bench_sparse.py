@@ -42,28 +42,16 @@ DEFAULTS = {
 
 
 def parse_args(argv: list[str]) -> dict:
+    from runtime.config import ConfigError, parse_script_args
+
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         raise SystemExit(0)
-    args = dict(DEFAULTS)
-    for item in argv:
-        if "=" not in item:
-            raise SystemExit(f"bench_sparse: expected key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        key = {"size": "sizes", "batch": "batches", "density": "densities", "block": "blocks"}.get(
-            key, key
-        )
-        if key not in DEFAULTS:
-            raise SystemExit(f"bench_sparse: unknown key {key!r}; valid: {', '.join(DEFAULTS)}")
-        default = DEFAULTS[key]
-        if isinstance(default, list):
-            cast = type(default[0])
-            args[key] = [cast(v) for v in value.strip("[]").split(",") if v.strip()]
-        elif isinstance(default, int):
-            args[key] = int(value)
-        else:
-            args[key] = value
-    return args
+    aliases = {"size": "sizes", "batch": "batches", "density": "densities", "block": "blocks"}
+    try:
+        return parse_script_args(argv, DEFAULTS, aliases)
+    except ConfigError as error:
+        raise SystemExit(f"bench_sparse: {error}") from None
 
 
 def median_ms(fn, reps: int) -> float:

@@ -42,18 +42,15 @@ DEFAULTS = {
 
 
 def parse_args(argv: list[str]) -> dict:
+    from runtime.config import ConfigError, parse_script_args
+
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         raise SystemExit(0)
-    args = dict(DEFAULTS)
-    for item in argv:
-        key, sep, value = item.partition("=")
-        if not sep or key not in DEFAULTS:
-            raise SystemExit(
-                f"sparse_sanity: expected key=value with key in {', '.join(DEFAULTS)}; got {item!r}"
-            )
-        args[key] = type(DEFAULTS[key])(value)
-    return args
+    try:
+        return parse_script_args(argv, DEFAULTS)
+    except ConfigError as error:
+        raise SystemExit(f"sparse_sanity: {error}") from None
 
 
 class Teacher:

@@ -128,3 +128,18 @@ def test_all_packages_import():
     import worldmodels
 
     assert all(m.__file__ for m in (agents, envs, runtime, sparse, worldmodels))
+
+
+def test_script_args_follow_the_train_grammar():
+    from runtime.config import parse_script_args
+
+    defaults = {"sizes": [256, 512], "reps": 5, "lr": 1e-3, "json": "out.json", "tag": None}
+    args = parse_script_args(
+        ["size=64", "reps=3", "lr=2e-3", "json=null", "tag=x"], defaults, {"size": "sizes"}
+    )
+    assert args == {"sizes": [64], "reps": 3, "lr": 2e-3, "json": None, "tag": "x"}
+    assert parse_script_args(["sizes=1,16"], defaults)["sizes"] == [1, 16]
+    with pytest.raises(ConfigError, match="did you mean 'reps'"):
+        parse_script_args(["rep=3"], defaults)
+    with pytest.raises(ConfigError, match="reps: expected int"):
+        parse_script_args(["reps=many"], defaults)

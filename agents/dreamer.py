@@ -15,6 +15,12 @@ sparsifier is attached to the world-model optimizer and stepped after each of it
 (topology updates every ``sparse.update_every`` updates), its metrics (``sparse/density``,
 ``sparse/flops_ratio``, ...) join the update metrics, and its state is saved under
 ``state_dict()["sparse"]``. The schedule's ``total_steps`` is ``planned_updates(config)``.
+
+Representation (``world_model.representation``): ``reconstruction``, ``reconstruction+cpc``
+(``loss/cpc`` weighted by ``world_model.cpc_scale``) or decoder-free ``cpc``. Greedy InfoMax
+(``world_model.greedy_infomax.modules=M``): the encoder's ``M`` modules each have their own
+optimizer (``greedy_<i>`` in checkpoints) and are stepped, one after the other, before the
+world-model step, which consumes their detached output and no longer updates the encoder.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from torch.nn.utils import parametrize
 
 import sparse
 from agents.base import Agent, State
-from runtime.accelerator import resolve_device
+from runtime.accelerator import make_accelerator
 from runtime.config import Config
 from worldmodels import (
     Actor,
@@ -49,6 +55,7 @@ from worldmodels import (
     lambda_return,
     preprocess_obs,
 )
+from worldmodels.cpc import CPCSpec
 
 _FLAGS = ("is_first", "is_last", "is_terminal")
 
@@ -78,6 +85,14 @@ def world_model_spec(config: Config) -> WorldModelSpec:
         free_nats=w.free_nats,
         norm=w.norm,
         act=w.act,
+        representation=w.representation,
+        cpc=CPCSpec(
+            horizons=w.cpc_horizons,
+            dim=w.cpc_dim,
+            temperature=w.cpc_temperature,
+            actions=w.cpc_actions,
+        ),
+        greedy_modules=w.greedy_infomax.modules,
     )
 
 
@@ -134,7 +149,10 @@ class DreamerAgent(Agent):
     def __init__(self, config: Config, obs_space: gym.spaces.Dict, action_space: gym.Space) -> None:
         self.config = config
         a, w = config.agent, config.world_model
-        self.device = resolve_device(config.accelerator)
+        # Device, precision policy, backward/clip/step: the accelerator decides (cpu, cuda,
+        # ipu-sim); this agent never names a device itself.
+        self.accelerator = make_accelerator(config)
+        self.device = self.accelerator.device
         if isinstance(action_space, gym.spaces.Discrete):
             self.discrete, self.action_dim = True, int(action_space.n)
             self.action_start = int(action_space.start)
@@ -149,6 +167,11 @@ class DreamerAgent(Agent):
             for key, space in obs_space.spaces.items()
             if key not in _FLAGS and not key.startswith("log_")
         }
+        if config.sparse.enabled and w.greedy_infomax.modules:
+            raise ValueError(
+                "sparse.enabled=true and world_model.greedy_infomax.modules>0 cannot be combined "
+                "(the sparse masks follow the world-model optimizer only); turn one off"
+            )
         if a.actor_grad == "auto":
             self.dynamics_grad = not self.discrete
         else:
@@ -181,7 +204,7 @@ class DreamerAgent(Agent):
             a.return_norm_decay, a.return_norm_limit, a.return_norm_low, a.return_norm_high
         )
         for module in self._modules().values():
-            module.to(self.device)
+            self.accelerator.place(module)
         # Masks go on before the optimizers exist (they keep the same Parameter objects anyway).
         self.sparsifier: sparse.Sparsifier | None = None
         if config.sparse.enabled:
@@ -190,11 +213,26 @@ class DreamerAgent(Agent):
         def adam(params, lr, eps):
             return torch.optim.Adam(params, lr=lr, eps=eps, foreach=True)
 
-        self.wm_opt = adam(self.wm.parameters(), w.lr, w.eps)
+        # Greedy InfoMax: one optimizer per encoder module; the world model's own optimizer
+        # gets every other parameter.
+        self.greedy_opts: list[torch.optim.Optimizer] = []
+        greedy_ids: set[int] = set()
+        if self.wm.greedy is not None:
+            lr = w.greedy_infomax.lr if w.greedy_infomax.lr is not None else w.lr
+            for i in range(self.wm.greedy.num_modules):
+                params = self.wm.greedy.module_parameters(i)
+                greedy_ids |= {id(p) for p in params}
+                self.greedy_opts.append(adam(params, lr, w.eps))
+        wm_params = [p for p in self.wm.parameters() if id(p) not in greedy_ids]
+        self.wm_opt = adam(wm_params, w.lr, w.eps)
         self.actor_opt = adam(self.actor.parameters(), a.actor_lr, a.actor_eps)
         self.critic_opt = adam(self.critic.parameters(), a.critic_lr, a.critic_eps)
         if self.sparsifier is not None:
             self.sparsifier.attach(self.wm_opt)  # re-mask after every step
+        # ipu-sim: placement, block-sparse limits and the memory budget are checked here.
+        self.accelerator.prepare(
+            {k: m for k, m in self._modules().items() if k != "return_norm"}, self._optimizers()
+        )
         self.updates = 0
         self.loss_scales = {
             "loss/reconstruction": w.rec_scale,
@@ -202,16 +240,15 @@ class DreamerAgent(Agent):
             "loss/continue": w.continue_scale,
             "loss/dynamics": w.dyn_scale,
             "loss/representation": w.rep_scale,
+            "loss/cpc": w.cpc_scale,
         }
-        self.autocast_enabled = a.precision == "bf16"
+        self.autocast_enabled = self.accelerator.autocast_dtype is not None
         # Compiled (agent.compile) or eager: the per-step cells and the batched loss pieces.
         # The loops over time (observe, imagine, lambda-returns) stay in Python.
-        self._actor_net = self.actor.net
-        self._ac_losses = self._ac_losses_impl
-        if a.compile:
+        self._actor_net = self.accelerator.compile(self.actor.net)
+        self._ac_losses = self.accelerator.compile(self._ac_losses_impl)
+        if self.accelerator.compiling:
             self.wm.compile()
-            self._actor_net = torch.compile(self.actor.net)
-            self._ac_losses = torch.compile(self._ac_losses_impl)
 
     # ---------------------------------------------------------------------------------
     # Helpers
@@ -260,12 +297,12 @@ class DreamerAgent(Agent):
         return parametrize.cached() if self.sparsifier is not None else contextlib.nullcontext()
 
     def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {"world_model": self.wm_opt, "actor": self.actor_opt, "critic": self.critic_opt}
+        opts = {"world_model": self.wm_opt, "actor": self.actor_opt, "critic": self.critic_opt}
+        opts.update({f"greedy_{i}": opt for i, opt in enumerate(self.greedy_opts)})
+        return opts
 
     def _autocast(self):
-        if not self.autocast_enabled:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return self.accelerator.autocast()
 
     def _encode_action(self, action: torch.Tensor) -> torch.Tensor:
         """Env actions ``[..., (A)]`` -> model actions ``[..., A]`` (one-hot if discrete)."""
@@ -301,20 +338,37 @@ class DreamerAgent(Agent):
     def train_world_model(
         self, data: dict[str, torch.Tensor]
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """One world-model optimizer step; returns (detached posterior states, metrics)."""
+        """One world-model optimizer step; returns (detached posterior states, metrics).
+
+        With Greedy InfoMax the encoder modules step first (each on its own loss); the world
+        model then learns on their detached output."""
+        embed, greedy_metrics = None, {}
+        if self.wm.greedy is not None:
+
+            def greedy_update(loss: torch.Tensor, opt: torch.optim.Optimizer) -> torch.Tensor:
+                norm = self.accelerator.backward(loss, opt, clip=self.config.world_model.grad_clip)
+                self.accelerator.step(opt)
+                return norm
+
+            with self._autocast():
+                embed, greedy_metrics = self.wm.greedy.train_step(
+                    self.wm.obs(data),
+                    data["action"],
+                    data["is_first"],
+                    self.greedy_opts,
+                    update=greedy_update,
+                )
         self.wm_opt.zero_grad(set_to_none=True)
         with self._autocast(), self._cached():
-            losses, metrics, post = self.wm.loss_and_states(data)
+            losses, metrics, post = self.wm.loss_and_states(data, embed=embed)
         total = sum(self.loss_scales[k] * losses[k] for k in losses)
-        total.backward()
-        norm = torch.nn.utils.clip_grad_norm_(
-            self.wm.parameters(), self.config.world_model.grad_clip, foreach=True
-        )
-        self.wm_opt.step()
+        norm = self.accelerator.backward(total, self.wm_opt, clip=self.config.world_model.grad_clip)
+        self.accelerator.step(self.wm_opt)
         if self.sparsifier is not None:
             self.sparsifier.step(self.wm_opt)  # re-mask, scheduled drop/regrow, RigL arming
         self.wm_opt.zero_grad(set_to_none=True)
         metrics = {**metrics, **{k: v.detach() for k, v in losses.items()}}
+        metrics.update({f"world_model/{k}": v for k, v in greedy_metrics.items()})
         metrics["loss/world_model"] = total.detach()
         metrics["train/grad_norm_world_model"] = norm
         post = {k: post[k].detach() for k in ("deter", "stoch")}
@@ -409,6 +463,10 @@ class DreamerAgent(Agent):
             "stoch": post["stoch"].detach().flatten(0, 1),
         }
         start_continue = 1.0 - data["is_terminal"].reshape(-1)
+        if 0 < a.imagine_starts < start_continue.shape[0]:
+            pick = torch.randperm(start_continue.shape[0], device=self.device)[: a.imagine_starts]
+            start = {k: v[pick] for k, v in start.items()}
+            start_continue = start_continue[pick]
         with self._autocast(), self._cached():
             actor_loss, critic_loss, metrics = self._behaviour_losses(start, start_continue)
         actor_params = [p for p in self.actor.parameters() if p.requires_grad]
@@ -420,13 +478,10 @@ class DreamerAgent(Agent):
             (critic_params, critic_loss, self.critic_opt, a.critic_grad_clip, "critic"),
         ):
             # The actor's graph shares the critic's forward pass: keep it for the critic.
-            grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
-            for p, g in zip(params, grads):
-                p.grad = g if g is not None else torch.zeros_like(p)
-            metrics[f"train/grad_norm_{name}"] = torch.nn.utils.clip_grad_norm_(
-                params, clip, foreach=True
+            metrics[f"train/grad_norm_{name}"] = self.accelerator.backward(
+                loss, opt, clip=clip, params=params, retain_graph=True
             )
-            opt.step()
+            self.accelerator.step(opt)
             opt.zero_grad(set_to_none=True)
         if self.updates % a.slow_critic_every == 0:
             self._update_slow_critic(a.slow_critic_fraction)
@@ -445,13 +500,16 @@ class DreamerAgent(Agent):
         torch._foreach_lerp_([slow[n] for n in names], [fast[n] for n in names], fraction)
 
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        data = self.preprocess(batch)
-        post, metrics = self.train_world_model(data)
-        metrics.update(self.train_behaviour(post, data))
+        # One accelerator step (ipu-sim: static-signature check, cost estimate, limits).
+        with self.accelerator.train_step(batch):
+            data = self.preprocess(batch)
+            post, metrics = self.train_world_model(data)
+            metrics.update(self.train_behaviour(post, data))
         self.updates += 1  # (the loop reports train/updates itself)
         out = self._to_floats(metrics)
         if self.sparsifier is not None:
             out.update(self.sparsifier.metrics())
+        out.update(self.accelerator.metrics())  # perf/cuda/* measured, perf/ipu_sim/* estimated
         return out
 
     # ---------------------------------------------------------------------------------
@@ -539,8 +597,8 @@ class DreamerAgent(Agent):
     def report(self, batch: dict[str, torch.Tensor], context: int = 5, rows: int = 4) -> dict:
         """Open-loop video per image key: truth | model | error, up to ``rows`` sequences
         stacked vertically, as uint8 ``[T, rows * H, 3 * W, 3]``. ``{}`` without images."""
-        if not self.wm.image_keys:
-            return {}
+        if not self.wm.image_keys or self.wm.decoder is None:
+            return {}  # no pixels, or nothing to draw them with (representation=cpc)
         small = {k: v[:rows] for k, v in batch.items()}
         data = self.preprocess(small)
         if data["is_first"].shape[1] <= context:

@@ -7,6 +7,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from envs.distractors import DistractorVideo, composite
 from envs.rendering import RENDER_QUALITIES, MujocoFrameRenderer
 
 
@@ -28,6 +29,11 @@ class DMCEnv(gym.Env[np.ndarray, np.ndarray]):
     With ``suite_time_limit=False`` the suite's limit is disabled (an outer
     ``gymnasium.wrappers.TimeLimit`` is then expected).
 
+    ``distractors=True`` replaces the background of rendered frames (skybox and floor planes,
+    found by MuJoCo's segmentation rendering) with a random video (``envs.distractors``), a new
+    one each episode drawn from ``np_random`` (so seeded resets give the same frames) that
+    advances one frame per step.
+
     Shapes:
         observation: float32 (state_dim,); action: float32 (action_dim,);
         ``render()``: uint8 (size, size, 3) when ``render_mode="rgb_array"``.
@@ -46,6 +52,7 @@ class DMCEnv(gym.Env[np.ndarray, np.ndarray]):
         camera: int | str | None = None,
         render_quality: str = "fast",
         suite_time_limit: bool = True,
+        distractors: bool = False,
     ) -> None:
         from dm_control import suite
 
@@ -80,6 +87,14 @@ class DMCEnv(gym.Env[np.ndarray, np.ndarray]):
         )
         self._renderer: MujocoFrameRenderer | None = None
         self._needs_reset = True
+        self.distractors = distractors
+        self._video: DistractorVideo | None = None
+        if distractors:
+            import mujoco
+
+            model = self.physics.model
+            self._plane_geoms = model.geom_type == int(mujoco.mjtGeom.mjGEOM_PLANE)
+            self._geom_type = int(mujoco.mjtObj.mjOBJ_GEOM)
 
     @property
     def physics(self) -> Any:
@@ -99,6 +114,8 @@ class DMCEnv(gym.Env[np.ndarray, np.ndarray]):
             self._env.task.random.seed(_dm_seed(seed))
         time_step = self._env.reset()
         self._needs_reset = False
+        if self.distractors:
+            self._video = DistractorVideo(self.size, self.np_random)
         return self._flatten(time_step.observation), {}
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
@@ -106,6 +123,8 @@ class DMCEnv(gym.Env[np.ndarray, np.ndarray]):
             raise gym.error.ResetNeeded("DMCEnv.step() called before reset() or after episode end")
         action = np.clip(np.asarray(action, dtype=np.float64), self._act_low, self._act_high)
         time_step = self._env.step(action)
+        if self._video is not None:
+            self._video.step()
         discount = float(time_step.discount)
         terminated = time_step.last() and discount == 0.0
         truncated = time_step.last() and not terminated
@@ -121,7 +140,19 @@ class DMCEnv(gym.Env[np.ndarray, np.ndarray]):
             self._renderer = MujocoFrameRenderer(
                 physics.model.ptr, self.size, self.camera, self.render_quality
             )
-        return self._renderer.render(physics.data.ptr)
+        frame = self._renderer.render(physics.data.ptr)
+        if self._video is None:
+            return frame
+        return composite(frame, self._video.frame(), self._background_mask())
+
+    def _background_mask(self) -> np.ndarray:
+        """bool (size, size): pixels showing the skybox or a plane geom (the floor)."""
+        seg = self._renderer.segmentation()
+        ids, types = seg[..., 0], seg[..., 1]
+        mask = ids < 0
+        geom = (types == self._geom_type) & (ids >= 0)
+        mask[geom] = self._plane_geoms[ids[geom]]
+        return mask
 
     def close(self) -> None:
         if self._renderer is not None:

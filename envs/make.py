@@ -63,6 +63,7 @@ def make_env(
     render_mode: str | None = None,
     render_quality: str = "fast",
     camera: int | str | None = None,
+    distractors: bool = False,
 ) -> gym.Env:
     """Build a ``gym:<gymnasium id>`` or ``dmc:<domain>-<task>`` env with a Dict observation.
 
@@ -79,6 +80,8 @@ def make_env(
         render_quality: ``"fast"`` (no shadows/reflections/MSAA) or ``"default"`` (MuJoCo's).
         camera: MuJoCo camera id or name (dmc default 0, quadruped 2; gym MuJoCo default is the
             env's own); not supported for non-MuJoCo gym envs.
+        distractors: ``dmc:`` tasks only: a random video (moving shapes over drifting colour
+            waves, ``envs.distractors``) replaces the skybox and floor in every frame.
 
     Box actions are rescaled to [-1, 1]; Discrete actions stay Discrete. A MuJoCo divergence
     ends the episode with ``truncated=True`` and ``info["physics_error"]=True``.
@@ -92,6 +95,8 @@ def make_env(
     """
     _check_args(obs, size, action_repeat, time_limit, render_mode, render_quality)
     suite, name = parse_env_id(env_id)
+    if distractors and suite != "dmc":
+        raise ValueError(f"distractors need a dmc:<domain>-<task> env, got {env_id!r}")
     inner_render = "rgb_array" if (obs != "state" or render_mode == "rgb_array") else None
 
     env: gym.Env
@@ -106,6 +111,7 @@ def make_env(
             camera=camera,
             render_quality=render_quality,
             suite_time_limit=time_limit is None,
+            distractors=distractors,
         )
         env = PhysicsErrorGuard(env)
         if time_limit is not None:

@@ -8,6 +8,7 @@ framebuffer to the frame size. ``"default"`` keeps MuJoCo's settings.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import weakref
 from functools import lru_cache
@@ -99,11 +100,35 @@ class MujocoFrameRenderer:
         self._renderer.update_scene(data, camera=self._camera)
         return self._renderer.render()
 
+    def segmentation(self) -> np.ndarray:
+        """Object ids and types of the scene last rendered by ``render``: int32
+        (size, size, 2), ``(-1, -1)`` where nothing is hit (the skybox).
+
+        Shapes:
+            -> int32 (size, size, 2)
+        """
+        self._renderer.enable_segmentation_rendering()
+        try:
+            return self._renderer.render()
+        finally:
+            self._renderer.disable_segmentation_rendering()
+
     def close(self) -> None:
         if self._renderer is not None:
+            # mujoco.Renderer.close frees its GL objects in whatever context is current, which
+            # is another live renderer's after that one rendered (and breaks it): make ours
+            # current first.
+            gl_context = getattr(self._renderer, "_gl_context", None)
+            if gl_context is not None:
+                gl_context.make_current()
             self._renderer.close()
             self._renderer = None
         _LIVE.discard(self)
+
+    def __del__(self) -> None:
+        # Dropped without close() (an env garbage-collected): free in our own context too.
+        with contextlib.suppress(Exception):
+            self.close()
 
 
 @lru_cache(maxsize=16)

@@ -1,30 +1,72 @@
-"""Device selection, threads and seeding shared by every agent.
+"""One interface decides where and how training runs: ``Accelerator``.
 
-The full accelerator interface (precision policies, compiled update, simulated IPU) builds on
-these; agents and world models never name a device themselves, they receive ``device``.
+Agents and world models never name a device or a precision; they ask their accelerator:
+
+- placement: ``place(module)``, ``to_device(tree)``, ``device``;
+- precision policy: ``autocast()`` (fp32: nothing; bf16: autocast; fp16: autocast plus a
+  dynamic gradient scaler that ``backward``/``step`` apply);
+- ``backward(loss, optimizer, clip=...)`` -> the gradient norm before clipping (unscaled),
+  optionally w.r.t. given parameters only (``torch.autograd.grad``; other ``.grad`` untouched);
+- ``step(optimizer)``; ``train_step(batch)`` wraps one whole update (timing, the scaler's update,
+  and for ``ipu-sim`` the static-signature check, constraint checks and the cost estimate);
+- ``compile(fn)``: ``torch.compile`` when compiling is on (``agent.compile``), else ``fn``;
+- ``seed(seed)`` / determinism switches, ``memory_stats()``, ``metrics()`` (per-update
+  ``perf/...`` scalars: measured times on cuda, estimates on ipu-sim, none on cpu) and
+  ``report()`` (ipu-sim: the estimate report; others: ``{}``).
+
+``make_accelerator(config)`` builds the one the config asks for: ``cpu``, ``cuda`` (real bf16
+autocast, TF32 matmuls, compiled update step when asked, times measured with CUDA events) or
+``ipu-sim`` (``runtime.ipu_sim.IPUSimAccelerator``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from runtime.config import AcceleratorConfig, ConfigError
+from runtime.config import AcceleratorConfig, Config, ConfigError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+class AcceleratorError(RuntimeError):
+    """The accelerator cannot run this (a device limit, a broken constraint). One-line message
+    naming the problem and the fix; scripts print it without a traceback."""
 
 
 def resolve_device(config: AcceleratorConfig) -> torch.device:
-    """``auto`` -> cuda when available, else cpu. Asking for cuda without one is an error."""
+    """``auto`` -> cuda when available, else cpu. Asking for cuda without one is an error.
+    ``ipu-sim`` runs on the host (cpu)."""
     if config.name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if config.name == "ipu-sim":
+        return torch.device("cpu")
     if config.name == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
             "accelerator.name: 'cuda' requested but torch sees no CUDA device; "
             "use accelerator=cpu or accelerator=auto"
         )
     return torch.device(config.name)
+
+
+def resolve_precision(config: Config) -> str:
+    """fp32 | bf16 | fp16: ``ipu.precision`` for ipu-sim, else ``accelerator.precision`` unless
+    ``auto``, else ``agent.precision`` (conflicts are rejected by ``runtime.config.validate``)."""
+    if config.accelerator.name == "ipu-sim":
+        return config.ipu.precision
+    if config.accelerator.precision != "auto":
+        return config.accelerator.precision
+    return config.agent.precision
 
 
 def configure_threads(config: AcceleratorConfig) -> None:
@@ -42,3 +84,210 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
+
+
+def _params_of(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+class Accelerator:
+    """cpu and cuda (and the base of ``ipu-sim``); see the module docstring.
+
+    ``precision``: ``fp32``, ``bf16`` (autocast) or ``fp16`` (autocast + ``GradScaler``).
+    ``compiling``: whether ``compile(fn)`` compiles. ``tf32``: cuda fp32 matmuls on TF32 cores.
+    """
+
+    name = "cpu"
+
+    def __init__(
+        self,
+        device: torch.device | str = "cpu",
+        precision: str = "fp32",
+        *,
+        deterministic: bool = False,
+        compiling: bool = False,
+        tf32: bool = True,
+    ) -> None:
+        if precision not in PRECISIONS:
+            raise ConfigError(
+                f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}"
+            )
+        self.device = torch.device(device)
+        self.name = self.device.type
+        self.precision = precision
+        self.deterministic = deterministic
+        self.compiling = compiling
+        self.scaler: torch.amp.GradScaler | None = None
+        if precision == "fp16":
+            self.scaler = torch.amp.GradScaler(self.device.type)
+        # Optimizers stepped since the scaler's last update (it unscales each once per update).
+        self._stepped: set[int] = set()
+        self._step_time: float | None = None
+        self._events: tuple[Any, Any] | None = None
+        if self.device.type == "cuda":
+            tf32_on = tf32 and not deterministic and precision == "fp32"
+            torch.backends.cuda.matmul.allow_tf32 = tf32_on
+            torch.backends.cudnn.allow_tf32 = tf32_on
+            if deterministic:
+                torch.backends.cudnn.benchmark = False
+
+    # ------------------------------------------------------------------ placement
+    def place(self, module: nn.Module) -> nn.Module:
+        """Move a module's parameters and buffers to the device (in place; returns it)."""
+        return module.to(self.device)
+
+    def to_device(self, tree: Any) -> Any:
+        """Tensors of a dict/list/tuple tree on the device (non-blocking copies)."""
+        if isinstance(tree, torch.Tensor):
+            return tree.to(self.device, non_blocking=True)
+        if isinstance(tree, dict):
+            return {k: self.to_device(v) for k, v in tree.items()}
+        if isinstance(tree, list | tuple):
+            return type(tree)(self.to_device(v) for v in tree)
+        return tree
+
+    def prepare(
+        self, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer]
+    ) -> None:
+        """Called once the modules and optimizers exist. cpu/cuda: nothing to check."""
+
+    # ------------------------------------------------------------------ precision
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The forward-pass context of the precision policy (a no-op for fp32)."""
+        dtype = self.autocast_dtype
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    # ------------------------------------------------------------------ training
+    @contextlib.contextmanager
+    def train_step(self, batch: Any = None) -> Iterator[None]:
+        """Wrap one whole update: times it (cuda: CUDA events, read after the caller's sync)
+        and updates the fp16 loss scale once every optimizer has stepped."""
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._events = (start, end)
+        else:
+            tick = time.perf_counter()
+            yield
+            self._step_time = time.perf_counter() - tick
+        self._finish_scaler()
+
+    def _finish_scaler(self) -> None:
+        if self.scaler is not None and self._stepped:
+            self.scaler.update()
+        self._stepped.clear()
+
+    def backward(
+        self,
+        loss: torch.Tensor,
+        optimizer: torch.optim.Optimizer,
+        *,
+        clip: float | None = None,
+        params: Iterable[torch.Tensor] | None = None,
+        retain_graph: bool = False,
+    ) -> torch.Tensor:
+        """Gradients of ``loss`` into ``.grad``, unscaled, clipped to ``clip``; returns the norm.
+
+        ``params=None``: ``loss.backward()`` over the whole graph, norm over the optimizer's
+        parameters. With ``params``: gradients w.r.t. those only (``torch.autograd.grad``; a
+        parameter the loss does not reach gets zeros), so no other ``.grad`` changes.
+        """
+        if self.scaler is not None and id(optimizer) in self._stepped:
+            self._finish_scaler()  # a new update began without train_step around the last one
+        scaled = self.scaler.scale(loss) if self.scaler is not None else loss
+        if params is None:
+            scaled.backward(retain_graph=retain_graph)
+            params = _params_of(optimizer)
+        else:
+            params = list(params)
+            grads = torch.autograd.grad(
+                scaled, params, allow_unused=True, retain_graph=retain_graph
+            )
+            for p, g in zip(params, grads):
+                p.grad = g if g is not None else torch.zeros_like(p)
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+        max_norm = float("inf") if clip is None else clip
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The optimizer step (skipped by the fp16 scaler when gradients overflowed)."""
+        if self.scaler is not None:
+            self.scaler.step(optimizer)
+        else:
+            optimizer.step()
+        self._stepped.add(id(optimizer))
+
+    def compile(self, fn: Callable) -> Callable:
+        """``torch.compile(fn)`` when compiling is on, else ``fn`` unchanged."""
+        return torch.compile(fn) if self.compiling else fn
+
+    def seed(self, seed: int) -> None:
+        seed_everything(seed, self.deterministic)
+
+    # ------------------------------------------------------------------ reporting
+    def memory_stats(self) -> dict[str, float]:
+        """Measured memory: cuda allocator counters, or the host process's peak RSS."""
+        if self.device.type == "cuda":
+            mib = 2.0**20
+            return {
+                "memory_allocated_mib": torch.cuda.memory_allocated(self.device) / mib,
+                "max_memory_allocated_mib": torch.cuda.max_memory_allocated(self.device) / mib,
+                "memory_reserved_mib": torch.cuda.memory_reserved(self.device) / mib,
+            }
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        # ru_maxrss is KiB on Linux, bytes on macOS.
+        return {"host_max_rss_mib": peak / (2.0**20 if sys.platform == "darwin" else 1024.0)}
+
+    def metrics(self) -> dict[str, float]:
+        """Per-update scalars for ``metrics.jsonl``. cuda: measured step time and memory; cpu:
+        none (the loop already logs wall-clock throughput)."""
+        if self.device.type != "cuda":
+            return {}
+        out = {f"perf/cuda/{k}": v for k, v in self.memory_stats().items()}
+        if self._events is not None:
+            start, end = self._events
+            end.synchronize()
+            out["perf/cuda/step_time_s"] = start.elapsed_time(end) / 1000.0
+        if self.scaler is not None:
+            out["perf/cuda/loss_scale"] = float(self.scaler.get_scale())
+        return out
+
+    def report(self) -> dict[str, Any]:
+        """A summary for the end of a run; only ipu-sim has one."""
+        return {}
+
+
+def make_accelerator(config: Config) -> Accelerator:
+    """The accelerator ``config.accelerator`` (and ``config.ipu`` for ipu-sim) describes."""
+    acc = config.accelerator
+    if acc.name == "ipu-sim":
+        from runtime.ipu_sim import IPUSimAccelerator
+
+        return IPUSimAccelerator.from_config(config)
+    return Accelerator(
+        resolve_device(acc),
+        resolve_precision(config),
+        deterministic=acc.deterministic,
+        compiling=config.agent.compile,
+        tf32=acc.tf32,
+    )
+
+
+__all__ = [
+    "Accelerator",
+    "AcceleratorError",
+    "configure_threads",
+    "make_accelerator",
+    "resolve_device",
+    "resolve_precision",
+    "seed_everything",
+]

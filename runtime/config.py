@@ -62,6 +62,9 @@ class EnvConfig:
     asynchronous: bool = False
     render_quality: Literal["fast", "default"] = "fast"
     camera: int | None = None
+    # dmc: tasks only: moving random shapes over drifting colour noise replace the background
+    # (sky and floor) of every rendered frame, a distraction that reconstruction must model.
+    distractors: bool = False
 
 
 @dataclass
@@ -72,6 +75,9 @@ class AgentConfig:
     # --- dreamer (agent=dreamer): actor-critic learned in imagination (DreamerV3 defaults).
     # Imagined rollout length from every replayed posterior state.
     horizon: int = field(default=15, metadata=_positive(1))
+    # Imagined rollouts start from this many posterior states of the batch, drawn at random
+    # (0 = all of them, as DreamerV3); fewer starts pay for a longer horizon at equal cost.
+    imagine_starts: int = field(default=0, metadata=_positive(0))
     discount: float = 0.997
     return_lambda: float = 0.95
     # Actor and critic MLPs (see presets xs/s/m for the DreamerV3 size table).
@@ -110,10 +116,32 @@ class AgentConfig:
 
 
 @dataclass
+class GreedyInfoMaxConfig:
+    """Greedy InfoMax encoder (``world_model.greedy_infomax.*``; see ``worldmodels/cpc.py``)."""
+
+    # Encoder modules, each trained by its own CPC loss and optimizer with no gradient across
+    # module boundaries; 0 = off (the encoder learns end-to-end from the world-model losses).
+    modules: int = field(default=0, metadata=_positive(0))
+    # Learning rate of the module optimizers; null = world_model.lr.
+    lr: float | None = field(default=None, metadata=_positive(0))
+
+
+@dataclass
 class WorldModelConfig:
     """World-model architecture knobs (used by model-based agents)."""
 
-    representation: Literal["reconstruction"] = "reconstruction"
+    # How the latent state learns about observations: reconstruction (decoder), reconstruction
+    # plus the CPC loss as a regulariser, or cpc alone (no decoder is built).
+    representation: Literal["reconstruction", "reconstruction+cpc", "cpc"] = "reconstruction"
+    # CPC (InfoNCE): the posterior state at t, with the actions in between, picks the encoder
+    # embedding at t+k (k = 1..cpc_horizons) among the batch's other positions; projections of
+    # cpc_dim units compared by cosine similarity / cpc_temperature; weighted by cpc_scale.
+    cpc_scale: float = field(default=1.0, metadata=_positive(0))
+    cpc_horizons: int = field(default=3, metadata=_positive(1))
+    cpc_dim: int = field(default=64, metadata=_positive(1))
+    cpc_temperature: float = field(default=0.1, metadata=_positive(1e-6))
+    cpc_actions: bool = True
+    greedy_infomax: GreedyInfoMaxConfig = field(default_factory=GreedyInfoMaxConfig)
     # RSSM: GRU state size, hidden width, latent (stoch groups x classes, or stoch dims for
     # the Gaussian latent), block-diagonal GRU blocks, initial state.
     deter: int = field(default=512, metadata=_positive(1))
@@ -242,12 +270,42 @@ class SparseConfig:
 
 @dataclass
 class AcceleratorConfig:
-    """Where training runs: ``auto`` picks cuda when present, else cpu."""
+    """Where training runs (``runtime.accelerator``): ``auto`` picks cuda when present, else cpu;
+    ``ipu-sim`` runs on the host and enforces/estimates a Graphcore IPU (settings: ``ipu.*``)."""
 
-    name: Literal["auto", "cpu", "cuda"] = "auto"
+    name: Literal["auto", "cpu", "cuda", "ipu-sim"] = "auto"
     # Torch intra-op threads; 0 = leave torch's default. 1 is best beside env workers.
     threads: int = field(default=1, metadata=_positive(0))
     deterministic: bool = False
+    # fp32, bf16 autocast, or fp16 autocast with a gradient scaler. auto: agent.precision
+    # (fp32 unless set); with ipu-sim the precision is ipu.precision.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # cuda only: TF32 tensor-core matmuls for fp32 work (off when deterministic=true).
+    tf32: bool = True
+
+
+@dataclass
+class IPUConfig:
+    """The simulated IPU (``accelerator=ipu-sim``; see ``runtime/ipu_sim``). Results are computed
+    on the host; IPU limits are enforced and IPU speed is estimated, never measured."""
+
+    # Device constants (each tagged sourced/derived/assumed in runtime/ipu_sim/presets.py):
+    # ipu2 (GC200), bow (Bow IPU), ipu1 (GC2), small (4 tiles, for tests).
+    preset: Literal["ipu2", "bow", "ipu1", "small"] = "ipu2"
+    num_ipus: int = field(default=1, metadata=_positive(1))
+    # fp16: emulated fp16 storage (weights rounded to fp16 after every step) and fp16 autocast
+    # with loss scaling. The IPU has no bf16.
+    precision: Literal["fp32", "fp16"] = "fp32"
+    # fp16 only: weights are rounded fp32 -> fp16 stochastically (seeded by `seed`), as the
+    # IPU's hardware stochastic rounding does; false rounds to nearest.
+    stochastic_rounding: bool = True
+    # Micro-batches per step for the pipeline estimate; must be >= the pipeline stages.
+    # 0 = the number of stages.
+    gradient_accumulation: int = field(default=0, metadata=_positive(0))
+    # Pipeline placement, `<module prefix>:<ipu>` in execution order with non-decreasing ipu
+    # ids, e.g. [world_model.encoder:0, world_model.rssm:1, actor:1, critic:1]. Empty: one
+    # IPU holds everything, or with num_ipus > 1 contiguous groups of modules balanced by size.
+    placement: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -303,6 +361,7 @@ class Config:
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     sparse: SparseConfig = field(default_factory=SparseConfig)
     accelerator: AcceleratorConfig = field(default_factory=AcceleratorConfig)
+    ipu: IPUConfig = field(default_factory=IPUConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -454,9 +513,37 @@ def _check_ranges(config: Any, prefix: str = "") -> None:
             raise ConfigError(f"{key}: must be >= {minimum}, got {value!r}")
 
 
+def _check_accelerator(config: Config) -> None:
+    """Precision settings that contradict each other, and what the simulated IPU cannot do."""
+    acc, agent = config.accelerator, config.agent
+    if acc.name == "ipu-sim":
+        ipu = config.ipu.precision
+        if agent.precision != "fp32":
+            raise ConfigError(
+                f"agent.precision={agent.precision}: the IPU has no bf16; with "
+                f"accelerator=ipu-sim set ipu.precision=fp16 (or fp32) instead"
+            )
+        if acc.precision not in ("auto", ipu):
+            raise ConfigError(
+                f"accelerator.precision={acc.precision} conflicts with ipu.precision={ipu}: the "
+                f"simulated IPU takes its precision from ipu.precision (fp32 or fp16)"
+            )
+        if agent.compile:
+            raise ConfigError(
+                "agent.compile=true with accelerator=ipu-sim: the simulated IPU runs eager on the "
+                "host (its op trace is the cost model); set agent.compile=false"
+            )
+    elif acc.precision not in ("auto", agent.precision) and agent.precision != "fp32":
+        raise ConfigError(
+            f"accelerator.precision={acc.precision} conflicts with agent.precision="
+            f"{agent.precision}; set one of them (accelerator.precision wins over the default)"
+        )
+
+
 def validate(config: Config) -> Config:
     """Range checks and cross-field rules. Returns the config for chaining."""
     _check_ranges(config)
+    _check_accelerator(config)
     if config.replay.batch_length > config.replay.capacity:
         raise ConfigError(
             f"replay.batch_length ({config.replay.batch_length}) exceeds replay.capacity "
@@ -464,6 +551,18 @@ def validate(config: Config) -> Config:
         )
     if config.env.obs != "state" and config.env.size < 8:
         raise ConfigError(f"env.size: must be >= 8 for pixel observations, got {config.env.size}")
+    if config.env.distractors and not config.env.id.startswith("dmc:"):
+        raise ConfigError(
+            f"env.distractors: needs a dmc:<domain>-<task> env, got {config.env.id!r}; "
+            "set env.distractors=false or pick a dmc: task"
+        )
+    w = config.world_model
+    uses_cpc = "cpc" in w.representation or w.greedy_infomax.modules > 0
+    if uses_cpc and w.cpc_horizons >= config.replay.batch_length:
+        raise ConfigError(
+            f"world_model.cpc_horizons ({w.cpc_horizons}) must be below replay.batch_length "
+            f"({config.replay.batch_length}): CPC predicts that many steps ahead in a window"
+        )
     return config
 
 

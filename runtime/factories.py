@@ -37,6 +37,7 @@ def make_env_factory(config: Config, video: bool | None = None):
             render_mode="rgb_array" if render else None,
             render_quality=cfg.render_quality,
             camera=cfg.camera,
+            distractors=cfg.distractors,
         )
 
     return make

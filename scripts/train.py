@@ -64,7 +64,12 @@ def main(argv: list[str]) -> int:
         return 2
 
     import agents
-    from runtime.accelerator import configure_threads, resolve_device, seed_everything
+    from runtime.accelerator import (
+        AcceleratorError,
+        configure_threads,
+        resolve_device,
+        seed_everything,
+    )
     from runtime.factories import make_env_factory, make_replay_factory
     from runtime.logging import make_logger
     from runtime.loop import TrainingError, train
@@ -90,8 +95,11 @@ def main(argv: list[str]) -> int:
     if logger.wandb_run_id:
         id_file.write_text(logger.wandb_run_id)
 
+    built = {}  # the agent, for its accelerator's report at the end
+
     def make_agent(obs_space, action_space):
-        return agents.make_agent(config, obs_space, action_space)
+        built["agent"] = agents.make_agent(config, obs_space, action_space)
+        return built["agent"]
 
     print(f"run dir: {run_dir}  env: {config.env.id}  agent: {config.agent.name}", flush=True)
     try:
@@ -104,12 +112,14 @@ def main(argv: list[str]) -> int:
             run_dir,
             checkpoint=checkpoint,
         )
-    except TrainingError as error:
+    except (TrainingError, AcceleratorError) as error:
+        # AcceleratorError: e.g. ipu-sim's memory budget or a static-shape change, one line.
         print(f"\nerror: {error}", file=sys.stderr)
         return 1
     finally:
         logger.close()
 
+    _accelerator_report(built.get("agent"), run_dir)
     steps = summary["counters"]["env_steps"]
     if summary["interrupted"]:
         print(f"\nstopped by signal at env step {steps}; checkpoint: {summary['checkpoint']}")
@@ -124,6 +134,22 @@ def main(argv: list[str]) -> int:
         )
     print(f"checkpoint: {summary['checkpoint']}")
     return 0
+
+
+def _accelerator_report(agent, run_dir: Path) -> None:
+    """Print the accelerator's end-of-run report (ipu-sim: its estimates) and write it to
+    ``<run dir>/ipu_report.json``; ``scripts/ipu_report.py run=<run dir>`` prints it again."""
+    accelerator = getattr(agent, "accelerator", None)
+    report = accelerator.report() if accelerator is not None else {}
+    if not report:
+        return
+    import json
+
+    from runtime.ipu_sim import format_report
+
+    (run_dir / "ipu_report.json").write_text(json.dumps(report, indent=2))
+    print("\n" + format_report(report, constants=False))
+    print(f"(full report with the device constants: {run_dir / 'ipu_report.json'})")
 
 
 if __name__ == "__main__":

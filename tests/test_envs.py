@@ -490,3 +490,23 @@ def test_resize_frame() -> None:
         resize_frame(block.astype(np.uint8), 2)[..., 0], [[0, 200], [100, 50]]
     )
     assert resize_frame(frame[:64, :64], 64) is not None
+
+
+def test_closing_one_renderer_leaves_the_others_intact() -> None:
+    # mujoco.Renderer.close frees its GL objects in the current context, which was another
+    # live renderer's; envs.rendering makes the closing renderer's own context current first.
+    import gc
+
+    first = envs.DMCEnv("cartpole", "balance", render_mode="rgb_array", size=32)
+    second = envs.DMCEnv("walker", "walk", render_mode="rgb_array", size=32)
+    third = envs.DMCEnv("cartpole", "swingup", render_mode="rgb_array", size=32)
+    for env in (first, second, third):
+        env.reset(seed=0)
+    first.render()
+    before = second.render()
+    third.render()
+    first.close()
+    del third  # dropped without close(), as a garbage-collected env would be
+    gc.collect()
+    np.testing.assert_array_equal(second.render(), before)
+    second.close()

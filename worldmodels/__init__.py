@@ -1,7 +1,14 @@
 """World models: learn latent dynamics from experience (``observe``, ``imagine``, ``loss``)."""
 
 from worldmodels.behavior import Actor, Critic, ReturnNormalizer, lambda_return
-from worldmodels.dreamer_wm import LOSS_KEYS, WorldModel, WorldModelSpec, preprocess_obs
+from worldmodels.cpc import CPCSpec, GreedyInfoMax, SequenceCPC, info_nce, mi_bound
+from worldmodels.dreamer_wm import (
+    LOSS_KEYS,
+    REPRESENTATIONS,
+    WorldModel,
+    WorldModelSpec,
+    preprocess_obs,
+)
 from worldmodels.layers import (
     BlockLinear,
     LayerFactory,
@@ -16,22 +23,28 @@ from worldmodels.rssm import RSSM, RSSMConfig
 
 __all__ = [
     "LOSS_KEYS",
+    "REPRESENTATIONS",
     "RSSM",
     "Actor",
     "BlockLinear",
+    "CPCSpec",
     "Critic",
     "Decoder",
     "Encoder",
+    "GreedyInfoMax",
     "Head",
     "LayerFactory",
     "NormalDist",
     "OneHotDist",
     "RSSMConfig",
     "ReturnNormalizer",
+    "SequenceCPC",
     "TwoHot",
     "WorldModel",
     "WorldModelSpec",
+    "info_nce",
     "lambda_return",
+    "mi_bound",
     "preprocess_obs",
     "symexp",
     "symlog",

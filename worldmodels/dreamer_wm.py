@@ -8,6 +8,13 @@ floats), ``action [B, T, A]`` the action taken at each step (one-hot for discret
 ``loss(batch)`` returns ``(losses, metrics)``: unscaled loss terms ``loss/reconstruction``,
 ``loss/reward``, ``loss/continue``, ``loss/dynamics``, ``loss/representation`` (the caller
 sums them with its scales) and ``world_model/...`` diagnostics, all 0-d tensors.
+
+``spec.representation`` picks how the latent state learns about observations:
+``reconstruction`` (the pixel/vector decoder), ``reconstruction+cpc`` (plus ``loss/cpc``, the
+InfoNCE of ``worldmodels.cpc.SequenceCPC`` from the posterior state to future embeddings) or
+``cpc`` (decoder-free: no decoder is built, ``loss/cpc`` replaces ``loss/reconstruction``).
+With ``spec.greedy_modules = M > 0`` the encoder is trained by Greedy InfoMax
+(``self.greedy``, its own losses and optimizers) and every loss here sees its output detached.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from worldmodels.cpc import CPCSpec, GreedyInfoMax, SequenceCPC
 from worldmodels.layers import LayerFactory, TwoHot, symlog
 from worldmodels.networks import Decoder, Encoder, Head, Shapes, split_keys
 from worldmodels.rssm import RSSM, RSSMConfig, State
@@ -29,6 +37,8 @@ LOSS_KEYS = (
     "loss/dynamics",
     "loss/representation",
 )
+# `representation` modes; `loss/cpc` joins the losses with cpc, `cpc` drops reconstruction.
+REPRESENTATIONS = ("reconstruction", "reconstruction+cpc", "cpc")
 
 
 @dataclass
@@ -45,6 +55,9 @@ class WorldModelSpec:
     free_nats: float = 1.0
     norm: str = "layer"
     act: str = "silu"
+    representation: str = "reconstruction"  # one of REPRESENTATIONS
+    cpc: CPCSpec = field(default_factory=CPCSpec)
+    greedy_modules: int = 0  # Greedy InfoMax modules of the encoder; 0 = end-to-end
 
 
 def preprocess_obs(obs: dict[str, torch.Tensor], image_keys: list[str]) -> dict[str, torch.Tensor]:
@@ -82,9 +95,25 @@ class WorldModel(nn.Module):
         self.encoder = Encoder(self.obs_shapes, s.units, s.mlp_layers, s.cnn_depth, f, s.minres)
         self.rssm = RSSM(s.rssm, action_dim, self.encoder.embed_dim, f)
         feat = s.rssm.feat_size
-        self.decoder = Decoder(
-            self.obs_shapes, feat, s.units, s.mlp_layers, s.cnn_depth, f, s.minres
-        )
+        if s.representation not in REPRESENTATIONS:
+            raise ValueError(
+                f"representation: expected one of {REPRESENTATIONS}, got {s.representation!r}"
+            )
+        self.decoder: Decoder | None = None
+        if s.representation != "cpc":
+            self.decoder = Decoder(
+                self.obs_shapes, feat, s.units, s.mlp_layers, s.cnn_depth, f, s.minres
+            )
+        self.cpc: SequenceCPC | None = None
+        if "cpc" in s.representation:
+            self.cpc = SequenceCPC(
+                feat, self.encoder.embed_dim, action_dim, s.cpc, f.scope("cpc"), "cpc_"
+            )
+        self.greedy: GreedyInfoMax | None = None
+        if s.greedy_modules:
+            self.greedy = GreedyInfoMax(
+                self.encoder, s.greedy_modules, action_dim, s.cpc, f, s.minres
+            )
         self.reward_head = Head(feat, s.reward_bins, s.units, s.head_layers, f, "reward", 0.0)
         self.continue_head = Head(feat, 1, s.units, s.head_layers, f, "continue")
         self.twohot = TwoHot(s.reward_bins)
@@ -140,31 +169,47 @@ class WorldModel(nn.Module):
         return losses, metrics
 
     def loss_and_states(
-        self, batch: dict[str, torch.Tensor], state: State | None = None
+        self,
+        batch: dict[str, torch.Tensor],
+        state: State | None = None,
+        embed: torch.Tensor | None = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], State]:
-        """``(losses, metrics, post)``; ``post`` are the posterior states ``[B, T, ...]``."""
-        embed = self._encode(batch)
+        """``(losses, metrics, post)``; ``post`` are the posterior states ``[B, T, ...]``.
+
+        ``embed`` ``[B, T, E]``: the observation embedding when already computed (Greedy
+        InfoMax's ``train_step`` returns it); by default the encoder runs here.
+        """
+        if embed is None:
+            embed = self._encode(batch)
+            if self.greedy is not None:
+                embed = embed.detach()  # greedy modules learn from their own losses only
         post, prior = self.rssm.observe(embed, batch["action"], batch["is_first"], state)
-        losses, metrics = self._heads(batch, post, prior)
+        losses, metrics = self._heads(batch, post, prior, embed)
         return losses, metrics, post
 
-    def _head_losses(self, batch, post: State, prior: State):
+    def _head_losses(self, batch, post: State, prior: State, embed: torch.Tensor):
         s = self.spec
         feat = self.rssm.feat(post)
         losses: dict[str, torch.Tensor] = {}
         metrics: dict[str, torch.Tensor] = {}
-        # Reconstruction: summed over each observation's dims, averaged over batch and time.
-        recon = self.decoder(feat)
-        rec = 0.0
-        for key in self.vector_keys:
-            err = (recon[key].float() - symlog(batch[key].float())).square().sum(-1)
-            metrics[f"world_model/recon_{key}"] = err.mean().detach()
-            rec = rec + err
-        for key in self.image_keys:
-            err = (recon[key].float() - batch[key].float()).square().sum((-3, -2, -1))
-            metrics[f"world_model/recon_{key}"] = err.mean().detach()
-            rec = rec + err
-        losses["loss/reconstruction"] = rec.mean()
+        if self.decoder is not None:
+            # Reconstruction: summed over each observation's dims, averaged over batch and time.
+            recon = self.decoder(feat)
+            rec = 0.0
+            for key in self.vector_keys:
+                err = (recon[key].float() - symlog(batch[key].float())).square().sum(-1)
+                metrics[f"world_model/recon_{key}"] = err.mean().detach()
+                rec = rec + err
+            for key in self.image_keys:
+                err = (recon[key].float() - batch[key].float()).square().sum((-3, -2, -1))
+                metrics[f"world_model/recon_{key}"] = err.mean().detach()
+                rec = rec + err
+            losses["loss/reconstruction"] = rec.mean()
+        if self.cpc is not None:
+            # The state at t (deterministic and stochastic parts) against embeddings at t+k.
+            cpc, cpc_metrics = self.cpc(feat, embed, batch["action"], batch["is_first"])
+            losses["loss/cpc"] = cpc
+            metrics.update({f"world_model/{k}": v for k, v in cpc_metrics.items()})
         # Reward (two-hot in symlog space) and continuation (Bernoulli).
         reward_logits = self.reward_head(feat)
         losses["loss/reward"] = -self.twohot.log_prob(reward_logits, batch["reward"]).mean()
@@ -202,6 +247,8 @@ class WorldModel(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Reconstructions of the first ``context`` steps (posterior), then open-loop prior
         predictions driven by the batch's actions: ``{key: [B, T, ...]}`` decoder means."""
+        if self.decoder is None:
+            raise ValueError("open_loop needs a decoder; representation='cpc' builds none")
         ctx = {k: v[:, :context] for k, v in batch.items()}
         post, _ = self.observe(ctx, sample=False)
         start = {"deter": post["deter"][:, -1], "stoch": post["stoch"][:, -1]}

@@ -1,0 +1,181 @@
+"""Print the simulated-IPU report (estimates, never measurements).
+
+Three ways::
+
+    python scripts/ipu_report.py run=runs/x                       # the report train.py saved
+    python scripts/ipu_report.py preset=debug ipu.preset=bow      # one Dreamer update, estimated
+    python scripts/ipu_report.py gim=true ipu.num_ipus=4          # a 4-module Greedy-InfoMax-style
+                                                                  # encoder, 1 IPU vs N pipelined
+
+``run=<dir>`` reads ``<dir>/ipu_report.json`` (written by ``train.py`` with
+``accelerator=ipu-sim``). Otherwise the arguments are ``train.py``'s ``key=value`` overrides
+(``accelerator=ipu-sim`` is implied): the agent is built for the config's env, a batch is
+sampled from a replay of random-policy steps, ``updates=`` updates run on the host (default 1),
+and the report of the estimate is printed. ``gim=true`` instead estimates a pipeline of
+``gim.modules=`` (default 4) convolutional modules with detached boundaries (each with its own
+local loss) on 1 IPU and on ``ipu.num_ipus`` IPUs, ``gim.micro_batches=`` micro-batches of
+``gim.batch=`` 64x64 frames (defaults 8 and 16), and with end-to-end backprop for comparison.
+Common: ``json=<path>`` writes the report as JSON, ``constants=false`` drops the constants table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+SCRIPT_KEYS = ("run", "json", "constants", "updates", "gim", "gim.modules", "gim.micro_batches")
+SCRIPT_KEYS += ("gim.batch",)
+
+
+def _gim_stages(modules: int):
+    """A stack of ``modules`` conv blocks (3x64x64 input), each one pipeline stage."""
+    from torch import nn
+
+    stages, channels = [], 3
+    for i in range(modules):
+        out = 32 * 2 ** min(i, 2)
+        stride = 2 if i < 4 else 1
+        stages.append(
+            nn.Sequential(nn.Conv2d(channels, out, 4, stride, 1), nn.GroupNorm(1, out), nn.SiLU())
+        )
+        channels = out
+    return stages
+
+
+def _gim_report(config, args: dict) -> dict:
+    import torch
+
+    from runtime.ipu_sim import estimate_pipeline
+
+    modules = int(args.get("gim.modules", 4))
+    micro = int(args.get("gim.micro_batches", 8))
+    batch = int(args.get("gim.batch", 16))
+    ipu = config.ipu
+    torch.manual_seed(config.seed)
+    stages = _gim_stages(modules)
+    x = torch.randn(batch, 3, 64, 64)
+    common = {"preset": ipu.preset, "micro_batches": micro, "precision": ipu.precision}
+    rows = {}
+    for label, n, detached in (
+        ("gim_1_ipu", 1, True),
+        (f"gim_{ipu.num_ipus}_ipus", ipu.num_ipus, True),
+        (f"backprop_{ipu.num_ipus}_ipus", ipu.num_ipus, False),
+    ):
+        est = estimate_pipeline(stages, x, num_ipus=n, detach_boundaries=detached, **common)
+        rows[label] = est.to_dict()
+    return {"kind": "ipu-sim pipeline estimate (host emulation; nothing measured)", **rows}
+
+
+def _print_gim(report: dict) -> None:
+    from runtime.ipu_sim.report import fmt_seconds
+
+    print(report["kind"])
+    for label, est in report.items():
+        if label == "kind":
+            continue
+        mem = est["memory"]
+        print(
+            f"{label:>18}: estimated step {fmt_seconds(est['step_time_s'])} for "
+            f"{est['micro_batches']} micro-batches on {est['num_ipus']} IPU(s) ({est['schedule']}); "
+            f"estimated inter-IPU {est['inter_ipu_bytes'] / 2**20:.2f} MiB; estimated memory "
+            f"{mem['max_fraction_of_budget']:.1%} of the busiest IPU's budget"
+        )
+
+
+def main(argv: list[str]) -> int:
+    from runtime.config import ConfigError, build_config, parse_overrides
+
+    try:
+        args = parse_overrides(argv)
+        script = {k: args.pop(k) for k in SCRIPT_KEYS if k in args}
+        out_json = script.get("json")
+        constants = bool(script.get("constants", True))
+        if "run" in script:
+            path = Path(str(script["run"])) / "ipu_report.json"
+            if not path.exists():
+                raise ConfigError(
+                    f"run={script['run']}: no ipu_report.json there; train with "
+                    f"accelerator=ipu-sim first, or pass config overrides instead of run="
+                )
+            report = json.loads(path.read_text())
+            config = None
+        else:
+            args["accelerator"] = "ipu-sim"
+            args.setdefault("agent", "dreamer")
+            config = build_config(args)
+    except (ConfigError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    from runtime.accelerator import AcceleratorError
+    from runtime.ipu_sim import format_report
+
+    try:
+        if config is not None and script.get("gim"):
+            report = _gim_report(config, script)
+            _print_gim(report)
+        else:
+            if config is not None:
+                report = _dreamer_report(config, int(script.get("updates", 1)))
+            print(format_report(report, constants=constants))
+    except AcceleratorError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if out_json:
+        Path(str(out_json)).write_text(json.dumps(report, indent=2))
+        print(f"written: {out_json}")
+    return 0
+
+
+def _dreamer_report(config, updates: int) -> dict:
+    import numpy as np
+
+    import agents
+    import envs
+    from runtime.accelerator import configure_threads, seed_everything
+    from runtime.replay import SequenceReplay
+
+    envs.check_env_id(config.env.id)
+    configure_threads(config.accelerator)
+    seed_everything(config.seed)
+    cfg = config.replay
+    env = envs.make_vector_env(
+        config.env.id,
+        1,
+        seed=config.seed,
+        obs=config.env.obs,
+        size=config.env.size,
+        action_repeat=config.env.action_repeat,
+    )
+    agent = agents.make_agent(config, env.single_observation_space, env.single_action_space)
+    replay = SequenceReplay(
+        capacity=4 * cfg.batch_length, batch_size=cfg.batch_size, batch_length=cfg.batch_length
+    )
+    obs, _ = env.reset(seed=config.seed)
+    done = np.zeros(1, dtype=bool)
+    for _ in range(replay.capacity):
+        action = np.stack([env.single_action_space.sample()])
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        replay.add(
+            {
+                **obs,
+                "action": action,
+                "reward": np.where(done, 0.0, reward).astype(np.float32),
+                "is_first": done.copy(),
+                "is_last": np.zeros(1, dtype=bool),
+                "is_terminal": np.zeros(1, dtype=bool),
+            }
+        )
+        obs, done = next_obs, terminated | truncated
+    env.close()
+    for _ in range(max(1, updates)):
+        agent.update(replay.sample())
+    return agent.accelerator.report()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -42,6 +42,7 @@ from torch.nn.utils import parametrize
 
 import sparse
 from agents.base import Agent, State
+from runtime import distributed
 from runtime.accelerator import make_accelerator
 from runtime.config import Config
 from worldmodels import (
@@ -54,6 +55,7 @@ from worldmodels import (
     WorldModelSpec,
     lambda_return,
     preprocess_obs,
+    replay_lambda_return,
 )
 from worldmodels.cpc import CPCSpec
 
@@ -96,7 +98,7 @@ def world_model_spec(config: Config) -> WorldModelSpec:
     )
 
 
-def planned_updates(config: Config) -> int:
+def planned_updates(config: Config, world_size: int | None = None) -> int:
     """World-model updates a run of ``config`` will do: the sparse schedule's ``total_steps``.
 
     Mirrors ``runtime.loop``: vector steps of ``num_envs * action_repeat`` env steps until
@@ -106,13 +108,18 @@ def planned_updates(config: Config) -> int:
     (batch_size * batch_length))`` updates, i.e. about ``(run.steps - run.learning_starts) /
     action_repeat * replay_ratio / (batch_size * batch_length)`` (policy steps are summed over
     the envs, so ``num_envs`` only enters through the rounding). At least 1.
+
+    Under ``torchrun`` (``world_size`` ranks; default: this process's launch) the counters are
+    global: a vector step counts the steps of every rank and an update replays one batch per
+    rank, so a run does about ``1 / world_size`` of the updates, each on ``world_size`` batches.
     """
-    per_vector_step = config.env.num_envs * config.env.action_repeat
+    world = distributed.context().world_size if world_size is None else world_size
+    per_vector_step = config.env.num_envs * config.env.action_repeat * world
     vector_steps = -(-config.run.steps // per_vector_step)
     before = min(vector_steps, config.run.learning_starts // per_vector_step)
-    policy_steps = config.env.num_envs * (vector_steps - before)
+    policy_steps = config.env.num_envs * world * (vector_steps - before)
     ratio = Fraction(config.run.replay_ratio).limit_denominator(10_000)
-    return max(1, math.floor(policy_steps * ratio / config.replay.steps_per_batch))
+    return max(1, math.floor(policy_steps * ratio / (config.replay.steps_per_batch * world)))
 
 
 def _matches(patterns: list[str], names: list[str]) -> bool:
@@ -200,8 +207,13 @@ class DreamerAgent(Agent):
             )
             self.critic = Critic(feat, a.units, a.layers, self.factory, a.critic_bins)
         self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)
+        # Under torchrun the percentiles come from every rank's returns (identical buffers).
         self.retnorm = ReturnNormalizer(
-            a.return_norm_decay, a.return_norm_limit, a.return_norm_low, a.return_norm_high
+            a.return_norm_decay,
+            a.return_norm_limit,
+            a.return_norm_low,
+            a.return_norm_high,
+            gather=self.accelerator.gather,
         )
         for module in self._modules().values():
             self.accelerator.place(module)
@@ -209,6 +221,8 @@ class DreamerAgent(Agent):
         self.sparsifier: sparse.Sparsifier | None = None
         if config.sparse.enabled:
             self.sparsifier = self._sparsify()
+            # RigL's dense gradients, like the masked ones, are averaged over ranks (torchrun).
+            self.sparsifier.grad_reduce = self.accelerator.average
 
         def adam(params, lr, eps):
             return torch.optim.Adam(params, lr=lr, eps=eps, foreach=True)
@@ -453,7 +467,43 @@ class DreamerAgent(Agent):
             "loss/actor": actor_loss.detach(),
             "loss/critic": critic_loss.detach(),
         }
+        metrics["bootstrap"] = ret[:, 0].detach()  # R_0 of every start, for the replay loss
         return a.actor_scale * actor_loss, a.critic_scale * critic_loss, metrics
+
+    def _replay_critic_loss(
+        self, post: dict[str, torch.Tensor], data: dict[str, torch.Tensor], boot: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Critic loss on the replayed sequences (DreamerV3's replay value loss).
+
+        Targets are lambda-returns along the real sequence: real rewards and continues, and at
+        every step the imagined return ``R_0`` started from that state as the bootstrap
+        (``boot``, or the critic's own value when imagination started from a subset). A step
+        whose successor begins a new episode falls back to its bootstrap.
+
+        Shapes: ``post`` ``[B, T, ...]``, ``data`` ``[B, T]`` flags, ``boot`` ``[B * T]`` or
+        empty; returns a 0-d loss.
+        """
+        a = self.config.agent
+        B, T = data["reward"].shape
+        feat = self.wm.feat(post).detach()
+        logits = self.critic(feat)  # [B, T, bins]
+        if boot.numel() == B * T:
+            boot = boot.reshape(B, T)
+        else:
+            boot = self.critic.twohot.decode(logits).detach()
+        discount = a.discount * (1.0 - data["is_terminal"])
+        target = replay_lambda_return(
+            data["reward"], discount, boot, data["is_first"], a.return_lambda
+        )  # [B, T - 1]
+        with torch.no_grad():
+            slow = self.slow_critic.value(feat)[:, :-1]
+        nll = -self.critic.twohot.log_prob(logits[:, :-1], target)
+        reg = -self.critic.twohot.log_prob(logits[:, :-1], slow)
+        loss = (nll + a.slow_critic_reg * reg).mean()
+        return loss, {
+            "train/replay_critic_nll": nll.mean().detach(),
+            "train/replay_return": target.mean().detach(),
+        }
 
     def train_behaviour(self, post: dict[str, torch.Tensor], data: dict[str, torch.Tensor]):
         """One actor and one critic step on imagination from every posterior state."""
@@ -469,6 +519,11 @@ class DreamerAgent(Agent):
             start_continue = start_continue[pick]
         with self._autocast(), self._cached():
             actor_loss, critic_loss, metrics = self._behaviour_losses(start, start_continue)
+            boot = metrics.pop("bootstrap")
+            if a.replay_critic_scale > 0:
+                replay_loss, replay_metrics = self._replay_critic_loss(post, data, boot)
+                critic_loss = critic_loss + a.critic_scale * a.replay_critic_scale * replay_loss
+                metrics.update(replay_metrics)
         actor_params = [p for p in self.actor.parameters() if p.requires_grad]
         critic_params = [p for p in self.critic.parameters() if p.requires_grad]
         # Gradients w.r.t. the actor's (critic's) parameters only: the world model's weights

@@ -7,6 +7,10 @@ Agents and world models never name a device or a precision; they ask their accel
   dynamic gradient scaler that ``backward``/``step`` apply);
 - ``backward(loss, optimizer, clip=...)`` -> the gradient norm before clipping (unscaled),
   optionally w.r.t. given parameters only (``torch.autograd.grad``; other ``.grad`` untouched);
+- data parallel under ``torchrun`` (``runtime.distributed``): ``prepare`` broadcasts rank 0's
+  parameters and buffers, ``backward`` averages the gradients over ranks before clipping, and
+  ``gather(tensor)`` concatenates every rank's values (statistics that steer the updates);
+  single-process runs skip all three;
 - ``step(optimizer)``; ``train_step(batch)`` wraps one whole update (timing, the scaler's update,
   and for ``ipu-sim`` the static-signature check, constraint checks and the cost estimate);
 - ``compile(fn)``: ``torch.compile`` when compiling is on (``agent.compile``), else ``fn``;
@@ -34,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from runtime import distributed
 from runtime.config import AcceleratorConfig, Config, ConfigError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -46,9 +51,8 @@ class AcceleratorError(RuntimeError):
 
 def resolve_device(config: AcceleratorConfig) -> torch.device:
     """``auto`` -> cuda when available, else cpu. Asking for cuda without one is an error.
-    ``ipu-sim`` runs on the host (cpu)."""
-    if config.name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ``ipu-sim`` runs on the host (cpu). Under ``torchrun`` each rank gets the GPU of its
+    ``LOCAL_RANK``."""
     if config.name == "ipu-sim":
         return torch.device("cpu")
     if config.name == "cuda" and not torch.cuda.is_available():
@@ -56,7 +60,11 @@ def resolve_device(config: AcceleratorConfig) -> torch.device:
             "accelerator.name: 'cuda' requested but torch sees no CUDA device; "
             "use accelerator=cpu or accelerator=auto"
         )
-    return torch.device(config.name)
+    if config.name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    if distributed.launch_world_size() > 1:
+        return torch.device("cuda", distributed.cuda_device_index())
+    return torch.device("cuda")
 
 
 def resolve_precision(config: Config) -> str:
@@ -149,7 +157,9 @@ class Accelerator:
     def prepare(
         self, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer]
     ) -> None:
-        """Called once the modules and optimizers exist. cpu/cuda: nothing to check."""
+        """Called once the modules and optimizers exist. cpu/cuda: nothing to check; under
+        ``torchrun`` every rank takes rank 0's parameters and buffers, so all start identical."""
+        distributed.broadcast_modules(modules.values())
 
     # ------------------------------------------------------------------ precision
     @property
@@ -199,6 +209,9 @@ class Accelerator:
         ``params=None``: ``loss.backward()`` over the whole graph, norm over the optimizer's
         parameters. With ``params``: gradients w.r.t. those only (``torch.autograd.grad``; a
         parameter the loss does not reach gets zeros), so no other ``.grad`` changes.
+
+        Under ``torchrun`` the gradients are averaged over ranks first (still scaled, so an fp16
+        overflow on any rank makes every rank skip the step), so every rank clips the same norm.
         """
         if self.scaler is not None and id(optimizer) in self._stepped:
             self._finish_scaler()  # a new update began without train_step around the last one
@@ -213,6 +226,9 @@ class Accelerator:
             )
             for p, g in zip(params, grads):
                 p.grad = g if g is not None else torch.zeros_like(p)
+        # A parameter without a gradient has none on every rank (same graph), so the flat
+        # buffers line up.
+        distributed.all_reduce_mean_([p.grad for p in params if p.grad is not None])
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
         max_norm = float("inf") if clip is None else clip
@@ -225,6 +241,21 @@ class Accelerator:
         else:
             optimizer.step()
         self._stepped.add(id(optimizer))
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``tensor`` concatenated along dim 0 (``tensor`` itself in one process).
+
+        Shapes: ``[N, ...]`` -> ``[world_size * N, ...]``.
+        """
+        return distributed.all_gather_cat(tensor)
+
+    def average(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The mean of ``tensor`` over ranks (a new tensor; ``tensor`` itself in one process)."""
+        if not distributed.context().enabled:
+            return tensor
+        out = tensor.detach().clone()
+        distributed.all_reduce_mean_([out])
+        return out
 
     def compile(self, fn: Callable) -> Callable:
         """``torch.compile(fn)`` when compiling is on, else ``fn`` unchanged."""
@@ -270,6 +301,11 @@ def make_accelerator(config: Config) -> Accelerator:
     """The accelerator ``config.accelerator`` (and ``config.ipu`` for ipu-sim) describes."""
     acc = config.accelerator
     if acc.name == "ipu-sim":
+        if distributed.context().enabled:
+            raise AcceleratorError(
+                "accelerator=ipu-sim simulates the IPUs of one process; run it without torchrun "
+                "(or use accelerator=cpu/cuda under torchrun)"
+            )
         from runtime.ipu_sim import IPUSimAccelerator
 
         return IPUSimAccelerator.from_config(config)

@@ -78,6 +78,9 @@ class AgentConfig:
     # Imagined rollouts start from this many posterior states of the batch, drawn at random
     # (0 = all of them, as DreamerV3); fewer starts pay for a longer horizon at equal cost.
     imagine_starts: int = field(default=0, metadata=_positive(0))
+    # DreamerV3's replay value loss: the critic also regresses lambda-returns of the replayed
+    # sequence itself (real rewards, bootstrapped with the imagined returns), weight 0.3.
+    replay_critic_scale: float = field(default=0.3, metadata=_positive(0))
     discount: float = 0.997
     return_lambda: float = 0.95
     # Actor and critic MLPs (see presets xs/s/m for the DreamerV3 size table).
@@ -309,6 +312,19 @@ class IPUConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Data-parallel training under ``torchrun`` (``runtime.distributed``). A plain
+    ``python scripts/train.py`` run (no ``WORLD_SIZE`` > 1 in the environment) ignores it."""
+
+    # auto: nccl when the accelerator is cuda, else gloo. gloo also moves cuda tensors (through
+    # the host), which lets several ranks share one GPU.
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    # Seconds a collective waits for the other ranks before failing (a hung or lost rank).
+    # The other ranks wait while rank 0 evaluates, so keep it above one evaluation's duration.
+    timeout: float = field(default=1800.0, metadata=_positive(1))
+
+
+@dataclass
 class LoggingConfig:
     """Logger backends. ``metrics.jsonl`` in the run directory is always written."""
 
@@ -362,6 +378,7 @@ class Config:
     sparse: SparseConfig = field(default_factory=SparseConfig)
     accelerator: AcceleratorConfig = field(default_factory=AcceleratorConfig)
     ipu: IPUConfig = field(default_factory=IPUConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run: RunConfig = field(default_factory=RunConfig)
 

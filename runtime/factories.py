@@ -9,6 +9,7 @@ from pathlib import Path
 
 import gymnasium as gym
 
+from runtime import distributed
 from runtime.config import Config
 from runtime.replay import SequenceReplay
 
@@ -44,10 +45,17 @@ def make_env_factory(config: Config, video: bool | None = None):
 
 
 def make_replay_factory(config: Config, run_dir: str | Path | None):
-    """``() -> SequenceReplay``; full chunks persist under ``<run_dir>/replay`` when saving."""
-    directory = Path(run_dir) / "replay" if (run_dir is not None and config.replay.save) else None
+    """``() -> SequenceReplay``; full chunks persist under ``<run_dir>/replay`` when saving.
+
+    Under ``torchrun`` each rank builds its own shard, sampled with its own seed; only rank 0's
+    goes into checkpoints (and to disk), the others live in memory.
+    """
 
     def make() -> SequenceReplay:
-        return SequenceReplay.from_config(config.replay, seed=config.seed, directory=directory)
+        ctx = distributed.context()
+        saving = run_dir is not None and config.replay.save and ctx.is_main
+        directory = Path(run_dir) / "replay" if saving else None
+        seed = distributed.rank_seed(config.seed, ctx.rank)
+        return SequenceReplay.from_config(config.replay, seed=seed, directory=directory)
 
     return make

@@ -8,6 +8,13 @@ the env is a gymnasium vector env with ``NEXT_STEP`` autoreset, so the observati
 episode is recorded too (``is_last``, and ``is_terminal`` for a true termination) and the step
 after it returns the reset observation, recorded with ``is_first``. Env-step counters count
 ``num_envs * action_repeat`` per vector step, the reset steps included.
+
+Under ``torchrun`` (``runtime.distributed``) every rank runs this loop on its own envs (seeded
+``rank_seed``) and replay shard, in lockstep: one small all-reduce per vector step sums the steps
+of all ranks, so the counters, ``run.steps``, the schedules and the replay-ratio clock are global
+(an update replays one batch per rank, its gradients averaged by the accelerator). Only rank 0
+logs (metrics averaged over ranks), evaluates and writes checkpoints (its replay shard, its RNG
+state); a checkpoint resumes under any world size.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from runtime import distributed
 from runtime.checkpoint import LoadedCheckpoint, save_checkpoint
 from runtime.config import Config, to_dict
 from runtime.logging import Logger
@@ -45,17 +53,28 @@ class ReplayRatioClock:
     """How many updates are due: ``replayed steps / policy steps == ratio``, exactly.
 
     The count is a pure function of the policy steps taken since learning started, so it stays
-    exact across a resume (only ``updates_done`` is stored).
+    exact across a resume: ``replayed_before`` is what earlier sessions replayed (stored as
+    ``Counters.replayed_steps``), ``updates_done`` counts this clock's updates. Data-parallel
+    runs pass ``steps_per_update = world_size * batch steps``, so a resume under another world
+    size stays exact too.
     """
 
-    def __init__(self, ratio: float, steps_per_update: int, updates_done: int = 0) -> None:
+    def __init__(
+        self,
+        ratio: float,
+        steps_per_update: int,
+        updates_done: int = 0,
+        replayed_before: int = 0,
+    ) -> None:
         self.ratio = Fraction(ratio).limit_denominator(10_000)
         self.steps_per_update = steps_per_update
         self.updates_done = updates_done
+        self.replayed_before = replayed_before
 
     def due(self, policy_steps: int) -> int:
         """Updates to run now, given the policy steps counted since learning started."""
-        target = math.floor(policy_steps * self.ratio / self.steps_per_update)
+        owed = policy_steps * self.ratio - self.replayed_before
+        target = math.floor(owed / self.steps_per_update)
         return max(0, target - self.updates_done)
 
 
@@ -65,6 +84,7 @@ class Counters:
     policy_steps: int = 0  # agent decisions summed over envs
     learn_policy_steps: int = 0  # policy steps since learning started (drives the clock)
     updates: int = 0
+    replayed_steps: int = 0  # replayed env-stream steps: updates x batch steps x world size
     episodes: int = 0
     next_eval: int = 0
     next_checkpoint: int = 0
@@ -84,6 +104,12 @@ def _rng_state() -> dict[str, Any]:
         "numpy_pos": int(np.random.get_state()[2]),  # noqa: NPY002
         "python": list(random.getstate()[1]),
     }
+
+
+def _seed_rngs(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 - the legacy global generator others use
+    torch.manual_seed(seed)
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
@@ -193,30 +219,50 @@ def train(
 ) -> dict[str, Any]:
     """Train until ``config.run.steps`` env steps, or until SIGINT/SIGTERM.
 
-    Returns a summary: counters, last eval metrics, ``interrupted`` and the last checkpoint.
+    Under ``torchrun`` call it on every rank with the same config (checked: a mismatch raises
+    ``DistributedError``); ``make_replay`` builds this rank's shard and ``logger`` is only used
+    on rank 0.
+
+    Returns a summary: counters (global), ``local_env_steps`` (this rank's env steps in this
+    call), ``rank``, ``world_size``, last eval metrics, ``interrupted`` and the last checkpoint.
     """
     run_dir = Path(run_dir)
     run = config.run
     num_envs = config.env.num_envs
     steps_per_vector_step = num_envs * config.env.action_repeat
+    ctx = distributed.context()
+    main = ctx.is_main
+    if ctx.enabled:
+        distributed.check_same_config(to_dict(config))
+    seed = distributed.rank_seed(config.seed, ctx.rank)
 
-    envs = make_env("train", num_envs, config.seed)
-    eval_envs = make_env("eval", config.env.eval_num_envs, config.seed + 10_000)
+    envs = make_env("train", num_envs, seed)
+    # Only rank 0 evaluates: the other ranks build no eval envs.
+    eval_envs = make_env("eval", config.env.eval_num_envs, config.seed + 10_000) if main else None
     agent = make_agent(envs.single_observation_space, envs.single_action_space)
     replay = make_replay()
     counters = Counters(next_eval=0 if run.eval_initial else run.eval_every)
     counters.next_checkpoint = run.checkpoint_every
     counters.next_log = run.log_every
-    clock = ReplayRatioClock(run.replay_ratio, config.replay.steps_per_batch)
+    # One update replays a batch on every rank.
+    clock = ReplayRatioClock(run.replay_ratio, config.replay.steps_per_batch * ctx.world_size)
 
     if checkpoint is not None:
         agent.load_state_dict(checkpoint.agent_state)
         train_state = checkpoint.train_state
-        counters = Counters(**train_state["counters"])
-        clock.updates_done = counters.updates
-        _set_rng_state(train_state["rng"])
-        if checkpoint.replay_path is not None:
-            replay.load(checkpoint.replay_path)
+        saved = dict(train_state["counters"])
+        # Checkpoints from before data-parallel training: one batch per update.
+        saved.setdefault("replayed_steps", saved["updates"] * config.replay.steps_per_batch)
+        counters = Counters(**saved)
+        clock.replayed_before = counters.replayed_steps
+        if main:
+            _set_rng_state(train_state["rng"])
+            if checkpoint.replay_path is not None:
+                replay.load(checkpoint.replay_path)
+        else:
+            # The checkpoint holds rank 0's RNG and replay shard; other ranks draw afresh and
+            # refill their shards (learning waits until every shard can be sampled).
+            _seed_rngs(seed + counters.env_steps)
 
     last_checkpoint: Path | None = checkpoint.path if checkpoint is not None else None
     # Env steps of the newest eval and checkpoint, so the end of a run does not repeat them.
@@ -225,11 +271,19 @@ def train(
     update_metrics: dict[str, list[float]] = {}
     episode_returns: list[float] = []
     episode_lengths: list[int] = []
+    local_env_steps = 0
 
-    def do_checkpoint() -> Path:
+    def do_checkpoint() -> Path | None:
         nonlocal last_checkpoint
+        marks["checkpoint"] = counters.env_steps
         counters.wall_seconds = wall_seconds()
-        train_state = {"counters": asdict(counters), "rng": _rng_state()}
+        if not main:
+            return None
+        train_state = {
+            "counters": asdict(counters),
+            "rng": _rng_state(),
+            "world_size": ctx.world_size,
+        }
         last_checkpoint = save_checkpoint(
             run_dir,
             counters.env_steps,
@@ -239,12 +293,13 @@ def train(
             replay=replay if config.replay.save else None,
             keep=run.keep_checkpoints,
         )
-        marks["checkpoint"] = counters.env_steps
         return last_checkpoint
 
     def do_eval() -> None:
         nonlocal last_eval
         marks["eval"] = counters.env_steps
+        if not main or eval_envs is None:
+            return  # the other ranks go on to the next step's all-reduce and wait there
         start = time.time()
         returns, lengths, video = evaluate_policy(
             agent,
@@ -268,8 +323,42 @@ def train(
             for name, media in agent.report(replay.sample()).items():
                 logger.video(name, media, counters.env_steps)
 
+    def log_metrics() -> None:
+        elapsed = max(time.time() - timer["start"], 1e-9)
+        fps = (counters.env_steps - timer["start_steps"]) / elapsed
+        metrics = {k: float(np.mean(v)) for k, v in update_metrics.items()}
+        metrics.update(replay.stats())
+        episodes = [float(np.sum(episode_returns)), float(np.sum(episode_lengths))]
+        episodes.append(float(len(episode_returns)))
+        if ctx.enabled:
+            # Every rank has the same keys (same agent, same number of updates): average them.
+            keys = sorted(metrics)
+            values = distributed.all_reduce_sums([metrics[k] for k in keys] + episodes)
+            metrics = {k: v / ctx.world_size for k, v in zip(keys, values)}
+            episodes = values[len(keys) :]
+        metrics.update(
+            {
+                "train/env_steps": counters.env_steps,
+                "train/policy_steps": counters.policy_steps,
+                "train/updates": counters.updates,
+                "train/episodes": counters.episodes,
+                "perf/env_steps_per_s": fps,
+                "perf/wall_seconds": wall_seconds(),
+                "perf/env_time_fraction": timer["env"] / elapsed,
+                "perf/train_time_fraction": timer["train"] / elapsed,
+            }
+        )
+        if episodes[2] > 0:
+            metrics["train/episode_return"] = episodes[0] / episodes[2]
+            metrics["train/episode_length"] = episodes[1] / episodes[2]
+        if main:
+            logger.log(metrics, counters.env_steps)
+        update_metrics.clear()
+        episode_returns.clear()
+        episode_lengths.clear()
+
     # Reset seeds differ after a resume so a resumed run does not replay its first episodes.
-    obs, _ = envs.reset(seed=config.seed + counters.policy_steps)
+    obs, _ = envs.reset(seed=seed + counters.policy_steps)
     state = agent.initial_state(num_envs)
     is_first = np.ones(num_envs, dtype=bool)
     is_last = np.zeros(num_envs, dtype=bool)
@@ -279,24 +368,33 @@ def train(
     running_length = np.zeros(num_envs, dtype=int)
     timer = {"env": 0.0, "train": 0.0, "start": time.time(), "start_steps": counters.env_steps}
     wall_base = counters.wall_seconds
+    # Whether every rank's replay can be sampled; once true it stays true.
+    all_can_sample = False
 
     def wall_seconds() -> float:
         return wall_base + time.time() - timer["start"]
 
     with _StopFlag() as stop:
+        stopping = False  # set on every rank at the same step when any rank got a signal
         if run.eval_initial and counters.env_steps == 0 and run.eval_episodes > 0:
             do_eval()
             counters.next_eval = run.eval_every
-        while counters.env_steps < run.steps and stop.signal is None:
+        while counters.env_steps < run.steps and not stopping:
             action, state = agent.act(_stack_obs(obs, is_first), state, explore=True)
             tick = time.time()
             try:
                 next_obs, env_reward, terminated, truncated, _ = envs.step(action)
             except Exception as error:
                 path = do_checkpoint()
+                saved = (
+                    f"a checkpoint was saved at {path}"
+                    if path is not None
+                    else f"rank 0's last checkpoint is {last_checkpoint}"
+                )
                 raise TrainingError(
-                    f"env '{config.env.id}' crashed at env step {counters.env_steps} "
-                    f"({type(error).__name__}: {error}); a checkpoint was saved at {path}: "
+                    f"env '{config.env.id}' crashed at env step {counters.env_steps}"
+                    f"{f' on rank {ctx.rank}' if ctx.enabled else ''} "
+                    f"({type(error).__name__}: {error}); {saved}: "
                     f"resume with `python scripts/train.py resume={run_dir}`"
                 ) from error
             timer["env"] += time.time() - tick
@@ -320,22 +418,38 @@ def train(
             is_terminal = terminated & ~was_done
             running_return += reward
             running_length += ~was_done
+            new_episodes = 0
             for i in np.flatnonzero(is_last):
                 episode_returns.append(float(running_return[i]))
                 episode_lengths.append(int(running_length[i]))
-                counters.episodes += 1
+                new_episodes += 1
                 running_return[i] = 0.0
                 running_length[i] = 0
 
-            counters.env_steps += steps_per_vector_step
-            counters.policy_steps += num_envs
-            if counters.env_steps > run.learning_starts and replay.can_sample():
-                counters.learn_policy_steps += num_envs
+            local_env_steps += steps_per_vector_step
+            # Global counts: every rank's steps, episodes, stop requests and replay readiness.
+            step_env, step_policy, step_episodes, stops, ready = distributed.all_reduce_sums(
+                [
+                    steps_per_vector_step,
+                    num_envs,
+                    new_episodes,
+                    stop.signal is not None,
+                    all_can_sample or replay.can_sample(),
+                ]
+            )
+            counters.env_steps += int(step_env)
+            counters.policy_steps += int(step_policy)
+            counters.episodes += int(step_episodes)
+            stopping = stops > 0
+            all_can_sample = int(ready) == ctx.world_size
+            if counters.env_steps > run.learning_starts and all_can_sample:
+                counters.learn_policy_steps += int(step_policy)
                 tick = time.time()
                 for _ in range(clock.due(counters.learn_policy_steps)):
                     metrics = agent.update(replay.sample())
                     clock.updates_done += 1
                     counters.updates += 1
+                    counters.replayed_steps += clock.steps_per_update
                     for key, value in metrics.items():
                         if key.startswith("loss/") and not math.isfinite(value):
                             raise TrainingError(
@@ -345,33 +459,12 @@ def train(
                             )
                         update_metrics.setdefault(key, []).append(value)
                 timer["train"] += time.time() - tick
-            logger.progress(counters.env_steps)
+            if main:
+                logger.progress(counters.env_steps)
 
             if counters.env_steps >= counters.next_log:
                 counters.next_log += run.log_every
-                elapsed = max(time.time() - timer["start"], 1e-9)
-                fps = (counters.env_steps - timer["start_steps"]) / elapsed
-                metrics = {k: float(np.mean(v)) for k, v in update_metrics.items()}
-                metrics.update(replay.stats())
-                metrics.update(
-                    {
-                        "train/env_steps": counters.env_steps,
-                        "train/policy_steps": counters.policy_steps,
-                        "train/updates": counters.updates,
-                        "train/episodes": counters.episodes,
-                        "perf/env_steps_per_s": fps,
-                        "perf/wall_seconds": wall_seconds(),
-                        "perf/env_time_fraction": timer["env"] / elapsed,
-                        "perf/train_time_fraction": timer["train"] / elapsed,
-                    }
-                )
-                if episode_returns:
-                    metrics["train/episode_return"] = float(np.mean(episode_returns))
-                    metrics["train/episode_length"] = float(np.mean(episode_lengths))
-                logger.log(metrics, counters.env_steps)
-                update_metrics.clear()
-                episode_returns.clear()
-                episode_lengths.clear()
+                log_metrics()
 
             if counters.env_steps >= counters.next_eval:
                 counters.next_eval += run.eval_every
@@ -381,7 +474,7 @@ def train(
                 counters.next_checkpoint += run.checkpoint_every
                 do_checkpoint()
 
-        interrupted = stop.signal is not None
+        interrupted = stopping
         finished = counters.env_steps >= run.steps
         if finished and run.eval_episodes > 0 and marks["eval"] != counters.env_steps:
             do_eval()
@@ -389,9 +482,13 @@ def train(
             do_checkpoint()
 
     envs.close()
-    eval_envs.close()
+    if eval_envs is not None:
+        eval_envs.close()
     return {
         "counters": asdict(counters),
+        "local_env_steps": local_env_steps,
+        "rank": ctx.rank,
+        "world_size": ctx.world_size,
         "eval": last_eval,
         "interrupted": interrupted,
         "signal": stop.signal,

@@ -13,6 +13,18 @@ default here), plus ``updates=`` (timed updates, default 10), ``warmup=`` (defau
 
 The batch is sampled from a replay filled with random-policy steps of the real env, so shapes,
 dtypes and value ranges match training.
+
+Data parallel: ``world_size=N`` launches ``N`` local processes (torch.multiprocessing, the
+``distributed.backend`` the config resolves to: gloo on cpu, NCCL on cuda), or run the script
+under ``torchrun --nproc_per_node=N`` (then ``world_size`` is torchrun's). Every rank times the
+same updates on its own batches, gradients averaged as in training; rank 0 first times the same
+updates alone (``baseline=false`` skips that) and reports:
+
+- ``updates_per_s_per_rank`` (each update: one batch per rank) and ``samples_per_s``
+  (replayed steps per second summed over ranks), next to the single-process ``baseline``,
+- ``scaling_efficiency``: ``samples_per_s / (world_size * baseline samples_per_s)`` (1 = linear),
+- ``comm_fraction``: the share of an update spent in collectives (gradient all-reduce, the
+  return normaliser's all-gather), measured on rank 0.
 """
 
 from __future__ import annotations
@@ -26,7 +38,7 @@ from pathlib import Path
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-BENCH_KEYS = ("updates", "warmup", "json")
+BENCH_KEYS = ("updates", "warmup", "json", "world_size", "baseline")
 
 
 def matmul_flops_per_s(device, dtype, size: int = 2048, seconds: float = 1.0) -> float:
@@ -47,37 +59,41 @@ def matmul_flops_per_s(device, dtype, size: int = 2048, seconds: float = 1.0) ->
     return 2 * size**3 * count / (time.perf_counter() - start)
 
 
-def main(argv: list[str]) -> int:
+def _parse(argv: list[str]):
+    """(config, bench options) from ``key=value`` arguments; raises ConfigError/ValueError."""
+    import envs
+    from runtime.config import build_config, parse_overrides
+
+    args = parse_overrides(argv)
+    bench = {k: args.pop(k) for k in BENCH_KEYS if k in args}
+    args.setdefault("agent", "dreamer")
+    config = build_config(args)
+    options = {
+        "updates": int(bench.get("updates", 10)),
+        "warmup": int(bench.get("warmup", 2)),
+        "json": bench.get("json"),
+        "world_size": int(bench.get("world_size", 1)),
+        "baseline": bool(bench.get("baseline", True)),
+    }
+    if options["updates"] < 1 or options["warmup"] < 0 or options["world_size"] < 1:
+        raise ValueError("updates must be >= 1, warmup >= 0 and world_size >= 1")
+    envs.check_env_id(config.env.id)
+    return config, options
+
+
+def _agent_and_batches(config, count: int, seed: int):
+    """A fresh agent and ``count`` replay batches of random-policy steps of the real env."""
     import numpy as np
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     import agents
     import envs
-    from runtime.accelerator import configure_threads, resolve_device, seed_everything
-    from runtime.config import ConfigError, build_config, parse_overrides, to_dict
     from runtime.replay import SequenceReplay
 
-    try:
-        args = parse_overrides(argv)
-        bench = {k: args.pop(k) for k in BENCH_KEYS if k in args}
-        args.setdefault("agent", "dreamer")
-        config = build_config(args)
-        updates = int(bench.get("updates", 10))
-        warmup = int(bench.get("warmup", 2))
-        envs.check_env_id(config.env.id)
-    except (ConfigError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-
-    configure_threads(config.accelerator)
-    seed_everything(config.seed)
-    device = resolve_device(config.accelerator)
     cfg = config.replay
     env = envs.make_vector_env(
         config.env.id,
         1,
-        seed=config.seed,
+        seed=seed,
         obs=config.env.obs,
         size=config.env.size,
         action_repeat=config.env.action_repeat,
@@ -87,8 +103,9 @@ def main(argv: list[str]) -> int:
         capacity=max(4 * cfg.batch_length, 2000),
         batch_size=cfg.batch_size,
         batch_length=cfg.batch_length,
+        seed=seed,
     )
-    obs, _ = env.reset(seed=config.seed)
+    obs, _ = env.reset(seed=seed)
     done = np.zeros(1, dtype=bool)
     for _ in range(replay.capacity):
         action = np.stack([env.single_action_space.sample() for _ in range(1)])
@@ -105,7 +122,11 @@ def main(argv: list[str]) -> int:
         )
         obs, done = next_obs, terminated | truncated
     env.close()
-    batches = [replay.sample() for _ in range(warmup + updates)]
+    return agent, [replay.sample() for _ in range(count)]
+
+
+def _seconds_per_update(agent, batches, warmup: int, device) -> float:
+    import torch
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for batch in batches[:warmup]:
@@ -115,7 +136,56 @@ def main(argv: list[str]) -> int:
     for batch in batches[warmup:]:
         agent.update(batch)
     sync()
-    seconds = (time.perf_counter() - start) / updates
+    return (time.perf_counter() - start) / (len(batches) - warmup)
+
+
+def _device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def _write(result: dict, path) -> None:
+    summary = {k: v for k, v in result.items() if k != "config"}
+    print(json.dumps(summary, indent=2))
+    if path is not None:
+        path = Path(str(path))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))
+
+
+def main(argv: list[str]) -> int:
+    from runtime import distributed
+    from runtime.config import ConfigError
+
+    try:
+        config, options = _parse(argv)
+    except (ConfigError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if distributed.launch_world_size() > 1:  # under torchrun: this process is one rank
+        return _rank_main(config, options)
+    if options["world_size"] > 1:
+        return _spawn(argv, options["world_size"])
+    return _single_main(config, options)
+
+
+def _single_main(config, options) -> int:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from runtime.accelerator import configure_threads, resolve_device, seed_everything
+    from runtime.config import to_dict
+
+    configure_threads(config.accelerator)
+    seed_everything(config.seed)
+    device = resolve_device(config.accelerator)
+    cfg = config.replay
+    updates, warmup = options["updates"], options["warmup"]
+    agent, batches = _agent_and_batches(config, warmup + updates, config.seed)
+    seconds = _seconds_per_update(agent, batches, warmup, device)
     with FlopCounterMode(display=False) as counter:
         agent.update(batches[-1])
     flops = counter.get_total_flops()
@@ -128,9 +198,7 @@ def main(argv: list[str]) -> int:
         "agent": config.agent.name,
         "preset": config.preset,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or platform.machine(),
+        "device_name": _device_name(device),
         "threads": torch.get_num_threads(),
         "batch": [cfg.batch_size, cfg.batch_length],
         "replay_ratio": config.run.replay_ratio,
@@ -152,13 +220,155 @@ def main(argv: list[str]) -> int:
         else None,
         "config": to_dict(config),
     }
-    summary = {k: v for k, v in result.items() if k != "config"}
-    print(json.dumps(summary, indent=2))
-    if "json" in bench:
-        path = Path(str(bench["json"]))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2))
+    _write(result, options["json"])
     return 0
+
+
+def _spawn(argv: list[str], world_size: int) -> int:
+    """Run this script as ``world_size`` local ranks, as torchrun would (one node)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    try:
+        mp.start_processes(
+            _spawned_rank, args=(world_size, port, argv), nprocs=world_size, start_method="spawn"
+        )
+    except mp.ProcessRaisedException as error:
+        print(f"error: a rank failed:\n{error}", file=sys.stderr)
+        return 1
+    except mp.ProcessExitedException as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _spawned_rank(rank: int, world_size: int, port: int, argv: list[str]) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    code = main(argv)
+    if code:
+        raise SystemExit(code)
+
+
+def _rank_main(config, options) -> int:
+    """One rank of a data-parallel benchmark (see the module docstring)."""
+    import torch
+
+    from runtime import distributed
+    from runtime.accelerator import configure_threads, resolve_device, seed_everything
+    from runtime.config import to_dict
+
+    configure_threads(config.accelerator)
+    device = resolve_device(config.accelerator)
+    world_size = distributed.launch_world_size()
+    rank = int(os.environ.get("RANK", "0"))
+    updates, warmup = options["updates"], options["warmup"]
+    cfg = config.replay
+    steps_per_batch = cfg.batch_size * cfg.batch_length
+    baseline = None
+    if rank == 0 and options["baseline"]:
+        # Alone, before the others join (they wait in the rendezvous): the world-size-1 rate.
+        seed_everything(config.seed)
+        agent, batches = _agent_and_batches(config, warmup + updates, config.seed)
+        seconds = _seconds_per_update(agent, batches, warmup, device)
+        baseline = {
+            "seconds_per_update": seconds,
+            "updates_per_s": 1.0 / seconds,
+            "samples_per_s": steps_per_batch / seconds,
+        }
+        del agent, batches
+
+    ctx = distributed.init_distributed(
+        config.distributed.backend, config.distributed.timeout, device.type
+    )
+    try:
+        seed = distributed.rank_seed(config.seed, rank)
+        seed_everything(seed)
+        agent, batches = _agent_and_batches(config, warmup + updates, seed)
+        comm = {"seconds": 0.0}
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+        def timed(fn):
+            def wrapper(*args, **kwargs):
+                sync()
+                tick = time.perf_counter()
+                out = fn(*args, **kwargs)
+                sync()
+                comm["seconds"] += time.perf_counter() - tick
+                return out
+
+            return wrapper
+
+        for name in ("all_reduce_mean_", "all_gather_cat"):
+            setattr(distributed, name, timed(getattr(distributed, name)))
+        distributed.all_reduce_sums([0.0])  # every rank ready: start together
+        for batch in batches[:warmup]:
+            agent.update(batch)
+        sync()
+        comm["seconds"] = 0.0
+        start = time.perf_counter()
+        for batch in batches[warmup:]:
+            agent.update(batch)
+        sync()
+        elapsed = time.perf_counter() - start
+        # Ranks run in lockstep, so the slowest one sets the pace.
+        per_rank = _gather_floats(elapsed)
+        seconds = max(per_rank) / updates
+        if not ctx.is_main:
+            return 0
+        updates_per_s = 1.0 / seconds
+        samples_per_s = updates_per_s * steps_per_batch * world_size
+        result = {
+            "env": config.env.id,
+            "agent": config.agent.name,
+            "preset": config.preset,
+            "device": str(device),
+            "device_name": _device_name(device),
+            "threads_per_rank": torch.get_num_threads(),
+            "world_size": world_size,
+            "backend": ctx.backend,
+            "batch_per_rank": [cfg.batch_size, cfg.batch_length],
+            "seconds_per_update": seconds,
+            "rank_seconds_per_update": [t / updates for t in per_rank],
+            "updates_per_s_per_rank": updates_per_s,
+            "samples_per_s": samples_per_s,
+            "comm_fraction": comm["seconds"] / elapsed,
+            "baseline": baseline,
+            "scaling_efficiency": samples_per_s / (world_size * baseline["samples_per_s"])
+            if baseline
+            else None,
+            "env_steps_per_s": samples_per_s / config.run.replay_ratio * config.env.action_repeat
+            if config.run.replay_ratio > 0
+            else None,
+            "config": to_dict(config),
+        }
+        _write(result, options["json"])
+        return 0
+    except BaseException:
+        distributed.abort()  # the other ranks stop at their next collective
+        raise
+    finally:
+        distributed.shutdown()
+
+
+def _gather_floats(value: float) -> list[float]:
+    """``value`` of every rank, in rank order (a sum of one-hot slots on the control group)."""
+    from runtime import distributed
+
+    ctx = distributed.context()
+    slots = [0.0] * ctx.world_size
+    slots[ctx.rank] = value
+    return distributed.all_reduce_sums(slots)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ Examples::
         seed=1 run.dir=runs/x
     python scripts/train.py resume=runs/x                    # continue where it stopped
     python scripts/train.py resume=runs/x run.steps=20000    # ...and train longer
+    torchrun --standalone --nproc_per_node=2 scripts/train.py preset=debug run.dir=runs/y
+                                                             # data parallel, 2 processes
 
 Writes ``config.yaml``, ``metrics.jsonl``, ``checkpoints/step_<N>/``, ``videos/`` and wandb
 files (offline by default) under ``run.dir``. SIGINT/SIGTERM save a checkpoint before exit.
@@ -31,7 +33,6 @@ def main(argv: list[str]) -> int:
         build_config,
         load_yaml,
         parse_overrides,
-        save_yaml,
         to_dict,
     )
 
@@ -64,20 +65,57 @@ def main(argv: list[str]) -> int:
         return 2
 
     import agents
-    from runtime.accelerator import (
-        AcceleratorError,
-        configure_threads,
-        resolve_device,
-        seed_everything,
-    )
+    from runtime import distributed
+    from runtime.accelerator import resolve_device
+
+    try:
+        device = resolve_device(config.accelerator)  # e.g. accelerator=cuda without a GPU
+        # Under torchrun (WORLD_SIZE > 1) join the other ranks; otherwise a no-op.
+        ctx = distributed.init_distributed(
+            config.distributed.backend, config.distributed.timeout, device.type
+        )
+    except (ConfigError, distributed.DistributedError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        code = _train(config, run_dir, checkpoint, ctx, agents)
+    except BaseException as error:
+        # Tear the process group down now: the other ranks' next collective fails at once
+        # instead of waiting for distributed.timeout.
+        distributed.abort()
+        if ctx.enabled and distributed.is_peer_failure(error):
+            print(
+                f"\nerror: rank {ctx.rank}: another rank failed or stopped answering; its own "
+                f"output says why ({type(error).__name__}: {str(error).splitlines()[0]})",
+                file=sys.stderr,
+            )
+            return 1
+        raise
+    if code == 0:
+        distributed.shutdown()
+    else:
+        distributed.abort()
+    return code
+
+
+def _train(config, run_dir: Path, checkpoint, ctx, agents) -> int:
+    """Everything after the config: seed, logger, ``runtime.loop.train``, the final report.
+    Under torchrun every rank runs it; only rank 0 writes files and prints."""
+    from runtime import distributed
+    from runtime.accelerator import AcceleratorError, configure_threads, seed_everything
+    from runtime.config import save_yaml
     from runtime.factories import make_env_factory, make_replay_factory
-    from runtime.logging import make_logger
+    from runtime.logging import Logger, make_logger
     from runtime.loop import TrainingError, train
 
+    main = ctx.is_main
+    where = f"rank {ctx.rank}: " if ctx.enabled else ""
     configure_threads(config.accelerator)
-    seed_everything(config.seed, config.accelerator.deterministic)
+    # Each rank its own stream of exploration noise and imagination samples (its own seed).
+    seed_everything(distributed.rank_seed(config.seed, ctx.rank), config.accelerator.deterministic)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_yaml(config, run_dir / "config.yaml")
+    if main:
+        save_yaml(config, run_dir / "config.yaml")
 
     id_file = run_dir / "wandb_run_id"
     run_id = id_file.read_text().strip() if id_file.exists() else None
@@ -87,12 +125,12 @@ def main(argv: list[str]) -> int:
         import envs
 
         envs.check_env_id(config.env.id)
-        resolve_device(config.accelerator)  # e.g. accelerator=cuda on a machine without one
-        logger = make_logger(config, run_dir, wandb_run_id=run_id)
+        # Only rank 0 logs (its metrics are averaged over ranks by the loop).
+        logger = make_logger(config, run_dir, wandb_run_id=run_id) if main else Logger(run_dir, [])
     except (ValueError, ImportError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {where}{error}", file=sys.stderr)
         return 2
-    if logger.wandb_run_id:
+    if main and logger.wandb_run_id:
         id_file.write_text(logger.wandb_run_id)
 
     built = {}  # the agent, for its accelerator's report at the end
@@ -101,7 +139,12 @@ def main(argv: list[str]) -> int:
         built["agent"] = agents.make_agent(config, obs_space, action_space)
         return built["agent"]
 
-    print(f"run dir: {run_dir}  env: {config.env.id}  agent: {config.agent.name}", flush=True)
+    if main:
+        ranks = f"  ranks: {ctx.world_size} ({ctx.backend})" if ctx.enabled else ""
+        print(
+            f"run dir: {run_dir}  env: {config.env.id}  agent: {config.agent.name}{ranks}",
+            flush=True,
+        )
     try:
         summary = train(
             config,
@@ -112,13 +155,15 @@ def main(argv: list[str]) -> int:
             run_dir,
             checkpoint=checkpoint,
         )
-    except (TrainingError, AcceleratorError) as error:
+    except (TrainingError, AcceleratorError, distributed.DistributedError) as error:
         # AcceleratorError: e.g. ipu-sim's memory budget or a static-shape change, one line.
-        print(f"\nerror: {error}", file=sys.stderr)
+        print(f"\nerror: {where}{error}", file=sys.stderr)
         return 1
     finally:
         logger.close()
 
+    if not main:
+        return 0
     _accelerator_report(built.get("agent"), run_dir)
     steps = summary["counters"]["env_steps"]
     if summary["interrupted"]:

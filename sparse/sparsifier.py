@@ -34,7 +34,7 @@ import fnmatch
 import math
 import re
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -308,6 +308,9 @@ class Sparsifier:
         self._missing_grad = 0
         self._attached: list[Any] = []  # (weakref to optimizer, handle)
         self._masked = False
+        # Applied to each captured dense gradient before RigL scores it; data-parallel training
+        # sets it to the mean over processes so every process grows the same connections.
+        self.grad_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ basics
     @property
@@ -392,6 +395,8 @@ class Sparsifier:
             active = block_view(p.mask, la.block)
             drop_scores = block_sum_abs(raw, la.block).float()
             dense_grad = p.captured_grad()
+            if dense_grad is not None and self.grad_reduce is not None:
+                dense_grad = self.grad_reduce(dense_grad)
             if self.config.method == "rigl" and dense_grad is not None:
                 grow_scores = block_sum_abs(dense_grad, la.block).float()
             else:

@@ -167,6 +167,34 @@ def test_dynamics_backprop_reaches_actor_through_the_model():
     assert sum(g.abs().sum() for g in grads if g is not None) > 0
 
 
+@pytest.mark.parametrize("starts", [0, 7])
+def test_replay_critic_loss_trains_only_the_critic(starts):
+    """DreamerV3's replay value loss: on by default, its gradient reaches the critic alone; with
+    imagination from a subset of starts it bootstraps with the critic's own values."""
+    obs = {"state": STATE}
+    agent = make(obs, BOX, f"agent.imagine_starts={starts}")
+    assert agent.config.agent.replay_critic_scale == pytest.approx(0.3)
+    data = agent.preprocess(make_batch(obs, BOX))
+    post, _ = agent.train_world_model(data)
+    boot = torch.randn(data["reward"].numel() if starts == 0 else starts)
+    loss, metrics = agent._replay_critic_loss(post, data, boot)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    assert set(metrics) == {"train/replay_critic_nll", "train/replay_return"}
+    params = {
+        "critic": list(agent.critic.parameters()),
+        "actor": list(agent.actor.parameters()),
+        "world_model": list(agent.wm.parameters()),
+    }
+    flat = [p for group in params.values() for p in group]
+    grads = dict(zip(map(id, flat), torch.autograd.grad(loss, flat, allow_unused=True)))
+    for name, group in params.items():
+        reached = any(grads[id(p)] is not None and grads[id(p)].abs().sum() > 0 for p in group)
+        assert reached == (name == "critic"), name
+    assert "train/replay_return" in agent.train_behaviour(post, data)
+    off = make(obs, BOX, "agent.replay_critic_scale=0")
+    assert "train/replay_return" not in off.train_behaviour(post, data)
+
+
 def test_state_dict_round_trip_is_exact():
     obs, space = {"state": STATE}, DISCRETE
     agent = make(obs, space)
@@ -248,11 +276,16 @@ def test_variants_update(overrides):
     assert all(math.isfinite(v) for v in metrics.values())
 
 
-@pytest.mark.parametrize("preset", ["xs", "s", "m", "dreamer_debug"])
+@pytest.mark.parametrize(
+    "preset", ["xs", "s", "m", "dreamer_debug", "dreamer_tiny", "dreamer_tiny,dreamer_cpu"]
+)
 def test_presets_build(preset):
     config = build_config(["agent=dreamer", f"preset={preset}"])
     assert config.world_model.deter % config.world_model.blocks == 0
-    if preset in ("xs", "dreamer_debug"):  # building the larger ones takes a while
+    if preset == "dreamer_tiny,dreamer_cpu":  # the CPU learning-curve settings, layered
+        assert config.world_model.latent == "gaussian" and config.run.replay_ratio == 256
+        assert config.world_model.deter == 128
+    if preset not in ("s", "m"):  # building the larger ones takes a while
         agent = make_agent(
             build_config(["agent=dreamer", "accelerator=cpu", f"preset={preset}"]),
             gym.spaces.Dict({"state": STATE}),

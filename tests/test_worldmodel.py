@@ -16,6 +16,7 @@ from worldmodels import (
     WorldModel,
     WorldModelSpec,
     lambda_return,
+    replay_lambda_return,
     symexp,
     symlog,
 )
@@ -121,6 +122,23 @@ def test_lambda_return_hand_computed():
     assert torch.allclose(mc, torch.tensor([[1.0 + 0.9 * (2.0 + 0.5 * 6.0), 2.0 + 0.5 * 6.0]]))
     td = lambda_return(reward, discount, value, lam=0.0)
     assert torch.allclose(td, torch.tensor([[1.0 + 0.9 * 4.0, 2.0 + 0.5 * 6.0]]))
+
+
+def test_replay_lambda_return_hand_computed_and_episode_boundary():
+    # Four replayed steps; step 3 starts a new episode, lambda 0.5, gamma 0.9, no terminals.
+    reward = torch.tensor([[0.0, 1.0, 2.0, 7.0]])  # r at step 0 unused
+    discount = torch.full((1, 4), 0.9)
+    boot = torch.tensor([[10.0, 4.0, 6.0, 8.0]])
+    is_first = torch.tensor([[1.0, 0.0, 0.0, 1.0]])
+    ret = replay_lambda_return(reward, discount, boot, is_first, lam=0.5)
+    r2 = 6.0  # step 3 belongs to the next episode: fall back to the bootstrap at step 2
+    r1 = 2.0 + 0.9 * (0.5 * 6.0 + 0.5 * r2)  # = 7.4
+    r0 = 1.0 + 0.9 * (0.5 * 4.0 + 0.5 * r1)  # = 6.13
+    assert ret.shape == (1, 3)
+    assert torch.allclose(ret, torch.tensor([[r0, r1, r2]]))
+    # Without the boundary it is the imagined-rollout formula on the same numbers.
+    plain = replay_lambda_return(reward, discount, boot, torch.zeros(1, 4), lam=0.5)
+    assert torch.allclose(plain, lambda_return(reward, discount, boot, lam=0.5)[:, :3])
 
 
 def test_block_linear_is_block_diagonal():

@@ -1,6 +1,12 @@
 """World models: learn latent dynamics from experience (``observe``, ``imagine``, ``loss``)."""
 
-from worldmodels.behavior import Actor, Critic, ReturnNormalizer, lambda_return
+from worldmodels.behavior import (
+    Actor,
+    Critic,
+    ReturnNormalizer,
+    lambda_return,
+    replay_lambda_return,
+)
 from worldmodels.cpc import CPCSpec, GreedyInfoMax, SequenceCPC, info_nce, mi_bound
 from worldmodels.dreamer_wm import (
     LOSS_KEYS,
@@ -44,6 +50,7 @@ __all__ = [
     "WorldModelSpec",
     "info_nce",
     "lambda_return",
+    "replay_lambda_return",
     "mi_bound",
     "preprocess_obs",
     "symexp",

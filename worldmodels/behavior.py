@@ -4,6 +4,8 @@ lambda-returns and the percentile return normaliser.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -28,6 +30,33 @@ def lambda_return(
     out = []
     for t in reversed(range(horizon)):
         ret = reward[:, t + 1] + discount[:, t + 1] * ((1 - lam) * value[:, t + 1] + lam * ret)
+        out.append(ret)
+    return torch.stack(out[::-1], 1)
+
+
+def replay_lambda_return(
+    reward: torch.Tensor,
+    discount: torch.Tensor,
+    bootstrap: torch.Tensor,
+    is_first: torch.Tensor,
+    lam: float,
+) -> torch.Tensor:
+    """TD(lambda) returns along a replayed sequence, for DreamerV3's replay value loss.
+
+    All inputs are ``[B, T]`` in the replay convention (``reward[:, t]`` received on arriving at
+    step ``t``, ``discount[:, t]`` is ``gamma * (1 - is_terminal[:, t])``); ``bootstrap[:, t]`` is
+    the value estimate at step ``t`` (DreamerV3: the imagined return started there). Returns
+    ``R_0 .. R_{T-2}`` ``[B, T - 1]`` with ``R_{T-1} = bootstrap[:, T-1]`` and
+
+        ``R_t = r_{t+1} + d_{t+1} * ((1 - lam) * b_{t+1} + lam * R_{t+1})``,
+
+    except ``R_t = b_t`` where step ``t + 1`` starts a new episode (``is_first``).
+    """
+    same_episode = 1.0 - is_first[:, 1:].float()
+    ret, out = bootstrap[:, -1], []
+    for t in reversed(range(reward.shape[1] - 1)):
+        step = reward[:, t + 1] + discount[:, t + 1] * ((1 - lam) * bootstrap[:, t + 1] + lam * ret)
+        ret = same_episode[:, t] * step + (1 - same_episode[:, t]) * bootstrap[:, t]
         out.append(ret)
     return torch.stack(out[::-1], 1)
 
@@ -114,14 +143,22 @@ class Critic(nn.Module):
 class ReturnNormalizer(nn.Module):
     """EMA of the ``low``/``high`` percentiles of returns; ``scale = max(limit, high - low)``.
 
-    Buffers: ``low``, ``high`` (start at 0, as DreamerV3 without debiasing).
+    Buffers: ``low``, ``high`` (start at 0, as DreamerV3 without debiasing). ``gather`` (optional)
+    maps this process's returns to everyone's (data-parallel training passes its all-gather),
+    so every process takes the percentiles of the same values and keeps identical buffers.
     """
 
     def __init__(
-        self, decay: float = 0.99, limit: float = 1.0, low: float = 5.0, high: float = 95.0
+        self,
+        decay: float = 0.99,
+        limit: float = 1.0,
+        low: float = 5.0,
+        high: float = 95.0,
+        gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         self.decay, self.limit = decay, limit
+        self.gather = gather
         self.register_buffer(
             "quantiles", torch.tensor([low / 100.0, high / 100.0]), persistent=False
         )
@@ -130,7 +167,10 @@ class ReturnNormalizer(nn.Module):
 
     @torch.no_grad()
     def update(self, returns: torch.Tensor) -> None:
-        q = torch.quantile(returns.detach().float().flatten(), self.quantiles)
+        values = returns.detach().float().flatten()
+        if self.gather is not None:
+            values = self.gather(values)
+        q = torch.quantile(values, self.quantiles)
         self.low.lerp_(q[0], 1.0 - self.decay)
         self.high.lerp_(q[1], 1.0 - self.decay)
 

@@ -536,3 +536,29 @@ class SequenceReplay:
                         raise ReplayError(f"replay chunk {file} lacks valid '{key}' data; corrupt")
                     buffer[s, slots] = data[begin - chunk * k : end - chunk * k]
         return tail_from if first_kept is None else first_kept
+
+
+def fill_with_random_policy(replay: SequenceReplay, env: Any, seed: int) -> SequenceReplay:
+    """Fill ``replay`` to its capacity with uniformly random actions in ``env``.
+
+    ``env`` is a one-env gymnasium vector env (NEXT_STEP autoreset); its spaces give the shapes.
+    For benchmarks and estimates that need batches with the real env's shapes and value ranges.
+    Returns ``replay``; does not close ``env``.
+    """
+    obs, _ = env.reset(seed=seed)
+    done = np.zeros(1, dtype=bool)
+    for _ in range(replay.capacity):
+        action = np.stack([env.single_action_space.sample()])
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        replay.add(
+            {
+                **obs,
+                "action": action,
+                "reward": np.where(done, 0.0, reward).astype(np.float32),
+                "is_first": done.copy(),
+                "is_last": np.zeros(1, dtype=bool),
+                "is_terminal": np.zeros(1, dtype=bool),
+            }
+        )
+        obs, done = next_obs, terminated | truncated
+    return replay

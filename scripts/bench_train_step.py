@@ -83,11 +83,10 @@ def _parse(argv: list[str]):
 
 def _agent_and_batches(config, count: int, seed: int):
     """A fresh agent and ``count`` replay batches of random-policy steps of the real env."""
-    import numpy as np
 
     import agents
     import envs
-    from runtime.replay import SequenceReplay
+    from runtime.replay import SequenceReplay, fill_with_random_policy
 
     cfg = config.replay
     env = envs.make_vector_env(
@@ -105,22 +104,7 @@ def _agent_and_batches(config, count: int, seed: int):
         batch_length=cfg.batch_length,
         seed=seed,
     )
-    obs, _ = env.reset(seed=seed)
-    done = np.zeros(1, dtype=bool)
-    for _ in range(replay.capacity):
-        action = np.stack([env.single_action_space.sample() for _ in range(1)])
-        next_obs, reward, terminated, truncated, _ = env.step(action)
-        replay.add(
-            {
-                **obs,
-                "action": action,
-                "reward": np.where(done, 0.0, reward).astype(np.float32),
-                "is_first": done.copy(),
-                "is_last": np.zeros(1, dtype=bool),
-                "is_terminal": np.zeros(1, dtype=bool),
-            }
-        )
-        obs, done = next_obs, terminated | truncated
+    fill_with_random_policy(replay, env, seed)
     env.close()
     return agent, [replay.sample() for _ in range(count)]
 

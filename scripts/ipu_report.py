@@ -132,12 +132,11 @@ def main(argv: list[str]) -> int:
 
 
 def _dreamer_report(config, updates: int) -> dict:
-    import numpy as np
 
     import agents
     import envs
     from runtime.accelerator import configure_threads, seed_everything
-    from runtime.replay import SequenceReplay
+    from runtime.replay import SequenceReplay, fill_with_random_policy
 
     envs.check_env_id(config.env.id)
     configure_threads(config.accelerator)
@@ -155,22 +154,7 @@ def _dreamer_report(config, updates: int) -> dict:
     replay = SequenceReplay(
         capacity=4 * cfg.batch_length, batch_size=cfg.batch_size, batch_length=cfg.batch_length
     )
-    obs, _ = env.reset(seed=config.seed)
-    done = np.zeros(1, dtype=bool)
-    for _ in range(replay.capacity):
-        action = np.stack([env.single_action_space.sample()])
-        next_obs, reward, terminated, truncated, _ = env.step(action)
-        replay.add(
-            {
-                **obs,
-                "action": action,
-                "reward": np.where(done, 0.0, reward).astype(np.float32),
-                "is_first": done.copy(),
-                "is_last": np.zeros(1, dtype=bool),
-                "is_terminal": np.zeros(1, dtype=bool),
-            }
-        )
-        obs, done = next_obs, terminated | truncated
+    fill_with_random_policy(replay, env, config.seed)
     env.close()
     for _ in range(max(1, updates)):
         agent.update(replay.sample())

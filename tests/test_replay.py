@@ -352,3 +352,17 @@ def test_load_refuses_a_different_capacity(tmp_path: Path):
     replay.save(tmp_path / "state.npz")
     with pytest.raises(ValueError, match="replay.capacity=100"):
         make(capacity=50).load(tmp_path / "state.npz")
+
+
+def test_fill_with_random_policy_fills_to_capacity():
+    import envs
+    from runtime.replay import fill_with_random_policy
+
+    env = envs.make_vector_env("gym:Pendulum-v1", 1, seed=0, time_limit=10)
+    replay = SequenceReplay(capacity=25, batch_size=2, batch_length=5)
+    assert fill_with_random_policy(replay, env, seed=0) is replay
+    env.close()
+    assert len(replay) == 25
+    batch = replay.sample()
+    assert batch["state"].shape == (2, 5, 3) and batch["action"].shape == (2, 5, 1)
+    assert batch["is_first"].dtype == torch.float32

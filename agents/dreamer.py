@@ -58,6 +58,7 @@ from worldmodels import (
     replay_lambda_return,
 )
 from worldmodels.cpc import CPCSpec
+from worldmodels.factored import FactoredSpec
 
 _FLAGS = ("is_first", "is_last", "is_terminal")
 
@@ -76,6 +77,17 @@ def world_model_spec(config: Config) -> WorldModelSpec:
         prior_layers=w.prior_layers,
         post_layers=w.post_layers,
         initial=w.initial,
+        factored=FactoredSpec(
+            groups=w.factored.groups,
+            graph=w.factored.graph,
+            in_degree=w.factored.in_degree,
+            l1_scale=w.factored.l1_scale,
+            update_every=w.factored.update_every,
+            drop_fraction=w.factored.drop_fraction,
+            stop_fraction=w.factored.stop_fraction,
+            total_steps=planned_updates(config) if w.factored.groups else 1,
+            seed=config.seed,
+        ),
     )
     return WorldModelSpec(
         rssm=rssm,
@@ -255,6 +267,7 @@ class DreamerAgent(Agent):
             "loss/dynamics": w.dyn_scale,
             "loss/representation": w.rep_scale,
             "loss/cpc": w.cpc_scale,
+            "loss/graph": 1.0,  # factored l1 graph: already scaled by factored.l1_scale
         }
         self.autocast_enabled = self.accelerator.autocast_dtype is not None
         # Compiled (agent.compile) or eager: the per-step cells and the batched loss pieces.
@@ -380,6 +393,9 @@ class DreamerAgent(Agent):
         self.accelerator.step(self.wm_opt)
         if self.sparsifier is not None:
             self.sparsifier.step(self.wm_opt)  # re-mask, scheduled drop/regrow, RigL arming
+        graph = self.wm.rssm.graph
+        if graph is not None:  # factored dynamics: absent edges stay zero, scheduled rewiring
+            graph.step(self.wm_opt)
         self.wm_opt.zero_grad(set_to_none=True)
         metrics = {**metrics, **{k: v.detach() for k, v in losses.items()}}
         metrics.update({f"world_model/{k}": v for k, v in greedy_metrics.items()})
@@ -651,16 +667,21 @@ class DreamerAgent(Agent):
     @torch.no_grad()
     def report(self, batch: dict[str, torch.Tensor], context: int = 5, rows: int = 4) -> dict:
         """Open-loop video per image key: truth | model | error, up to ``rows`` sequences
-        stacked vertically, as uint8 ``[T, rows * H, 3 * W, 3]``. ``{}`` without images."""
+        stacked vertically, as uint8 ``[T, rows * H, 3 * W, 3]``. ``{}`` without images.
+
+        Factored dynamics add ``world_model/graph``, the ``G x G`` adjacency as a uint8
+        ``[H, W, 3]`` image (``FactorGraphLinear.image``)."""
+        videos = {}
+        if self.wm.rssm.graph is not None:
+            videos["world_model/graph"] = self.wm.rssm.graph.image()
         if not self.wm.image_keys or self.wm.decoder is None:
-            return {}  # no pixels, or nothing to draw them with (representation=cpc)
+            return videos  # no pixels, or nothing to draw them with (representation=cpc)
         small = {k: v[:rows] for k, v in batch.items()}
         data = self.preprocess(small)
         if data["is_first"].shape[1] <= context:
-            return {}
+            return videos
         with self._cached():
             pred = self.wm.open_loop(data, context)
-        videos = {}
         for key in self.wm.image_keys:
             truth = (data[key] + 0.5).clamp(0, 1)
             model = (pred[key].float() + 0.5).clamp(0, 1)

@@ -25,7 +25,13 @@ def _dreamer(config: Config, obs_space: gym.spaces.Dict, action_space: gym.Space
     return DreamerAgent(config, obs_space, action_space)
 
 
-_AGENTS: dict[str, AgentFactory] = {"random": _random, "dreamer": _dreamer}
+def _op3(config: Config, obs_space: gym.spaces.Dict, action_space: gym.Space) -> Agent:
+    from agents.op3 import OP3Agent
+
+    return OP3Agent(config, obs_space, action_space)
+
+
+_AGENTS: dict[str, AgentFactory] = {"random": _random, "dreamer": _dreamer, "op3": _op3}
 
 
 def register_agent(name: str, factory: AgentFactory) -> None:

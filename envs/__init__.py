@@ -1,4 +1,4 @@
-"""Environment layer: gymnasium and dm-control tasks behind one ``make_env``.
+"""Environment layer: gymnasium, dm-control and blocks tasks behind one ``make_env``.
 
 Importing this package picks a headless OpenGL backend for MuJoCo when ``MUJOCO_GL`` is
 unset, which must happen before anything imports ``mujoco`` or ``dm_control``.
@@ -66,12 +66,14 @@ _configure_mujoco_gl()
 # pygame (gymnasium's classic-control renderer) needs no window for rgb_array frames.
 _os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
 
+from envs.blocks import BlocksEnv  # noqa: E402
 from envs.dmc import DMCEnv  # noqa: E402
 from envs.make import OBS_MODES, make_env, make_vector_env  # noqa: E402
 from envs.registry import UnknownEnvError, check_env_id, list_env_ids, parse_env_id  # noqa: E402
 
 __all__ = [
     "OBS_MODES",
+    "BlocksEnv",
     "DMCEnv",
     "UnknownEnvError",
     "check_env_id",

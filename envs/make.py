@@ -1,4 +1,4 @@
-"""``make_env`` / ``make_vector_env``: one entry point for gymnasium and dm-control tasks."""
+"""``make_env`` / ``make_vector_env``: one entry point for gymnasium, dm-control and blocks tasks."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from envs.blocks import BLOCKS_ACTIONS, DEFAULT_TIME_LIMITS, BlocksEnv, parse_blocks_name
 from envs.dmc import DMCEnv
 from envs.registry import parse_env_id, split_dmc_name
 from envs.rendering import RENDER_QUALITIES
 from envs.wrappers import (
     ActionRepeat,
     DictObservation,
+    GoalObservation,
     PhysicsErrorGuard,
     SeedOnFirstReset,
     SquareRender,
@@ -64,8 +66,11 @@ def make_env(
     render_quality: str = "fast",
     camera: int | str | None = None,
     distractors: bool = False,
+    goal_obs: bool = False,
+    blocks_action: str = "pick_place",
+    intervention: str | None = None,
 ) -> gym.Env:
-    """Build a ``gym:<gymnasium id>`` or ``dmc:<domain>-<task>`` env with a Dict observation.
+    """Build a ``gym:``, ``dmc:<domain>-<task>`` or ``blocks:`` env with a Dict observation.
 
     Args:
         obs: ``"state"``, ``"pixels"`` or ``"both"``: which Dict keys to expose.
@@ -74,7 +79,8 @@ def make_env(
             rewards and stopping early at episode end.
         time_limit: episode length in *underlying* env steps (frames, i.e. before action
             repeat), reached -> ``truncated``. ``None`` keeps the suite default (gym's
-            registered ``max_episode_steps``; dm-control's task limit, 1000 steps for most).
+            registered ``max_episode_steps``; dm-control's task limit, 1000 steps for most;
+            blocks: 10 pick-and-place actions or 100 pusher steps).
         seed: used by the first ``reset()`` that gets no seed, and for the action space.
         render_mode: ``None`` or ``"rgb_array"`` (``render()`` -> uint8 (size, size, 3)).
         render_quality: ``"fast"`` (no shadows/reflections/MSAA) or ``"default"`` (MuJoCo's).
@@ -82,12 +88,24 @@ def make_env(
             env's own); not supported for non-MuJoCo gym envs.
         distractors: ``dmc:`` tasks only: a random video (moving shapes over drifting colour
             waves, ``envs.distractors``) replaces the skybox and floor in every frame.
+        goal_obs: ``blocks:`` tasks only: add observation key ``goal``, the episode's goal
+            image (uint8 ``3 x size x size``).
+        blocks_action: ``blocks:`` tasks only: ``"pick_place"`` (4-d action) or ``"pusher"``
+            (2-d planar velocity); ignored for other suites unless not the default.
+        intervention: MuJoCo tasks only: change a model parameter at a chosen env step of
+            this env, e.g. ``"body_mass:pole_1*2@step=20000"`` (grammar, step counting and
+            logging in ``envs.interventions``; ``info["intervention"]`` on that step).
+
+    ``blocks:`` envs return ``info`` with ``goal_pixels``, ``goal_positions``,
+    ``block_positions``, ``masks`` and ``is_success`` on every reset and step (see
+    ``envs.blocks.BlocksEnv``); ``env.unwrapped`` has the oracle ``get_sim_state`` /
+    ``set_sim_state``.
 
     Box actions are rescaled to [-1, 1]; Discrete actions stay Discrete. A MuJoCo divergence
     ends the episode with ``truncated=True`` and ``info["physics_error"]=True``.
 
     Shapes:
-        obs["state"]: float32 (state_dim,); obs["pixels"]: uint8 (3, size, size)
+        obs["state"]: float32 (state_dim,); obs["pixels"], obs["goal"]: uint8 (3, size, size)
 
     Raises:
         UnknownEnvError: (a ``ValueError``) bad prefix or unknown id, with close matches.
@@ -97,10 +115,31 @@ def make_env(
     suite, name = parse_env_id(env_id)
     if distractors and suite != "dmc":
         raise ValueError(f"distractors need a dmc:<domain>-<task> env, got {env_id!r}")
+    if suite != "blocks" and (goal_obs or blocks_action != "pick_place"):
+        raise ValueError(
+            f"goal_obs and blocks_action apply to blocks:<push|stack>-<n> envs only, got "
+            f"{env_id!r}; leave goal_obs=False and blocks_action='pick_place' for it"
+        )
+    if blocks_action not in BLOCKS_ACTIONS:
+        raise ValueError(f"blocks_action must be one of {BLOCKS_ACTIONS}, got {blocks_action!r}")
     inner_render = "rgb_array" if (obs != "state" or render_mode == "rgb_array") else None
 
     env: gym.Env
-    if suite == "dmc":
+    if suite == "blocks":
+        task, num_blocks = parse_blocks_name(name)  # type: ignore[misc]  # validated above
+        env = BlocksEnv(
+            task,
+            num_blocks,
+            action_mode=blocks_action,
+            size=size,
+            camera=camera,
+            render_quality=render_quality,
+            render_mode=inner_render,
+        )
+        env = PhysicsErrorGuard(env)
+        limit = DEFAULT_TIME_LIMITS[blocks_action] if time_limit is None else int(time_limit)
+        env = gym.wrappers.TimeLimit(env, max_episode_steps=limit)
+    elif suite == "dmc":
         domain, task = split_dmc_name(name)
         env = DMCEnv(
             domain,
@@ -137,7 +176,14 @@ def make_env(
         env = SquareRender(env, size, render_quality)
     if action_repeat > 1:
         env = ActionRepeat(env, int(action_repeat))
+    if intervention is not None:
+        from envs.interventions import Interventions
+
+        # Counts env steps (frames) as the training loop does: action_repeat per agent step.
+        env = Interventions(env, intervention, frames_per_step=int(action_repeat))
     env = DictObservation(env, obs, size)
+    if goal_obs:
+        env = GoalObservation(env, size)
     space = env.action_space
     if (
         isinstance(space, gym.spaces.Box)

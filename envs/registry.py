@@ -1,8 +1,9 @@
 """Env-id parsing, listing and "did you mean" suggestions.
 
-Ids are ``gym:<gymnasium id>`` (e.g. ``gym:Pendulum-v1``) or ``dmc:<domain>-<task>`` (e.g.
-``dmc:ball_in_cup-catch``). dm-control domains and tasks may contain underscores but never
-dashes, so a dmc id is split on its first ``-``.
+Ids are ``gym:<gymnasium id>`` (e.g. ``gym:Pendulum-v1``), ``dmc:<domain>-<task>`` (e.g.
+``dmc:ball_in_cup-catch``) or ``blocks:<push|stack>-<n>`` (``envs.blocks``, n = 1..5).
+dm-control domains and tasks may contain underscores but never dashes, so a dmc id is split
+on its first ``-``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import difflib
 from functools import cache
 from typing import Literal, NamedTuple
 
-SUITES: tuple[str, ...] = ("gym", "dmc")
+from envs.blocks import blocks_names, parse_blocks_name
+
+SUITES: tuple[str, ...] = ("gym", "dmc", "blocks")
 
 
 class UnknownEnvError(ValueError):
@@ -19,9 +22,10 @@ class UnknownEnvError(ValueError):
 
 
 class EnvId(NamedTuple):
-    """A parsed env id: ``suite`` is ``"gym"`` or ``"dmc"``, ``name`` the suite-local id."""
+    """A parsed env id: ``suite`` is ``"gym"``, ``"dmc"`` or ``"blocks"``, ``name`` the
+    suite-local id."""
 
-    suite: Literal["gym", "dmc"]
+    suite: Literal["gym", "dmc", "blocks"]
     name: str
 
 
@@ -40,7 +44,9 @@ def _gym_ids() -> list[str]:
 
 
 def list_env_ids(suite: str) -> list[str]:
-    """All valid ids of ``suite`` (``"gym"`` or ``"dmc"``), prefixed, sorted."""
+    """All valid ids of ``suite`` (``"gym"``, ``"dmc"`` or ``"blocks"``), prefixed, sorted."""
+    if suite == "blocks":
+        return sorted(f"blocks:{name}" for name in blocks_names())
     if suite == "dmc":
         return sorted(f"dmc:{d}-{t}" for d, t in _dmc_tasks())
     if suite == "gym":
@@ -69,9 +75,13 @@ def parse_env_id(env_id: str) -> EnvId:
     suite, sep, name = env_id.partition(":")
     if not sep or suite not in SUITES:
         raise UnknownEnvError(
-            f"unsupported env id {env_id!r}: expected prefix 'gym:' or 'dmc:' "
-            "(e.g. 'gym:Pendulum-v1', 'dmc:walker-walk')"
+            f"unsupported env id {env_id!r}: expected prefix 'blocks:', 'gym:' or 'dmc:' "
+            "(e.g. 'gym:Pendulum-v1', 'dmc:walker-walk', 'blocks:push-3')"
         )
+    if suite == "blocks":
+        if parse_blocks_name(name) is None:
+            raise _unknown(env_id, "blocks")
+        return EnvId("blocks", name)
     if suite == "dmc":
         domain, dash, task = name.partition("-")
         if not dash or (domain, task) not in _dmc_tasks():

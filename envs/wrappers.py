@@ -63,6 +63,8 @@ class PhysicsErrorGuard(gym.Wrapper, gym.utils.RecordConstructorArgs):
         gym.Wrapper.__init__(self, env)
         self._errors = _physics_errors()
         self._last_obs: Any = None
+        # Repeated with the error so callers still find every info key on that step.
+        self._last_info: dict[str, Any] = {}
         self._warning_ids: list[int] = []
         data = getattr(env.unwrapped, "data", None)
         if data is not None and hasattr(data, "warning"):
@@ -83,7 +85,7 @@ class PhysicsErrorGuard(gym.Wrapper, gym.utils.RecordConstructorArgs):
 
     def reset(self, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
         obs, info = self.env.reset(**kwargs)
-        self._last_obs = obs
+        self._last_obs, self._last_info = obs, info
         return obs, info
 
     def step(self, action: Any) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:
@@ -91,10 +93,10 @@ class PhysicsErrorGuard(gym.Wrapper, gym.utils.RecordConstructorArgs):
         try:
             obs, reward, terminated, truncated, info = self.env.step(action)
         except self._errors:
-            return self._last_obs, 0.0, False, True, {"physics_error": True}
+            return self._last_obs, 0.0, False, True, {**self._last_info, "physics_error": True}
         if self._warning_count() > before or not _all_finite(obs):
-            return self._last_obs, 0.0, False, True, {**info, "physics_error": True}
-        self._last_obs = obs
+            return self._last_obs, 0.0, False, True, {**self._last_info, "physics_error": True}
+        self._last_obs, self._last_info = obs, info
         return obs, reward, terminated, truncated, info
 
 
@@ -213,3 +215,26 @@ class SeedOnFirstReset(gym.Wrapper, gym.utils.RecordConstructorArgs):
             seed = self._pending_seed
         self._pending_seed = None
         return self.env.reset(seed=seed, options=options)
+
+
+class GoalObservation(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
+    """Add the episode's goal image as observation key ``goal`` (after ``DictObservation``).
+
+    The image comes from ``unwrapped.goal_pixels`` (``envs.blocks.BlocksEnv``), constant
+    through an episode.
+
+    Shapes:
+        goal: uint8 (3, size, size)
+    """
+
+    def __init__(self, env: gym.Env, size: int) -> None:
+        gym.utils.RecordConstructorArgs.__init__(self, size=size)
+        gym.ObservationWrapper.__init__(self, env)
+        if not hasattr(env.unwrapped, "goal_pixels"):
+            raise ValueError(f"goal observations need an env with a goal image, got {env}")
+        spaces = dict(env.observation_space.spaces)
+        spaces["goal"] = gym.spaces.Box(0, 255, (3, size, size), np.uint8)
+        self.observation_space = gym.spaces.Dict(spaces)
+
+    def observation(self, observation: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {**observation, "goal": self.env.unwrapped.goal_pixels.copy()}

@@ -65,6 +65,15 @@ class EnvConfig:
     # dmc: tasks only: moving random shapes over drifting colour noise replace the background
     # (sky and floor) of every rendered frame, a distraction that reconstruction must model.
     distractors: bool = False
+    # blocks: tasks only: add the episode's goal image as observation key `goal` (OP3 needs it).
+    goal_obs: bool = False
+    # blocks: tasks only: pick_place = (pick xy, place xy) per action, 10 actions an episode;
+    # pusher = planar velocity of a pusher, 100 steps an episode.
+    blocks_action: Literal["pick_place", "pusher"] = "pick_place"
+    # Change one mechanism of a MuJoCo task at a chosen env step of each training env, e.g.
+    # "body_mass:pole_1*2@step=20000" or "gravity:z=-5@step=0;actuator_gear:slide*0.5@step=10"
+    # (grammar in envs/interventions.py; eval envs keep the original task).
+    intervention: str | None = None
 
 
 @dataclass
@@ -130,6 +139,26 @@ class GreedyInfoMaxConfig:
 
 
 @dataclass
+class FactoredConfig:
+    """Factored (sparse factor-graph) RSSM dynamics (``world_model.factored.*``; see
+    ``worldmodels/factored.py``). ``groups=0`` keeps the plain RSSM."""
+
+    # G groups of the latent state (deter, hidden and stoch must divide by G); 0 = off.
+    groups: int = field(default=0, metadata=_positive(0))
+    # fixed: random graph of in_degree parents a group (itself included); dynamic: rewired
+    # RigL-style on the G x G block grid; l1: all edges, gated, with an L1 penalty on the gates.
+    graph: Literal["fixed", "dynamic", "l1"] = "fixed"
+    in_degree: int = field(default=2, metadata=_positive(1))
+    # l1 graph: loss/graph = l1_scale * sum of |gate| over the G (G - 1) non-self edges.
+    l1_scale: float = field(default=0.01, metadata=_positive(0))
+    # dynamic graph: world-model updates between rewirings, fraction of each group's non-self
+    # edges replaced (cosine-decayed), no rewiring after stop_fraction of the run's updates.
+    update_every: int = field(default=100, metadata=_positive(1))
+    drop_fraction: float = field(default=0.3, metadata=_positive(0))
+    stop_fraction: float = field(default=0.75, metadata=_positive(0))
+
+
+@dataclass
 class WorldModelConfig:
     """World-model architecture knobs (used by model-based agents)."""
 
@@ -145,6 +174,7 @@ class WorldModelConfig:
     cpc_temperature: float = field(default=0.1, metadata=_positive(1e-6))
     cpc_actions: bool = True
     greedy_infomax: GreedyInfoMaxConfig = field(default_factory=GreedyInfoMaxConfig)
+    factored: FactoredConfig = field(default_factory=FactoredConfig)
     # RSSM: GRU state size, hidden width, latent (stoch groups x classes, or stoch dims for
     # the Gaussian latent), block-diagonal GRU blocks, initial state.
     deter: int = field(default=512, metadata=_positive(1))
@@ -177,6 +207,56 @@ class WorldModelConfig:
     lr: float = field(default=1e-4, metadata=_positive(0))
     eps: float = field(default=1e-8, metadata=_positive(0))
     grad_clip: float = field(default=1000.0, metadata=_positive(0))
+
+
+@dataclass
+class OP3Config:
+    """The object-centric agent (``agent=op3``; ``agents/op3.py``, ``worldmodels/slots.py``):
+    a slot world model trained on replayed sequences and model-predictive control by the
+    cross-entropy method (CEM) toward the goal image's slots."""
+
+    # Slot world model: K slots of slot_dim features (plus a 4-d position/scale frame each),
+    # slot-attention iterations per frame, how first frames start (farthest: at the K most
+    # distinct colours; learned: K learned vectors; gaussian: random draws), CNN/decoder
+    # widths, MLP width.
+    slots: int = field(default=5, metadata=_positive(1))
+    slot_dim: int = field(default=64, metadata=_positive(1))
+    iterations: int = field(default=3, metadata=_positive(1))
+    slot_init: Literal["farthest", "learned", "gaussian"] = "farthest"
+    cnn_depth: int = field(default=32, metadata=_positive(1))
+    decoder_depth: int = field(default=32, metadata=_positive(8))
+    hidden: int = field(default=128, metadata=_positive(1))
+    # Side of the frames the model sees and reconstructs (area-downsampled; segment() upsamples
+    # the masks back); 0 = env.size. It must divide env.size and be 8 x a power of 2.
+    resolution: int = field(default=32, metadata=_positive(0))
+    # A learned static background layer behind the slots (fixed cameras); off: the slots also
+    # draw the table and walls.
+    background: bool = False
+    # Sparse interaction graph: each slot hears only its interaction_topk strongest partners
+    # (0 = all K - 1 others).
+    interaction_topk: int = field(default=0, metadata=_positive(0))
+    # Loss weights: posterior reconstruction, decoded dynamics prediction, slot prediction.
+    reconstruction_scale: float = field(default=1.0, metadata=_positive(0))
+    prediction_scale: float = field(default=1.0, metadata=_positive(0))
+    dynamics_scale: float = field(default=1.0, metadata=_positive(0))
+    lr: float = field(default=1e-3, metadata=_positive(0))
+    # Linear learning-rate warm-up over this many updates (slot attention needs it).
+    warmup: int = field(default=100, metadata=_positive(0))
+    grad_clip: float = field(default=1.0, metadata=_positive(0))
+    # CEM planning: horizon (actions per candidate), candidates per iteration, iterations,
+    # elites kept, initial std of the sampling Gaussian (mean 0, clipped to [-1, 1]).
+    horizon: int = field(default=1, metadata=_positive(1))
+    cem_population: int = field(default=64, metadata=_positive(2))
+    cem_iterations: int = field(default=3, metadata=_positive(1))
+    cem_elites: int = field(default=8, metadata=_positive(1))
+    cem_std: float = field(default=1.0, metadata=_positive(0))
+    # Planning cost between two slots: |features| / sqrt(slot_dim) + position_weight x
+    # |position| (positions in image units), summed over the Hungarian-matched pairs.
+    position_weight: float = field(default=5.0, metadata=_positive(0))
+    # Exploration (explore=True, after the first update; before it every action is random):
+    # a uniformly random action with probability epsilon, else the plan plus Gaussian noise.
+    epsilon: float = field(default=0.2, metadata=_positive(0))
+    explore_noise: float = field(default=0.1, metadata=_positive(0))
 
 
 @dataclass
@@ -374,6 +454,7 @@ class Config:
     env: EnvConfig = field(default_factory=EnvConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     world_model: WorldModelConfig = field(default_factory=WorldModelConfig)
+    op3: OP3Config = field(default_factory=OP3Config)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     sparse: SparseConfig = field(default_factory=SparseConfig)
     accelerator: AcceleratorConfig = field(default_factory=AcceleratorConfig)
@@ -557,6 +638,64 @@ def _check_accelerator(config: Config) -> None:
         )
 
 
+def _check_factored(w: WorldModelConfig) -> None:
+    groups = w.factored.groups
+    if not groups:
+        return
+    for key in ("deter", "hidden", "stoch"):
+        if getattr(w, key) % groups:
+            raise ConfigError(
+                f"world_model.{key} ({getattr(w, key)}) must be divisible by "
+                f"world_model.factored.groups ({groups}); pick groups that divide it"
+            )
+    if w.factored.in_degree > groups:
+        raise ConfigError(
+            f"world_model.factored.in_degree ({w.factored.in_degree}) exceeds "
+            f"world_model.factored.groups ({groups}): a group has at most {groups} parents"
+        )
+    if w.factored.drop_fraction > 1 or w.factored.stop_fraction > 1:
+        raise ConfigError("world_model.factored.drop_fraction and stop_fraction must be <= 1")
+
+
+def _check_op3(config: Config) -> None:
+    o = config.op3
+    if o.cem_elites > o.cem_population:
+        raise ConfigError(
+            f"op3.cem_elites ({o.cem_elites}) exceeds op3.cem_population ({o.cem_population}); "
+            "keep fewer elites than candidates"
+        )
+    if o.interaction_topk > o.slots - 1:
+        raise ConfigError(
+            f"op3.interaction_topk ({o.interaction_topk}) must be at most op3.slots - 1 "
+            f"({o.slots - 1}), or 0 for all partners"
+        )
+    if o.epsilon > 1:
+        raise ConfigError(f"op3.epsilon is a probability, got {o.epsilon}")
+    if config.agent.name != "op3":
+        return
+    if config.sparse.enabled:
+        raise ConfigError(
+            "sparse.enabled=true sparsifies the Dreamer world model only; agent=op3 has no "
+            "sparse layers yet (its sparse interaction graph is op3.interaction_topk)"
+        )
+    if config.env.obs == "state":
+        raise ConfigError(
+            "agent=op3 plans from pixels: set env.obs=pixels (or both); "
+            "`agent=op3` without presets picks preset op3, which does"
+        )
+    if not config.env.goal_obs:
+        raise ConfigError(
+            "agent=op3 plans toward the goal image: set env.goal_obs=true (a blocks: task); "
+            "`agent=op3` without presets picks preset op3, which does"
+        )
+    side = o.resolution or config.env.size
+    if config.env.size % side or side < 8 or (side // 8) & (side // 8 - 1) or side % 8:
+        raise ConfigError(
+            f"op3.resolution ({o.resolution}) must divide env.size ({config.env.size}) and be "
+            "8 times a power of 2 (8, 16, 32, 64, ...); 0 uses env.size"
+        )
+
+
 def validate(config: Config) -> Config:
     """Range checks and cross-field rules. Returns the config for chaining."""
     _check_ranges(config)
@@ -573,7 +712,27 @@ def validate(config: Config) -> Config:
             f"env.distractors: needs a dmc:<domain>-<task> env, got {config.env.id!r}; "
             "set env.distractors=false or pick a dmc: task"
         )
+    if not config.env.id.startswith("blocks:"):
+        if config.env.goal_obs:
+            raise ConfigError(
+                f"env.goal_obs: needs a blocks:<push|stack>-<n> env, got {config.env.id!r}; "
+                "set env.goal_obs=false or pick a blocks: task"
+            )
+        if config.env.blocks_action != "pick_place":
+            raise ConfigError(
+                f"env.blocks_action={config.env.blocks_action}: needs a blocks:<push|stack>-<n> "
+                f"env, got {config.env.id!r}; drop it or pick a blocks: task"
+            )
+    _check_op3(config)
     w = config.world_model
+    _check_factored(w)
+    if config.env.intervention is not None:
+        from envs.interventions import parse_interventions
+
+        try:
+            parse_interventions(config.env.intervention)
+        except ValueError as error:
+            raise ConfigError(f"env.intervention: {error}") from error
     uses_cpc = "cpc" in w.representation or w.greedy_infomax.modules > 0
     if uses_cpc and w.cpc_horizons >= config.replay.batch_length:
         raise ConfigError(
@@ -694,15 +853,40 @@ def build_config(
     if base:
         _apply(config, base)  # a resumed run's config already holds its presets' values
     presets = flat.pop("preset", None)
+    agent = _agent_override(flat)
     if presets is None and not base:
-        presets = list(DEFAULT_PRESETS)
+        presets = list(AGENT_DEFAULT_PRESETS.get(agent or "", DEFAULT_PRESETS))
     if presets is not None:
         names = _coerce("preset", presets, list[str])
         for name in names:
             _apply(config, load_preset(name), prefix="")
         config.preset = names if not base else list(dict.fromkeys([*config.preset, *names]))
+    if not base:
+        _agent_env_settings(config, agent or config.agent.name)
     _apply(config, _nest(flat))
     return validate(config)
+
+
+# Presets applied instead of DEFAULT_PRESETS when the command line names an agent but no preset.
+AGENT_DEFAULT_PRESETS: dict[str, tuple[str, ...]] = {"op3": ("op3",)}
+
+
+def _agent_override(flat: dict[str, Any]) -> str | None:
+    """The agent name the command line asks for (``agent=x`` or ``agent.name=x``), if any."""
+    name = flat.get("agent.name", flat.get("agent"))
+    return name if isinstance(name, str) else None
+
+
+def _agent_env_settings(config: Config, agent: str) -> None:
+    """Env settings an agent cannot work without, applied after the presets and before the
+    command line (which still wins; ``validate`` then names what is missing). ``agent=op3``:
+    pixel observations, the goal image, and no action repeat (a pick-and-place action
+    repeated would only redo the same move)."""
+    if agent == "op3":
+        if config.env.obs == "state":
+            config.env.obs = "pixels"
+        config.env.goal_obs = True
+        config.env.action_repeat = 1
 
 
 def save_yaml(config: Config, path: str | Path) -> None:

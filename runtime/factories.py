@@ -18,6 +18,7 @@ def make_env_factory(config: Config, video: bool | None = None):
     """``(mode, num_envs, seed) -> VectorEnv`` for ``mode`` in {"train", "eval"}.
 
     Eval envs of state-only tasks render frames (``render_mode="rgb_array"``) for videos.
+    ``env.intervention`` applies to the training envs only; eval envs run the original task.
     """
     import envs
 
@@ -39,6 +40,10 @@ def make_env_factory(config: Config, video: bool | None = None):
             render_quality=cfg.render_quality,
             camera=cfg.camera,
             distractors=cfg.distractors,
+            goal_obs=cfg.goal_obs,
+            blocks_action=cfg.blocks_action,
+            # Training envs only: each counts its own steps (envs.interventions).
+            intervention=cfg.intervention if mode == "train" else None,
         )
 
     return make

@@ -57,10 +57,25 @@ def write_video(path: str | Path, frames: np.ndarray, fps: int) -> Path:
     return path
 
 
+def write_image(path: str | Path, image: np.ndarray) -> Path:
+    """Write ``image`` (uint8 ``[H, W, 3]``) as a PNG; returns the path."""
+    import imageio.v2 as imageio
+
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    imageio.imwrite(path, image, format="png")
+    return path
+
+
 class Backend(Protocol):
     def write(self, metrics: dict[str, float], step: int) -> None: ...
 
     def video(self, name: str, path: Path, step: int, fps: int) -> None: ...
+
+    def image(self, name: str, path: Path, step: int) -> None: ...
 
     def close(self) -> None: ...
 
@@ -82,6 +97,9 @@ class JsonlBackend:
     def video(self, name: str, path: Path, step: int, fps: int) -> None:
         self.file.write(json.dumps({"step": step, f"{name}_path": str(path)}) + "\n")
         self.file.flush()
+
+    def image(self, name: str, path: Path, step: int) -> None:
+        self.video(name, path, step, 0)
 
     def close(self) -> None:
         self.file.close()
@@ -133,6 +151,9 @@ class ConsoleBackend:
             self.stream.flush()
 
     def video(self, name: str, path: Path, step: int, fps: int) -> None:
+        pass
+
+    def image(self, name: str, path: Path, step: int) -> None:
         pass
 
     def close(self) -> None:
@@ -191,6 +212,9 @@ class WandbBackend:
         fmt = path.suffix.lstrip(".")
         self.run.log({name: self.wandb.Video(str(path), format=fmt)}, step=step)
 
+    def image(self, name: str, path: Path, step: int) -> None:
+        self.run.log({name: self.wandb.Image(str(path))}, step=step)
+
     def close(self) -> None:
         self.run.finish()
 
@@ -212,6 +236,11 @@ class TensorBoardBackend:
 
     def video(self, name: str, path: Path, step: int, fps: int) -> None:
         pass
+
+    def image(self, name: str, path: Path, step: int) -> None:
+        import imageio.v2 as imageio
+
+        self.writer.add_image(name, imageio.imread(path), step, dataformats="HWC")
 
     def close(self) -> None:
         self.writer.close()
@@ -251,6 +280,21 @@ class Logger:
         for backend in self.backends:
             backend.video(name, path, step, self.video_fps)
         return path
+
+    def image(self, name: str, image: np.ndarray, step: int) -> Path:
+        """Write ``image`` (uint8 ``[H, W, 3]``) under ``images/`` and log it everywhere."""
+        check_key(name)
+        filename = name.replace("/", "_") + f"_{step}.png"
+        path = write_image(self.run_dir / "images" / filename, image)
+        for backend in self.backends:
+            backend.image(name, path, step)
+        return path
+
+    def media(self, name: str, media: np.ndarray, step: int) -> Path:
+        """``image`` for ``[H, W, 3]`` arrays, ``video`` for ``[T, H, W, 3]``."""
+        if np.ndim(media) == 3:
+            return self.image(name, media, step)
+        return self.video(name, media, step)
 
     def progress(self, step: int) -> None:
         console = self.console

@@ -150,18 +150,24 @@ def evaluate_policy(
     episodes: int,
     seed: int,
     record_video: bool = False,
+    on_step: Callable[[dict[str, np.ndarray], dict[str, Any], np.ndarray], None] | None = None,
 ) -> tuple[list[float], list[int], np.ndarray | None]:
     """Run ``episodes`` greedy episodes, spread evenly over the vector env's sub-envs.
 
     Each sub-env counts only its first ``quota`` episodes, so short episodes are not
     over-represented. Returns (returns, lengths, video of env 0's first episode or None).
+    ``on_step(obs, info, ended)``, if given, sees every observation with the vector env's
+    ``info`` (after the reset and after each step); ``ended [num_envs]`` marks the sub-envs
+    whose counted episode ended with this observation (e.g. to read ``info["is_success"]``).
 
     Shapes: video ``[T, H, W, 3]`` uint8.
     """
     num_envs = env.num_envs
     quota = np.array([episodes // num_envs + (i < episodes % num_envs) for i in range(num_envs)])
     finished = np.zeros(num_envs, dtype=int)
-    obs, _ = env.reset(seed=seed)
+    obs, info = env.reset(seed=seed)
+    if on_step is not None:
+        on_step(obs, info, np.zeros(num_envs, dtype=bool))
     is_first = np.ones(num_envs, dtype=bool)
     done = np.zeros(num_envs, dtype=bool)
     state = agent.initial_state(num_envs)
@@ -175,26 +181,50 @@ def evaluate_policy(
         if recording:
             frames.append(_frame(env, obs))
         action, state = agent.act(_stack_obs(obs, is_first), state, explore=False)
-        obs, reward, terminated, truncated, _ = env.step(action)
+        obs, reward, terminated, truncated, info = env.step(action)
         # After a done, NEXT_STEP autoreset ignores the action and returns the reset obs.
         reward = np.where(done, 0.0, reward)
         running += reward
         lengths_now += ~done
         is_first = done.copy()
         new_done = (terminated | truncated) & ~done
+        ended = np.zeros(num_envs, dtype=bool)
         for i in np.flatnonzero(new_done):
             if finished[i] < quota[i]:
                 returns.append(float(running[i]))
                 lengths.append(int(lengths_now[i]))
+                ended[i] = True
             finished[i] += 1
             running[i] = 0.0
             lengths_now[i] = 0
             if i == 0 and recording:
                 frames.append(_frame(env, obs))
                 recording = False
+        if on_step is not None:
+            on_step(obs, info, ended)
         done = new_done
     video = np.stack(frames) if frames else None
     return returns, lengths, video
+
+
+class SuccessCounter:
+    """An ``on_step`` hook for ``evaluate_policy``: collects ``info["is_success"]`` at the end
+    of every counted episode (envs that report it, e.g. ``blocks:``)."""
+
+    def __init__(self) -> None:
+        self.outcomes: list[bool] = []
+
+    def __call__(self, obs: dict[str, np.ndarray], info: dict[str, Any], ended: np.ndarray) -> None:
+        if "is_success" not in info:
+            return
+        present = info.get("_is_success", np.ones(len(ended), dtype=bool))
+        for i in np.flatnonzero(ended & present):
+            self.outcomes.append(bool(info["is_success"][i]))
+
+    @property
+    def rate(self) -> float:
+        """Fraction of successful episodes (``nan`` before any)."""
+        return float(np.mean(self.outcomes)) if self.outcomes else float("nan")
 
 
 def _frame(env: gym.vector.VectorEnv, obs: dict[str, np.ndarray]) -> np.ndarray:
@@ -301,12 +331,14 @@ def train(
         if not main or eval_envs is None:
             return  # the other ranks go on to the next step's all-reduce and wait there
         start = time.time()
+        successes = SuccessCounter()
         returns, lengths, video = evaluate_policy(
             agent,
             eval_envs,
             run.eval_episodes,
             seed=config.seed + 10_000 + counters.env_steps,
             record_video=run.video,
+            on_step=successes,
         )
         last_eval = {
             "eval/return_mean": float(np.mean(returns)),
@@ -316,12 +348,14 @@ def train(
             "perf/eval_seconds": time.time() - start,
             "perf/wall_seconds": wall_seconds(),
         }
+        if successes.outcomes:
+            last_eval["eval/success_rate"] = successes.rate
         logger.log(last_eval, counters.env_steps)
         if video is not None:
             logger.video("eval/video", video, counters.env_steps)
         if replay.can_sample():
             for name, media in agent.report(replay.sample()).items():
-                logger.video(name, media, counters.env_steps)
+                logger.media(name, media, counters.env_steps)  # videos, or images [H, W, 3]
 
     def log_metrics() -> None:
         elapsed = max(time.time() - timer["start"], 1e-9)

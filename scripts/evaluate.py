@@ -7,6 +7,12 @@ greedily (the policy's mode). Prints mean/std return; ``json=`` writes
 ``lengths`` and ``video``); ``video=true`` writes an mp4 of the first episode (``video_path=``
 to choose where; default ``<run>/videos/evaluate_step_<N>.mp4``).
 
+Envs that report ``info["is_success"]`` (``blocks:``) add ``success_rate``: the fraction of
+episodes that ended in success. Agents that segment frames (``agent.segment``, e.g. ``op3``)
+on envs with ground-truth ``info["masks"]`` add ``ari``: the foreground adjusted Rand index of
+the slot masks (argmax over slots) against the true object masks, over the first
+``ari_frames`` evaluated frames (default 256), and ``ari_frames``.
+
 Other keys: ``seed=`` (default 12345), ``num_envs=`` (default 1), ``accelerator=``.
 """
 
@@ -19,7 +25,17 @@ from pathlib import Path
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-KEYS = ("checkpoint", "episodes", "video", "json", "video_path", "seed", "num_envs", "accelerator")
+KEYS = (
+    "checkpoint",
+    "episodes",
+    "video",
+    "json",
+    "video_path",
+    "seed",
+    "num_envs",
+    "accelerator",
+    "ari_frames",
+)
 
 
 def main(argv: list[str]) -> int:
@@ -43,6 +59,7 @@ def main(argv: list[str]) -> int:
             raise ConfigError("episodes and num_envs must be >= 1")
         video = bool(args.get("video", False))
         seed = int(args.get("seed", 12345))
+        ari_frames = int(args.get("ari_frames", 256))
         loaded = load_checkpoint(Path(str(args["checkpoint"])))
         overrides = {"env.eval_num_envs": num_envs, "run.video": video}
         if "accelerator" in args:
@@ -58,14 +75,30 @@ def main(argv: list[str]) -> int:
     from runtime.accelerator import configure_threads, seed_everything
     from runtime.factories import make_env_factory
     from runtime.logging import write_video
-    from runtime.loop import evaluate_policy
+    from runtime.loop import SuccessCounter, evaluate_policy
 
     configure_threads(config.accelerator)
     seed_everything(seed)
     env = make_env_factory(config, video=video)("eval", num_envs, seed)
     agent = agents.make_agent(config, env.single_observation_space, env.single_action_space)
     agent.load_state_dict(loaded.agent_state)
-    returns, lengths, frames = evaluate_policy(agent, env, episodes, seed, record_video=video)
+    successes = SuccessCounter()
+    segment = getattr(agent, "segment", None)
+    seg_pixels: list[np.ndarray] = []
+    seg_masks: list[np.ndarray] = []
+
+    def on_step(obs, info, ended) -> None:
+        successes(obs, info, ended)
+        if segment is None or "masks" not in info or "pixels" not in obs:
+            return
+        if sum(len(p) for p in seg_pixels) < ari_frames:
+            present = info.get("_masks", np.ones(len(ended), dtype=bool))
+            seg_pixels.append(obs["pixels"][present])
+            seg_masks.append(info["masks"][present])
+
+    returns, lengths, frames = evaluate_policy(
+        agent, env, episodes, seed, record_video=video, on_step=on_step
+    )
     env.close()
 
     result = {
@@ -79,15 +112,28 @@ def main(argv: list[str]) -> int:
         "lengths": lengths,
         "checkpoint": str(loaded.path),
     }
+    if successes.outcomes:
+        result["success_rate"] = successes.rate
+    if seg_pixels and ari_frames > 0:
+        from worldmodels.segmentation import foreground_ari
+
+        pixels = np.concatenate(seg_pixels)[:ari_frames]
+        truth = np.concatenate(seg_masks)[:ari_frames]
+        result["ari"] = foreground_ari(truth, segment(pixels).argmax(1))
+        result["ari_frames"] = len(pixels)
     if video and frames is not None:
         run_dir = loaded.path.parent.parent
         default = run_dir / "videos" / f"evaluate_step_{loaded.step}.mp4"
         path = write_video(args.get("video_path", default), frames, config.logging.video_fps)
         result["video"] = str(path)
         print(f"video: {path}")
+    extra = "".join(
+        f", {key} {result[key]:.3f}" for key in ("success_rate", "ari") if key in result
+    )
     print(
         f"{config.env.id} {config.agent.name} step {loaded.step}: return "
         f"{result['return_mean']:.1f} +- {result['return_std']:.1f} over {len(returns)} episodes"
+        f"{extra}"
     )
     if "json" in args:
         out = Path(str(args["json"]))

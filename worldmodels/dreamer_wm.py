@@ -13,6 +13,8 @@ sums them with its scales) and ``world_model/...`` diagnostics, all 0-d tensors.
 ``reconstruction`` (the pixel/vector decoder), ``reconstruction+cpc`` (plus ``loss/cpc``, the
 InfoNCE of ``worldmodels.cpc.SequenceCPC`` from the posterior state to future embeddings) or
 ``cpc`` (decoder-free: no decoder is built, ``loss/cpc`` replaces ``loss/reconstruction``).
+Factored dynamics with the ``l1`` graph add ``loss/graph`` (already scaled by ``l1_scale``)
+and every factored model logs ``world_model/graph_*``.
 With ``spec.greedy_modules = M > 0`` the encoder is trained by Greedy InfoMax
 (``self.greedy``, its own losses and optimizers) and every loss here sees its output detached.
 """
@@ -216,6 +218,12 @@ class WorldModel(nn.Module):
         cont_logits = self.continue_head(feat).float().squeeze(-1)
         cont_target = 1.0 - batch["is_terminal"].float()
         losses["loss/continue"] = F.binary_cross_entropy_with_logits(cont_logits, cont_target)
+        graph = self.rssm.graph
+        if graph is not None:  # factored dynamics: the l1 gate penalty and the graph's shape
+            penalty = graph.penalty()
+            if penalty is not None:
+                losses["loss/graph"] = penalty
+            metrics.update(graph.metrics())
         # KL balancing with free bits: the prior learns fast, the posterior is regularised.
         stats = [k for k in post if k not in ("deter", "stoch")]
         post_sg = {k: post[k].detach() for k in stats}

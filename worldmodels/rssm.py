@@ -13,6 +13,8 @@ are each projected to ``hidden`` units (linear, norm, SiLU), concatenated, and f
 block-diagonal GRU of ``blocks`` blocks (each block sees all inputs plus its own slice of
 ``h_{t-1}``; the recurrent weights are block-diagonal). The prior ``p(z_t | h_t)`` is an MLP on
 ``h_t``; the posterior ``q(z_t | h_t, e_t)`` an MLP on ``h_t`` and the observation embedding.
+With ``factored.groups = G > 0`` the transition and the prior factor over ``G`` groups of the
+state along a sparse dependency graph (``worldmodels.factored``; ``graph`` is its adjacency).
 
 Shapes:
     ``observe(embed [B, T, E], action [B, T, A], is_first [B, T], state=None)`` returns
@@ -27,12 +29,13 @@ Shapes:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from worldmodels.factored import FactoredPrior, FactoredSpec, FactoredTransition
 from worldmodels.layers import LayerFactory, NormalDist, OneHotDist
 
 State = dict[str, torch.Tensor]
@@ -52,13 +55,16 @@ class RSSMConfig:
     post_layers: int = 1
     initial: str = "learned"  # "learned" | "zero"
     min_std: float = 0.1  # Gaussian latent only
+    # groups > 0: the factored transition and prior (worldmodels.factored); `blocks` unused.
+    factored: FactoredSpec = field(default_factory=FactoredSpec)
 
     def __post_init__(self) -> None:
         if self.latent not in ("categorical", "gaussian"):
             raise ValueError(f"latent: expected 'categorical' or 'gaussian', got {self.latent!r}")
         if self.initial not in ("learned", "zero"):
             raise ValueError(f"initial: expected 'learned' or 'zero', got {self.initial!r}")
-        if self.deter % self.blocks:
+        self.factored.check(self.deter, self.hidden, self.stoch)
+        if not self.factored.groups and self.deter % self.blocks:
             raise ValueError(f"deter ({self.deter}) must be divisible by blocks ({self.blocks})")
 
     @property
@@ -84,20 +90,30 @@ class RSSM(nn.Module):
         self.config = c = config
         self.action_dim, self.embed_dim = action_dim, embed_dim
         f = factory.scope("rssm")
-        per_block = c.deter // c.blocks
-        self.deter_in = f.dense(c.deter, c.hidden, name="in.deter")
-        self.stoch_in = f.dense(c.stoch_size, c.hidden, name="in.stoch")
-        self.action_in = f.dense(action_dim, c.hidden, name="in.action")
-        self.gru_hidden = f.block_linear(
-            3 * c.hidden + per_block, per_block, c.blocks, name="gru.hidden", bias=False
-        )
-        self.gru_norm = f.norm(c.deter)
-        self.gru_act = f.act()
-        self.gru_gates = f.block_linear(per_block, 3 * per_block, c.blocks, name="gru.gates")
         stats = 2 * c.stoch if c.latent == "gaussian" else c.stoch * c.classes
-        self.prior_net = f.mlp(c.deter, c.hidden, c.prior_layers, name="prior")
-        prior_in = c.hidden if c.prior_layers else c.deter
-        self.prior_out = f.linear(prior_in, stats, name="prior.out")
+        # Factored dynamics (c.factored.groups > 0) replace the dense core and prior.
+        self.transition: FactoredTransition | None = None
+        self.factored_prior: FactoredPrior | None = None
+        if c.factored.groups:
+            self.action_in = f.dense(action_dim, c.hidden, name="in.action")
+            self.transition = FactoredTransition(c.factored, c.deter, c.hidden, c.stoch_size, f)
+            self.factored_prior = FactoredPrior(
+                c.factored, c.deter, c.hidden, c.prior_layers, stats, c.latent == "gaussian", f
+            )
+        else:
+            per_block = c.deter // c.blocks
+            self.deter_in = f.dense(c.deter, c.hidden, name="in.deter")
+            self.stoch_in = f.dense(c.stoch_size, c.hidden, name="in.stoch")
+            self.action_in = f.dense(action_dim, c.hidden, name="in.action")
+            self.gru_hidden = f.block_linear(
+                3 * c.hidden + per_block, per_block, c.blocks, name="gru.hidden", bias=False
+            )
+            self.gru_norm = f.norm(c.deter)
+            self.gru_act = f.act()
+            self.gru_gates = f.block_linear(per_block, 3 * per_block, c.blocks, name="gru.gates")
+            self.prior_net = f.mlp(c.deter, c.hidden, c.prior_layers, name="prior")
+            prior_in = c.hidden if c.prior_layers else c.deter
+            self.prior_out = f.linear(prior_in, stats, name="prior.out")
         self.post_net = f.mlp(c.deter + embed_dim, c.hidden, c.post_layers, name="post")
         post_in = c.hidden if c.post_layers else c.deter + embed_dim
         self.post_out = f.linear(post_in, stats, name="post.out")
@@ -106,6 +122,11 @@ class RSSM(nn.Module):
         # The per-step functions; ``compile_steps`` swaps in compiled versions.
         self._obs_step = self.obs_step
         self._img_step = self.img_step
+
+    @property
+    def graph(self):
+        """The factored dynamics' ``FactorGraphLinear`` (adjacency, schedule), or None."""
+        return self.transition.graph if self.transition is not None else None
 
     def compile_steps(self, **kwargs) -> None:
         """Compile the per-step cells with ``torch.compile`` (the time loops stay in Python)."""
@@ -157,11 +178,11 @@ class RSSM(nn.Module):
         """
         c = self.config
         if c.initial == "zero":
-            device = device or self.prior_out.weight.device
+            device = device or self.post_out.weight.device
             deter = torch.zeros(batch, c.deter, device=device)
             return {"deter": deter, "stoch": torch.zeros(batch, *c.stoch_shape, device=device)}
         deter = torch.tanh(self.init_deter.float())[None].expand(batch, c.deter)
-        stats = self._stats(self.prior_out(self.prior_net(deter[:1])))
+        stats = self.prior_stats(deter[:1])
         stoch = self._sample(stats, sample=False).expand(batch, *c.stoch_shape)
         return {"deter": deter, "stoch": stoch}
 
@@ -172,6 +193,8 @@ class RSSM(nn.Module):
     def core(self, deter: torch.Tensor, stoch: torch.Tensor, action_feat: torch.Tensor):
         """One GRU step ``h_{t-1}, z_{t-1}, proj(a_{t-1}) -> h_t``."""
         c = self.config
+        if self.transition is not None:
+            return self.transition(deter, stoch.reshape(stoch.shape[0], -1), action_feat)
         flat = stoch.reshape(stoch.shape[0], -1).to(deter.dtype)
         x = torch.cat([self.deter_in(deter), self.stoch_in(flat), action_feat.to(deter.dtype)], -1)
         blocks = deter.reshape(deter.shape[0], c.blocks, -1)
@@ -186,6 +209,8 @@ class RSSM(nn.Module):
         return new.reshape(deter.shape[0], c.deter)
 
     def prior_stats(self, deter: torch.Tensor) -> State:
+        if self.factored_prior is not None:
+            return self._stats(self.factored_prior(deter))
         return self._stats(self.prior_out(self.prior_net(deter)))
 
     def obs_step(

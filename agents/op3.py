@@ -1,0 +1,412 @@
+"""OP3-like object-centric agent: a slot world model and model-predictive control toward a goal.
+
+``update`` trains the slot world model (``worldmodels.slots.SlotWorldModel``) on replayed
+sequences. ``act`` filters the slots through the episode (the dynamics' prediction from the last
+slots and action, refined by slot attention on the new frame) and plans with the cross-entropy
+method (CEM) over action sequences of ``op3.horizon`` steps, replanning every step: a candidate
+costs the distance between the slots it is predicted to reach and the slots of the goal image
+after Hungarian matching (``matched_slot_distance``). The env must provide the goal image
+(observation key ``goal``, ``env.goal_obs=true``).
+
+Exploration (``explore=True``): uniformly random actions until the first update (the random
+interactions the model first learns from), then the plan plus Gaussian noise, or with
+probability ``op3.epsilon`` a random action. Evaluation (``explore=False``) executes the plan.
+
+Config: ``op3.*`` (``runtime.config.OP3Config``); presets ``op3`` (CPU sizes) and ``debug``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from agents.base import Agent, State
+from runtime.accelerator import make_accelerator
+from runtime.config import Config
+from worldmodels.layers import LayerFactory
+from worldmodels.slots import SlotSpec, SlotWorldModel
+
+# ------------------------------------------------------------------------------------------
+# Planning pieces (used by the agent and by scripts/op3_checks.py)
+# ------------------------------------------------------------------------------------------
+
+
+def slot_distances(
+    pred: torch.Tensor,
+    goal: torch.Tensor,
+    slot_dim: int | None = None,
+    position_weight: float = 0.0,
+) -> torch.Tensor:
+    """Pairwise distances ``[..., K, K]`` between slots ``pred [..., K, S]`` and ``goal [...,
+    K, S]`` (broadcast over the leading dims). Plain Euclidean without ``slot_dim``; with it,
+    ``|features| / sqrt(slot_dim) + position_weight * |position|`` where a slot is
+    ``slot_dim`` features followed by its ``(y, x, ...)`` frame."""
+    pred, goal = torch.broadcast_tensors(pred, goal)
+    if slot_dim is None:
+        return torch.cdist(pred.float(), goal.float())
+    features = torch.cdist(pred[..., :slot_dim].float(), goal[..., :slot_dim].float())
+    position = torch.cdist(
+        pred[..., slot_dim : slot_dim + 2].float(), goal[..., slot_dim : slot_dim + 2].float()
+    )
+    return features / slot_dim**0.5 + position_weight * position
+
+
+def hungarian_cost(costs: torch.Tensor) -> torch.Tensor:
+    """Minimum total cost of a one-to-one matching for each ``[K, K]`` matrix of ``costs
+    [..., K, K]`` (``scipy.optimize.linear_sum_assignment``): ``[...]``."""
+    lead = costs.shape[:-2]
+    flat = costs.detach().reshape(-1, *costs.shape[-2:]).cpu().numpy()
+    totals = np.empty(len(flat))
+    for i, matrix in enumerate(flat):
+        rows, cols = linear_sum_assignment(matrix)
+        totals[i] = matrix[rows, cols].sum()
+    return torch.as_tensor(totals, dtype=torch.float32, device=costs.device).reshape(lead)
+
+
+def matched_slot_distance(
+    pred: torch.Tensor,
+    goal: torch.Tensor,
+    slot_dim: int | None = None,
+    position_weight: float = 0.0,
+) -> torch.Tensor:
+    """Distance between two sets of slots, ``pred [..., K, S]`` and ``goal [..., K, S]``: the
+    sum of ``slot_distances`` over the Hungarian matching of the slots. Invariant to the order
+    of the slots in either set. Shapes: -> ``[...]``."""
+    return hungarian_cost(slot_distances(pred, goal, slot_dim, position_weight))
+
+
+def cem(
+    cost_fn: Callable[[torch.Tensor], torch.Tensor],
+    mean: torch.Tensor,
+    std: float | torch.Tensor,
+    population: int,
+    elites: int,
+    iterations: int,
+    low: float = -1.0,
+    high: float = 1.0,
+    min_std: float = 0.05,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy method over action sequences for ``N`` problems at once.
+
+    Each iteration samples ``population`` sequences from a Gaussian per problem (clipped to
+    ``[low, high]``), scores them with ``cost_fn`` (lower is better) and refits the Gaussian to
+    the ``elites`` best. Returns the best sequence ever sampled and its cost (the elite mean
+    can fall between two good modes, e.g. two blocks a pick could take; the best sample
+    cannot).
+
+    Shapes: ``mean [N, H, A]``; ``cost_fn``: ``[N, P, H, A]`` -> ``[N, P]``; returns
+    ``([N, H, A], [N])``.
+    """
+    if not 1 <= elites <= population:
+        raise ValueError(f"cem: need 1 <= elites <= population, got {elites} and {population}")
+    mean = mean.clone()
+    std = torch.as_tensor(std, dtype=mean.dtype, device=mean.device).expand_as(mean).clone()
+    N = mean.shape[0]
+    best = mean.clone()
+    best_cost = torch.full((N,), float("inf"), device=mean.device)
+    rows = torch.arange(N, device=mean.device)
+    for _ in range(iterations):
+        noise = torch.randn(
+            (N, population, *mean.shape[1:]), generator=generator, device=mean.device
+        )
+        samples = (mean[:, None] + std[:, None] * noise).clamp(low, high)
+        costs = cost_fn(samples)
+        assert costs.shape == (N, population), (
+            f"cem: cost_fn must return [N, P] = {(N, population)}, got {tuple(costs.shape)}"
+        )
+        order = costs.argsort(1)
+        top = samples[rows[:, None], order[:, :elites]]  # [N, E, H, A]
+        better = costs[rows, order[:, 0]] < best_cost
+        best[better] = samples[rows, order[:, 0]][better]
+        best_cost = torch.where(better, costs[rows, order[:, 0]], best_cost)
+        mean = top.mean(1)
+        std = top.std(1, unbiased=False).clamp(min=min_std) if elites > 1 else std
+    return best, best_cost
+
+
+def slot_spec(config: Config) -> SlotSpec:
+    """The slot world model described by ``config.op3``."""
+    o = config.op3
+    return SlotSpec(
+        slots=o.slots,
+        slot_dim=o.slot_dim,
+        iterations=o.iterations,
+        slot_init=o.slot_init,
+        cnn_depth=o.cnn_depth,
+        decoder_depth=o.decoder_depth,
+        hidden=o.hidden,
+        interaction_topk=o.interaction_topk,
+        resolution=o.resolution,
+        background=o.background,
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# The agent
+# ------------------------------------------------------------------------------------------
+
+
+class OP3Agent(Agent):
+    """Slot world model + CEM planning to the goal image; ``Box`` actions in ``[-1, 1]``."""
+
+    def __init__(self, config: Config, obs_space: gym.spaces.Dict, action_space: gym.Space) -> None:
+        if not isinstance(action_space, gym.spaces.Box):
+            raise TypeError(f"agent=op3 needs continuous (Box) actions, got {action_space}")
+        spaces = obs_space.spaces
+        if "pixels" not in spaces:
+            raise ValueError(
+                f"agent=op3 plans from pixels but the env observes {sorted(spaces)}: set "
+                "env.obs=pixels"
+            )
+        if "goal" not in spaces:
+            raise ValueError(
+                "agent=op3 plans toward the goal image but the env has no 'goal' observation: "
+                "set env.goal_obs=true (blocks: tasks)"
+            )
+        if spaces["goal"].shape != spaces["pixels"].shape:
+            raise ValueError(
+                f"agent=op3: goal image {spaces['goal'].shape} and pixels "
+                f"{spaces['pixels'].shape} must have the same shape"
+            )
+        self.config = config
+        self.action_space = action_space
+        self.action_shape = tuple(action_space.shape)
+        self.action_dim = int(np.prod(self.action_shape))
+        self.image_shape = tuple(spaces["pixels"].shape)
+        self.accelerator = make_accelerator(config)
+        self.device = self.accelerator.device
+        o = config.op3
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.factory = LayerFactory(norm="layer", act="relu")
+            self.wm = SlotWorldModel(
+                self.image_shape, self.action_dim, slot_spec(config), self.factory
+            )
+        self.accelerator.place(self.wm)
+        self.opt = torch.optim.Adam(self.wm.parameters(), lr=o.lr)
+        self.accelerator.prepare({"world_model": self.wm}, {"world_model": self.opt})
+        self.scales = {
+            "loss/reconstruction": o.reconstruction_scale,
+            "loss/prediction": o.prediction_scale,
+            "loss/dynamics": o.dynamics_scale,
+        }
+        self.updates = 0
+        # Exploration and planning noise: the agent's own streams, saved in checkpoints.
+        self.rng = np.random.default_rng(config.seed)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(config.seed + 1)
+
+    # ---------------------------------------------------------------------------------
+    # Training
+    # ---------------------------------------------------------------------------------
+    def _pixels(self, pixels: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """uint8 frames ``[..., 3, H, W]`` -> floats in ``[-0.5, 0.5]`` on the device."""
+        tensor = torch.as_tensor(np.asarray(pixels) if not torch.is_tensor(pixels) else pixels)
+        tensor = tensor.to(self.device, non_blocking=True)
+        return tensor.float() / 255.0 - 0.5 if not tensor.is_floating_point() else tensor
+
+    def preprocess(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Replay batch ``[B, T, ...]`` -> the world model's inputs."""
+        B, T = batch["is_first"].shape[:2]
+        return {
+            "pixels": self._pixels(batch["pixels"]),
+            "action": batch["action"].to(self.device).float().reshape(B, T, self.action_dim),
+            "is_first": batch["is_first"].to(self.device).float(),
+        }
+
+    def update(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        o = self.config.op3
+        lr = o.lr * min(1.0, (self.updates + 1) / max(1, o.warmup))
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        with self.accelerator.train_step(batch):
+            data = self.preprocess(batch)
+            self.opt.zero_grad(set_to_none=True)
+            with self.accelerator.autocast():
+                losses, metrics, _ = self.wm.loss_and_states(
+                    data, predict_pixels=o.prediction_scale > 0
+                )
+            total = sum(self.scales[k] * v for k, v in losses.items())
+            norm = self.accelerator.backward(total, self.opt, clip=o.grad_clip)
+            self.accelerator.step(self.opt)
+            self.opt.zero_grad(set_to_none=True)
+        self.updates += 1
+        out = {**losses, **metrics, "loss/world_model": total, "train/grad_norm_world_model": norm}
+        values = torch.stack([v.detach().float().reshape(()) for v in out.values()]).cpu()
+        result = dict(zip(out, values.tolist()))
+        result["train/lr"] = lr
+        result.update(self.accelerator.metrics())
+        return result
+
+    # ---------------------------------------------------------------------------------
+    # Acting
+    # ---------------------------------------------------------------------------------
+    def initial_state(self, batch_size: int) -> State:
+        K, S = self.wm.num_slots, self.wm.state_dim
+        return {
+            "slots": torch.zeros(batch_size, K, S, device=self.device),
+            "goal": torch.zeros(batch_size, K, S, device=self.device),
+            "action": torch.zeros(batch_size, self.action_dim, device=self.device),
+            # 0 until the slots were inferred (random actions skip inference).
+            "valid": torch.zeros(batch_size, device=self.device),
+        }
+
+    def _random_actions(self, n: int) -> np.ndarray:
+        return self.rng.uniform(-1.0, 1.0, size=(n, self.action_dim)).astype(np.float32)
+
+    @torch.inference_mode()
+    def act(
+        self, obs: dict[str, np.ndarray], state: State, explore: bool
+    ) -> tuple[np.ndarray, State]:
+        n = len(obs["is_first"])
+        if state is None:
+            state = self.initial_state(n)
+        first = torch.as_tensor(np.asarray(obs["is_first"]), device=self.device).float()
+        if explore and self.updates == 0:
+            # Random interactions until the model has learned anything; no inference needed.
+            action = self._random_actions(n)
+            valid = torch.zeros(n, device=self.device)
+            return self._out(action), {**state, "valid": valid}
+        fresh = torch.maximum(first, 1.0 - state["valid"])  # no usable slots to predict from
+        slots = self.filter(obs["pixels"], state["slots"], state["action"], fresh)
+        goal = state["goal"]
+        if bool(fresh.any()):  # the goal image is constant within an episode: infer it once
+            inferred = self.wm.infer(self._pixels(obs["goal"]))
+            goal = torch.where(fresh[:, None, None] > 0, inferred, goal)
+        plan = self.plan(slots, goal)  # [n, H, A]
+        action = plan[:, 0].cpu().numpy().astype(np.float32)
+        if explore:
+            o = self.config.op3
+            action = np.clip(action + o.explore_noise * self.rng.normal(size=action.shape), -1, 1)
+            random = self.rng.random(n) < o.epsilon
+            action[random] = self._random_actions(int(random.sum()))
+            action = action.astype(np.float32)
+        new_state = {
+            "slots": slots,
+            "goal": goal,
+            "action": torch.as_tensor(action, device=self.device),
+            "valid": torch.ones(n, device=self.device),
+        }
+        return self._out(action), new_state
+
+    def _out(self, action: np.ndarray) -> np.ndarray:
+        return action.reshape(len(action), *self.action_shape)
+
+    def filter(
+        self,
+        pixels: np.ndarray | torch.Tensor,
+        slots: torch.Tensor,
+        action: torch.Tensor,
+        fresh: torch.Tensor,
+    ) -> torch.Tensor:
+        """Posterior slots ``[N, K, S]`` of frames ``[N, 3, H, W]``: refined from the dynamics'
+        prediction (last slots and the action taken since), or from fresh starting slots where
+        ``fresh [N]`` is 1 (a new episode)."""
+        tokens, colours = self.wm.encode(self._pixels(pixels))
+        predicted = self.wm.transition(slots, action)
+        keep = (1.0 - fresh)[:, None, None]
+        init = keep * predicted + (1.0 - keep) * self.wm.initial(tokens, colours)
+        return self.wm.refine(tokens, init)[0]
+
+    def plan_cost(self, slots: torch.Tensor, goal: torch.Tensor, actions: torch.Tensor):
+        """Cost ``[N, P]`` of action sequences ``actions [N, P, H, A]`` from slots ``[N, K,
+        S]``: matched distance between the final predicted slots and the goal slots."""
+        N, P = actions.shape[:2]
+        start = slots[:, None].expand(N, P, *slots.shape[1:]).flatten(0, 1)
+        final = self.wm.imagine(start, actions.flatten(0, 1))[:, -1].unflatten(0, (N, P))
+        o = self.config.op3
+        return matched_slot_distance(final, goal[:, None], self.wm.spec.slot_dim, o.position_weight)
+
+    def plan(self, slots: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
+        """The CEM plan ``[N, H, A]`` from slots ``[N, K, S]`` toward goal slots ``[N, K, S]``."""
+        o = self.config.op3
+        mean = torch.zeros(slots.shape[0], o.horizon, self.action_dim, device=self.device)
+        best, _ = cem(
+            lambda actions: self.plan_cost(slots, goal, actions),
+            mean,
+            o.cem_std,
+            o.cem_population,
+            o.cem_elites,
+            o.cem_iterations,
+            generator=self.generator,
+        )
+        return best
+
+    # ---------------------------------------------------------------------------------
+    # Segmentation (evaluation)
+    # ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def segment(self, pixels: np.ndarray, chunk: int = 64) -> np.ndarray:
+        """Masks of single frames: uint8 ``[N, 3, H, W]`` -> float32 ``[N, C, H, W]`` over the
+        ``C = wm.num_components`` mixture components (background layer first, then the slots;
+        they sum to one; ``argmax`` over C segments the frame)."""
+        pixels = np.asarray(pixels)
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != self.image_shape:
+            raise ValueError(
+                f"segment: expected frames [N, {', '.join(map(str, self.image_shape))}], got "
+                f"{pixels.shape}"
+            )
+        out = [
+            self.wm.segment(self._pixels(pixels[i : i + chunk])).float().cpu().numpy()
+            for i in range(0, len(pixels), chunk)
+        ]
+        return np.concatenate(out, 0)
+
+    # ---------------------------------------------------------------------------------
+    # Checkpoints and reports
+    # ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        weights = {
+            f"world_model.{k}": v.detach().cpu().clone() for k, v in self.wm.state_dict().items()
+        }
+        return {
+            "weights": weights,
+            "optimizers": {"world_model": self.opt.state_dict()},
+            "updates": self.updates,
+            "rng": self.rng.bit_generator.state,
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        prefix = "world_model."
+        weights = {k[len(prefix) :]: v for k, v in state["weights"].items() if k.startswith(prefix)}
+        self.wm.load_state_dict(weights, strict=True)
+        self.opt.load_state_dict(state["optimizers"]["world_model"])
+        self.updates = int(state["updates"])
+        self.rng.bit_generator.state = state["rng"]
+        self.generator.set_state(state["generator"])
+
+    @torch.no_grad()
+    def report(self, batch: dict[str, torch.Tensor], rows: int = 4) -> dict[str, np.ndarray]:
+        """``world_model/slots``: for ``rows`` replayed frames, the frame, its reconstruction
+        and each mixture component's masked RGB (background first, then the slots) side by
+        side, as a uint8 image ``[rows * h, (C + 2) * w, 3]`` at the model's resolution."""
+        pixels = self._pixels(batch["pixels"][:rows, 0])
+        decoded = self.wm.decode(self.wm.infer(pixels))
+        truth = self.wm.resize(pixels)
+        parts = [truth, decoded["image"]] + [
+            decoded["masks"][:, k] * decoded["rgb"][:, k] for k in range(self.wm.num_components)
+        ]
+        image = torch.cat(parts, -1)  # [rows, 3, h, (K + 2) w]
+        image = ((image + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+        return {"world_model/slots": image.permute(0, 2, 3, 1).flatten(0, 1).cpu().numpy()}
+
+    def num_parameters(self) -> dict[str, int]:
+        count = sum(p.numel() for p in self.wm.parameters())
+        return {"world_model": count, "total": count}
+
+
+__all__ = [
+    "OP3Agent",
+    "cem",
+    "hungarian_cost",
+    "matched_slot_distance",
+    "slot_distances",
+    "slot_spec",
+]

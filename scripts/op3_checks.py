@@ -1,0 +1,371 @@
+"""Research checks of the OP3-like agent (scripts, not tests).
+
+``python scripts/op3_checks.py check=ari json=ari.json [minutes=25] [checkpoint=<dir>]``:
+segmentation quality. Without ``checkpoint=``, the slot world model of ``preset=op3`` (plus
+any ``op3.<key>=value`` given here) is trained from scratch on single frames of random
+interactions with ``env=`` (``episodes`` episodes: the first frame, the goal image and
+``steps`` frames after random actions each), ``batch`` frames an update, for ``updates``
+updates or until ``minutes`` of training have passed. The foreground ARI of the slot masks
+(argmax over slots, at the env's 64 x 64) against the ground-truth block masks is measured on
+``test_scenes`` held-out scenes (first frames of episodes with other seeds) every
+``eval_every`` updates, and for the untrained model (``ari_untrained``: what the colour-seeded
+slot initialisation and the spatial prior give before any learning). ``save=<dir>`` writes
+the trained agent as a checkpoint that ``evaluate.py`` and ``check=planning`` accept. With
+``checkpoint=`` (a run directory or checkpoint of ``train.py agent=op3``) only the held-out
+ARI of that model is measured.
+
+``python scripts/op3_checks.py check=planning json=plan.json [checkpoint=<dir>]``: success
+rate on ``env=`` (``blocks:push-3``) over ``episodes`` episodes (the same seeds for every
+planner) of three planners: ``random`` (uniform actions), ``oracle`` (CEM with the true
+simulator: every candidate is rolled out in a copy of the env restored with
+``set_sim_state``, cost = mean distance of the blocks to their goals, ``oracle_population`` x
+``oracle_iterations`` candidates, ``oracle_horizon`` actions) and ``learned`` (the op3 agent of
+``checkpoint=``, greedy: CEM in its slot world model toward the goal image's slots; skipped
+without a checkpoint). Reports success rate, final mean goal distance and return per planner.
+
+Common keys: ``json=``, ``seed=`` (0), ``threads=`` (1). See ``DEFAULTS``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+DEFAULTS: dict[str, Any] = {
+    "check": "ari",
+    "json": None,
+    "seed": 0,
+    "threads": 1,
+    "env": "blocks:push-3",
+    "checkpoint": None,
+    # ari
+    "episodes": 1000,
+    "steps": 1,
+    "test_scenes": 200,
+    "batch": 16,
+    "updates": 0,  # 0: train until `minutes` have passed
+    "minutes": 25.0,
+    "eval_every": 500,
+    "save": None,
+    # planning (`episodes` is shared; the planning default is `planning_episodes`)
+    "planning_episodes": 20,
+    "oracle_population": 64,
+    "oracle_iterations": 3,
+    "oracle_elites": 8,
+    "oracle_horizon": 1,
+}
+
+
+def _config(args: dict[str, Any], overrides: list[str]):
+    from runtime.config import build_config
+
+    if args["checkpoint"]:
+        from runtime.checkpoint import load_checkpoint
+
+        loaded = load_checkpoint(Path(str(args["checkpoint"])))
+        return build_config(overrides, base=loaded.config), loaded
+    base = ["preset=op3", f"env={args['env']}", f"seed={args['seed']}"]
+    return build_config([*base, *overrides]), None
+
+
+def _env(config, seed: int):
+    import envs
+
+    return envs.make_env(
+        config.env.id,
+        obs="pixels",
+        size=config.env.size,
+        goal_obs=True,
+        blocks_action=config.env.blocks_action,
+        time_limit=config.env.time_limit,
+        seed=seed,
+    )
+
+
+def _agent(config, env, loaded=None):
+    from agents.op3 import OP3Agent
+
+    agent = OP3Agent(config, env.observation_space, env.action_space)
+    if loaded is not None:
+        agent.load_state_dict(loaded.agent_state)
+    return agent
+
+
+# --------------------------------------------------------------------------------------
+# Segmentation
+# --------------------------------------------------------------------------------------
+
+
+def collect_frames(config, episodes: int, steps: int, seed: int):
+    """Random-interaction frames: per episode the first frame, the goal image and ``steps``
+    frames after uniformly random actions. Returns uint8 ``[F, 3, H, W]``."""
+    env = _env(config, seed)
+    rng = np.random.default_rng(seed)
+    frames = []
+    for episode in range(episodes):
+        obs, _ = env.reset(seed=seed + episode)
+        frames += [obs["pixels"], obs["goal"]]
+        for _ in range(steps):
+            action = rng.uniform(-1, 1, env.action_space.shape).astype(np.float32)
+            obs, *_ = env.step(action)
+            frames.append(obs["pixels"])
+    env.close()
+    return np.stack(frames)
+
+
+def test_scenes(config, scenes: int, seed: int):
+    """Held-out first frames and their true masks: uint8 ``[N, 3, H, W]``, ``[N, H, W]``."""
+    env = _env(config, seed)
+    pixels, masks = [], []
+    for scene in range(scenes):
+        obs, info = env.reset(seed=seed + scene)
+        pixels.append(obs["pixels"])
+        masks.append(info["masks"])
+    env.close()
+    return np.stack(pixels), np.stack(masks)
+
+
+def check_ari(args: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    import torch
+
+    from worldmodels.segmentation import foreground_ari
+
+    config, loaded = _config(args, overrides)
+    seed = args["seed"]
+    env = _env(config, seed)
+    agent = _agent(config, env, loaded)
+    env.close()
+    test_pixels, test_masks = test_scenes(config, args["test_scenes"], 1_000_000 + seed)
+
+    def ari() -> float:
+        return foreground_ari(test_masks, agent.segment(test_pixels).argmax(1))
+
+    report: dict[str, Any] = {"check": "ari", "env": config.env.id, "test_scenes": len(test_pixels)}
+    if loaded is not None:
+        report.update(checkpoint=str(loaded.path), step=loaded.step, ari=ari())
+        print(f"held-out FG-ARI of {loaded.path}: {report['ari']:.3f}")
+        return report
+
+    report["ari_untrained"] = ari()
+    print(f"untrained FG-ARI {report['ari_untrained']:.3f}", flush=True)
+    tick = time.perf_counter()
+    frames = collect_frames(config, args["episodes"], args["steps"], seed)
+    report["frames"] = len(frames)
+    report["collect_seconds"] = round(time.perf_counter() - tick, 1)
+    print(f"collected {len(frames)} frames in {report['collect_seconds']} s", flush=True)
+
+    rng = np.random.default_rng(seed)
+    batch = args["batch"]
+    action = torch.zeros(batch, 1, agent.action_dim)
+    is_first = torch.ones(batch, 1)
+    curve: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    budget = 60.0 * args["minutes"]
+    updates = 0
+    losses: list[float] = []
+    while True:
+        elapsed = time.perf_counter() - start
+        done = updates >= args["updates"] if args["updates"] else elapsed >= budget
+        if updates % args["eval_every"] == 0 or done:
+            value = ari() if updates else report["ari_untrained"]
+            recon = float(np.mean(losses)) if losses else float("nan")
+            curve.append(
+                {"update": updates, "seconds": round(elapsed, 1), "ari": value, "recon": recon}
+            )
+            print(f"update {updates} ({elapsed:.0f} s): recon {recon:.5f} FG-ARI {value:.3f}")
+            losses.clear()
+        if done:
+            break
+        index = rng.integers(0, len(frames), batch)
+        pixels = torch.as_tensor(frames[index])[:, None]
+        metrics = agent.update({"pixels": pixels, "action": action, "is_first": is_first})
+        losses.append(metrics["loss/reconstruction"])
+        updates += 1
+    report.update(
+        ari=curve[-1]["ari"],
+        updates=updates,
+        train_seconds=round(time.perf_counter() - start, 1),
+        batch=batch,
+        curve=curve,
+    )
+    if args["save"]:
+        report["saved"] = str(_save(agent, config, args["save"], updates))
+        print(f"checkpoint: {report['saved']}")
+    return report
+
+
+def _save(agent, config, run_dir: str, updates: int) -> Path:
+    from dataclasses import asdict
+
+    from runtime.checkpoint import save_checkpoint
+    from runtime.config import to_dict
+    from runtime.loop import Counters, _rng_state
+
+    counters = asdict(Counters(updates=updates))
+    train_state = {"counters": counters, "rng": _rng_state(), "world_size": 1}
+    return save_checkpoint(run_dir, 0, to_dict(config), agent.state_dict(), train_state)
+
+
+# --------------------------------------------------------------------------------------
+# Planning
+# --------------------------------------------------------------------------------------
+
+
+def _goal_distance(env) -> float:
+    """Mean distance of the blocks to their goals (xy for push, xyz for stack)."""
+    inner = env.unwrapped
+    diff = inner.block_positions.astype(np.float64) - inner.goal_positions
+    if inner.task == "push":
+        diff = diff[:, :2]
+    return float(np.linalg.norm(diff, axis=1).mean())
+
+
+class OraclePlanner:
+    """CEM with the true simulator: candidates are rolled out in a second env restored to the
+    real env's state (``get_sim_state`` / ``set_sim_state``, physics only via ``simulate``)."""
+
+    def __init__(self, config, args: dict[str, Any], seed: int) -> None:
+        import torch
+
+        self.sim = _env(config, seed).unwrapped
+        self.args = args
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, env) -> np.ndarray:
+        import torch
+
+        from agents.op3 import cem
+
+        state = env.unwrapped.get_sim_state()
+        sim = self.sim
+        dim = int(np.prod(env.action_space.shape))
+
+        def cost(actions: torch.Tensor) -> torch.Tensor:  # [1, P, H, A] -> [1, P]
+            out = []
+            for sequence in actions[0].numpy():
+                sim.set_sim_state(state)
+                for action in sequence:
+                    sim.simulate(action)
+                out.append(_goal_distance(sim))
+            return torch.tensor([out])
+
+        a = self.args
+        best, _ = cem(
+            cost,
+            torch.zeros(1, a["oracle_horizon"], dim),
+            1.0,
+            a["oracle_population"],
+            a["oracle_elites"],
+            a["oracle_iterations"],
+            generator=self.generator,
+        )
+        return best[0, 0].numpy().astype(np.float32)
+
+
+def run_episodes(env, policy, episodes: int, seed: int) -> dict[str, Any]:
+    """Success rate, final goal distance and return of ``policy(env, obs, is_first)``."""
+    successes, distances, returns = [], [], []
+    for episode in range(episodes):
+        obs, info = env.reset(seed=seed + episode)
+        is_first, total, done = True, 0.0, False
+        while not done:
+            action = policy(env, obs, is_first)
+            obs, reward, terminated, truncated, info = env.step(action)
+            total += float(reward)
+            is_first, done = False, terminated or truncated
+        successes.append(bool(info["is_success"]))
+        distances.append(_goal_distance(env))
+        returns.append(total)
+    return {
+        "success_rate": float(np.mean(successes)),
+        "final_goal_distance": float(np.mean(distances)),
+        "return_mean": float(np.mean(returns)),
+        "successes": successes,
+    }
+
+
+def check_planning(args: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    config, loaded = _config(args, overrides)
+    seed, episodes = 2_000_000 + args["seed"], args["planning_episodes"]
+    env = _env(config, seed)
+    rng = np.random.default_rng(args["seed"])
+    report: dict[str, Any] = {"check": "planning", "env": config.env.id, "episodes": episodes}
+    planners: dict[str, Any] = {
+        "random": lambda env, obs, first: rng.uniform(-1, 1, env.action_space.shape).astype(
+            np.float32
+        ),
+        "oracle": (lambda planner: lambda env, obs, first: planner(env))(
+            OraclePlanner(config, args, seed)
+        ),
+    }
+    if loaded is not None:
+        agent = _agent(config, env, loaded)
+        memory = {"state": None}
+
+        def learned(env, obs, first):
+            if first:
+                memory["state"] = agent.initial_state(1)
+            batch = {k: v[None] for k, v in obs.items()}
+            batch["is_first"] = np.array([first])
+            action, memory["state"] = agent.act(batch, memory["state"], explore=False)
+            return action[0]
+
+        planners["learned"] = learned
+        report.update(checkpoint=str(loaded.path), step=loaded.step)
+    else:
+        report["learned"] = "skipped: pass checkpoint=<run dir of train.py agent=op3>"
+    for name, policy in planners.items():
+        tick = time.perf_counter()
+        result = run_episodes(env, policy, episodes, seed)
+        result["seconds"] = round(time.perf_counter() - tick, 1)
+        report[name] = result
+        print(
+            f"{name}: success {result['success_rate']:.2f}, final goal distance "
+            f"{result['final_goal_distance']:.3f} m, return {result['return_mean']:.2f} "
+            f"({result['seconds']} s)",
+            flush=True,
+        )
+    env.close()
+    return report
+
+
+def main(argv: list[str]) -> int:
+    import torch
+
+    from runtime.checkpoint import CheckpointError
+    from runtime.config import ConfigError, parse_script_args
+
+    # op3.<key>=value (and env.<key>=value) go to the agent's config, the rest are ours.
+    overrides = [a for a in argv if a.split("=", 1)[0].startswith(("op3.", "env."))]
+    try:
+        args = parse_script_args([a for a in argv if a not in overrides], DEFAULTS)
+        if args["check"] not in ("ari", "planning"):
+            raise ConfigError(f"check: expected 'ari' or 'planning', got {args['check']!r}")
+        report_fn = check_ari if args["check"] == "ari" else check_planning
+        _config(args, overrides)  # a bad key fails here, before any work
+    except (ConfigError, CheckpointError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(max(1, args["threads"]))
+    start = time.perf_counter()
+    report = report_fn(args, overrides)
+    report["wall_seconds"] = round(time.perf_counter() - start, 1)
+    report["args"] = args
+    report["overrides"] = overrides
+    if args["json"]:
+        Path(args["json"]).parent.mkdir(parents=True, exist_ok=True)
+        Path(args["json"]).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"json: {args['json']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,362 @@
+"""The OP3-like agent: slot world model symmetries, planning pieces, ARI, and the scripts."""
+
+from __future__ import annotations
+
+import json
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from agents.op3 import OP3Agent, cem, matched_slot_distance, slot_distances
+from runtime.config import ConfigError, build_config
+from worldmodels.layers import LayerFactory
+from worldmodels.segmentation import adjusted_rand_index, foreground_ari
+from worldmodels.slots import SlotDynamics, SlotSpec, SlotWorldModel, farthest_tokens
+
+TINY = SlotSpec(
+    slots=4, slot_dim=8, iterations=2, cnn_depth=8, decoder_depth=8, hidden=16, resolution=16
+)
+
+
+def tiny_model(**changes) -> SlotWorldModel:
+    torch.manual_seed(0)
+    spec = SlotSpec(**{**TINY.__dict__, **changes})
+    return SlotWorldModel((3, 32, 32), 4, spec)
+
+
+def random_slots(model: SlotWorldModel, n: int = 2) -> torch.Tensor:
+    slots = torch.randn(n, model.num_slots, model.state_dim)
+    slots[..., -4:-2] = torch.rand(n, model.num_slots, 2)  # positions in the image
+    slots[..., -2:] = 0.05 + 0.2 * torch.rand(n, model.num_slots, 2)  # scales
+    return slots
+
+
+# --------------------------------------------------------------------------------------
+# Permutation symmetry
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("topk", [0, 2])
+def test_dynamics_permutation_equivariant(topk):
+    torch.manual_seed(0)
+    dynamics = SlotDynamics(12, 3, 16, topk, LayerFactory())
+    slots, action = torch.randn(3, 5, 12), torch.randn(3, 3)
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    out, info = dynamics(slots, action)
+    out_p, info_p = dynamics(slots[:, perm], action)
+    torch.testing.assert_close(out_p, out[:, perm])
+    torch.testing.assert_close(info_p["action_weight"], info["action_weight"][:, perm])
+    torch.testing.assert_close(
+        info_p["interaction_weight"], info["interaction_weight"][:, perm][:, :, perm]
+    )
+    weights = info["interaction_weight"]
+    assert torch.all(weights.diagonal(dim1=1, dim2=2) == 0)  # no slot acts on itself
+    if topk:  # the sparse graph: exactly topk partners per slot
+        assert torch.all((weights > 0).sum(-1) == topk)
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_decoder_per_slot_outputs_permute_and_masks_sum_to_one(background):
+    model = tiny_model(background=background)
+    if model.background is not None:
+        with torch.no_grad():  # a background layer that is not uniform
+            model.background.normal_()
+    slots = random_slots(model)
+    perm = torch.tensor([2, 0, 3, 1])
+    out, out_p = model.decode(slots), model.decode(slots[:, perm])
+    # Components: the background layer first (when there is one, unaffected), then the slots.
+    b = int(background)
+    assert model.num_components == 4 + b
+    for key in ("rgb", "masks"):
+        torch.testing.assert_close(out_p[key][:, b:], out[key][:, b:][:, perm])
+        torch.testing.assert_close(out_p[key][:, :b], out[key][:, :b])
+    torch.testing.assert_close(out_p["image"], out["image"], atol=1e-5, rtol=1e-5)
+    # Mixture masks: a distribution over the components at every pixel.
+    assert out["masks"].shape == (2, 4 + b, 1, 16, 16)
+    assert torch.all(out["masks"] >= 0)
+    torch.testing.assert_close(out["masks"].sum(1), torch.ones(2, 1, 16, 16))
+
+
+def test_slot_attention_and_transition_permutation_equivariant():
+    model = tiny_model().eval()
+    pixels = torch.rand(2, 3, 32, 32) - 0.5
+    tokens, colours = model.encode(pixels)
+    init = model.initial(tokens, colours)
+    perm = torch.tensor([1, 3, 0, 2])
+    refined, attn = model.refine(tokens, init)
+    refined_p, attn_p = model.refine(tokens, init[:, perm])
+    torch.testing.assert_close(refined_p, refined[:, perm], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attn_p, attn[..., perm], atol=1e-5, rtol=1e-5)
+    action = torch.rand(2, 4)
+    torch.testing.assert_close(
+        model.transition(refined[:, perm], action), model.transition(refined, action)[:, perm]
+    )
+
+
+def test_farthest_tokens_picks_distinct_colours():
+    colours = torch.zeros(1, 16, 3)
+    colours[0, 5] = torch.tensor([1.0, 0.0, 0.0])
+    colours[0, 11] = torch.tensor([0.0, 0.0, 1.0])
+    picked = farthest_tokens(colours, 3)[0].tolist()
+    assert set(picked[:2]) == {5, 11} and picked[2] not in (5, 11)
+
+
+# --------------------------------------------------------------------------------------
+# Planning
+# --------------------------------------------------------------------------------------
+
+
+def test_cem_finds_quadratic_optimum():
+    target = torch.tensor([[[0.3, -0.6], [0.0, 0.8]], [[-0.9, 0.2], [0.5, 0.5]]])  # [N, H, A]
+
+    def cost(actions):  # [N, P, H, A] -> [N, P]
+        return (actions - target[:, None]).square().sum((-2, -1))
+
+    generator = torch.Generator().manual_seed(0)
+    best, best_cost = cem(cost, torch.zeros(2, 2, 2), 1.0, 200, 20, 8, generator=generator)
+    assert best.shape == (2, 2, 2) and best_cost.shape == (2,)
+    torch.testing.assert_close(best, target, atol=0.05, rtol=0)
+    assert torch.all(best_cost < 0.01)
+
+
+def test_hungarian_matched_distance_is_permutation_invariant():
+    torch.manual_seed(0)
+    pred, goal = torch.randn(3, 5, 10), torch.randn(3, 5, 10)
+    base = matched_slot_distance(pred, goal, slot_dim=6, position_weight=2.0)
+    for _ in range(3):
+        p, q = torch.randperm(5), torch.randperm(5)
+        torch.testing.assert_close(
+            matched_slot_distance(pred[:, p], goal[:, q], slot_dim=6, position_weight=2.0), base
+        )
+    # The same slots in another order are at distance 0; matching beats the identity pairing.
+    torch.testing.assert_close(matched_slot_distance(pred, pred[:, p]), torch.zeros(3))
+    identity = slot_distances(pred, goal).diagonal(dim1=-2, dim2=-1).sum(-1)
+    assert torch.all(matched_slot_distance(pred, goal) <= identity + 1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# Losses and gradients
+# --------------------------------------------------------------------------------------
+
+
+def _batch(B: int = 2, T: int = 3) -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)
+    is_first = torch.zeros(B, T)
+    is_first[:, 0] = 1
+    return {
+        "pixels": torch.rand(B, T, 3, 32, 32) - 0.5,
+        "action": torch.rand(B, T, 4) * 2 - 1,
+        "is_first": is_first,
+    }
+
+
+def _grads(model: SlotWorldModel, loss: torch.Tensor) -> dict[str, bool]:
+    model.zero_grad(set_to_none=True)
+    loss.backward(retain_graph=True)
+    parts = ("encoder", "attention", "decoder", "dynamics")
+    reached = {}
+    for part in parts:
+        grads = [p.grad for p in getattr(model, part).parameters()]
+        reached[part] = any(g is not None and bool(g.abs().sum() > 0) for g in grads)
+    return reached
+
+
+def test_loss_terms_finite_and_gradients_reach_the_right_parameters():
+    model = tiny_model()
+    losses, metrics = model.loss(_batch())
+    assert set(losses) == {"loss/reconstruction", "loss/prediction", "loss/dynamics"}
+    assert all(torch.isfinite(v) and v.dim() == 0 for v in [*losses.values(), *metrics.values()])
+    assert all(float(v.detach()) > 0 for v in losses.values())
+    # The dynamics learn from predicting the next frame and the next slots...
+    assert _grads(model, losses["loss/prediction"]) == {
+        "encoder": True,
+        "attention": True,
+        "decoder": True,
+        "dynamics": True,
+    }
+    assert _grads(model, losses["loss/dynamics"])["dynamics"]
+    assert not _grads(model, losses["loss/dynamics"])["decoder"]
+    # ...and single frames (the segmentation phase) train everything but the dynamics.
+    single = {k: v[:, :1] for k, v in _batch().items()}
+    single_losses, _ = model.loss(single)
+    assert float(single_losses["loss/prediction"].detach()) == 0.0
+    assert float(single_losses["loss/dynamics"].detach()) == 0.0
+    assert _grads(model, single_losses["loss/reconstruction"]) == {
+        "encoder": True,
+        "attention": True,
+        "decoder": True,
+        "dynamics": False,
+    }
+
+
+def test_reconstruction_loss_falls():
+    model = tiny_model()
+    batch = {k: v[:, :1] for k, v in _batch(4, 1).items()}
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(30):
+        loss = model.loss(batch)[0]["loss/reconstruction"]
+        first = float(loss.detach()) if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss.detach()) < 0.5 * first
+
+
+def test_observe_imagine_shapes_and_segment_masks():
+    model = tiny_model()
+    batch = _batch(2, 3)
+    states = model.observe(batch["pixels"], batch["action"], batch["is_first"])
+    K, S = model.num_slots, model.state_dim
+    assert states["post"].shape == states["prior"].shape == (2, 3, K, S)
+    assert states["attention"].shape == (2, 3, 64, K)  # 8 x 8 tokens at resolution 16
+    assert states["has_prior"].tolist() == [[0.0, 1.0, 1.0]] * 2
+    rollout = model.imagine(states["post"][:, -1], torch.rand(2, 5, 4))
+    assert rollout.shape == (2, 6, K, S)
+    torch.testing.assert_close(rollout[:, 0], states["post"][:, -1])
+    masks = model.segment(batch["pixels"][:, 0])  # back at the frames' 32 x 32
+    assert masks.shape == (2, K, 32, 32)
+    torch.testing.assert_close(masks.sum(1), torch.ones(2, 32, 32))
+
+
+# --------------------------------------------------------------------------------------
+# ARI
+# --------------------------------------------------------------------------------------
+
+
+def test_adjusted_rand_index_on_hand_made_examples():
+    truth = np.array([[0, 0, 1, 1, 2, 2]])
+    assert adjusted_rand_index(truth, truth)[0] == 1.0
+    assert adjusted_rand_index(truth, np.array([[5, 5, 9, 9, 7, 7]]))[0] == 1.0  # relabelled
+    # A worked example: 3 of the 15 pairs agree as same-cluster in both partitions.
+    pred = np.array([[0, 0, 0, 1, 1, 1]])
+    rows, cols, index = 3.0, 6.0, 2.0
+    expected = rows * cols / 15.0
+    value = (index - expected) / (0.5 * (rows + cols) - expected)
+    np.testing.assert_allclose(adjusted_rand_index(truth, pred)[0], value)
+    # Unrelated random labelings score about 0.
+    rng = np.random.default_rng(0)
+    random = adjusted_rand_index(rng.integers(0, 4, (20, 500)), rng.integers(0, 4, (20, 500)))
+    assert abs(random.mean()) < 0.02
+    # Foreground ARI ignores how the background (label 0) is split.
+    true_masks = np.zeros((1, 4, 4), dtype=int)
+    true_masks[0, :2, :2], true_masks[0, 2:, 2:] = 1, 2
+    pred_masks = np.arange(16).reshape(1, 4, 4) % 3 + 10  # background split at random
+    pred_masks[0, :2, :2], pred_masks[0, 2:, 2:] = 7, 8
+    assert foreground_ari(true_masks, pred_masks) == 1.0
+    merged = np.where(true_masks > 0, 7, pred_masks)  # both objects in one slot
+    assert foreground_ari(true_masks, merged) == 0.0
+
+
+# --------------------------------------------------------------------------------------
+# Agent
+# --------------------------------------------------------------------------------------
+
+
+def _spaces(goal: bool = True):
+    image = gym.spaces.Box(0, 255, (3, 32, 32), np.uint8)
+    obs = {"pixels": image, **({"goal": image} if goal else {})}
+    return gym.spaces.Dict(obs), gym.spaces.Box(-1, 1, (4,), np.float32)
+
+
+def _config(*extra: str):
+    return build_config(["preset=debug", "agent=op3", "env=blocks:push-3", "env.size=32", *extra])
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_agent_acts_updates_and_restores(background):
+    config = _config("op3.horizon=2", f"op3.background={str(background).lower()}")
+    components = config.op3.slots + int(background)
+    obs_space, action_space = _spaces()
+    agent = OP3Agent(config, obs_space, action_space)
+    rng = np.random.default_rng(0)
+    obs = {
+        "pixels": rng.integers(0, 255, (2, 3, 32, 32), dtype=np.uint8),
+        "goal": rng.integers(0, 255, (2, 3, 32, 32), dtype=np.uint8),
+        "is_first": np.array([True, True]),
+    }
+    action, state = agent.act(obs, agent.initial_state(2), explore=True)  # random phase
+    assert action.shape == (2, 4) and action.dtype == np.float32
+    batch = {
+        "pixels": torch.randint(0, 255, (3, 4, 3, 32, 32), dtype=torch.uint8),
+        "action": torch.rand(3, 4, 4) * 2 - 1,
+        "is_first": torch.zeros(3, 4, dtype=torch.bool),
+    }
+    metrics = agent.update(batch)
+    assert agent.updates == 1 and np.isfinite(metrics["loss/world_model"])
+    for explore in (True, False):  # planned actions, with and without exploration noise
+        action, state = agent.act({**obs, "is_first": np.array([False, True])}, state, explore)
+        assert action.shape == (2, 4) and np.all(np.abs(action) <= 1)
+        assert state["slots"].shape == (2, config.op3.slots, agent.wm.state_dim)
+    masks = agent.segment(obs["pixels"])
+    assert masks.shape == (2, components, 32, 32)
+    np.testing.assert_allclose(masks.sum(1), 1.0, atol=1e-5)
+    image = agent.report(batch)["world_model/slots"]
+    assert image.dtype == np.uint8 and image.shape == (3 * 16, (components + 2) * 16, 3)
+
+    restored = OP3Agent(config, obs_space, action_space)
+    restored.load_state_dict(agent.state_dict())
+    assert restored.updates == 1
+    for key, value in agent.wm.state_dict().items():
+        torch.testing.assert_close(restored.wm.state_dict()[key], value)
+    # Same weights and the same planning noise: the same greedy action.
+    fresh = {**obs, "is_first": np.array([True, True])}
+    a1, _ = agent.act(fresh, agent.initial_state(2), explore=False)
+    a2, _ = restored.act(fresh, restored.initial_state(2), explore=False)
+    np.testing.assert_allclose(a1, a2)
+
+
+def test_agent_and_config_need_pixels_and_goal():
+    obs_space, action_space = _spaces(goal=False)
+    with pytest.raises(ValueError, match="env.goal_obs=true"):
+        OP3Agent(_config(), obs_space, action_space)
+    with pytest.raises(ConfigError, match="env.goal_obs=true"):
+        _config("env.goal_obs=false")
+    with pytest.raises(ConfigError, match="env.obs=pixels"):
+        _config("env.obs=state")
+    with pytest.raises(ConfigError, match="op3.cem_elites"):
+        _config("op3.cem_elites=100")
+    with pytest.raises(ConfigError, match="op3.interaction_topk"):
+        _config("op3.interaction_topk=4")
+    with pytest.raises(ConfigError, match="sparse.enabled"):
+        _config("sparse.enabled=true")
+    # agent=op3 alone picks its preset and the env settings it needs.
+    config = build_config(["agent=op3"])
+    assert config.preset == ["op3"] and config.env.id == "blocks:push-3"
+    assert config.env.goal_obs and config.env.obs == "pixels" and config.env.action_repeat == 1
+
+
+def test_debug_preset_trains_checkpoints_and_evaluates(tmp_path):
+    from test_scripts import run_script
+
+    run_dir = tmp_path / "op3"
+    run_script(
+        "train.py",
+        "preset=debug",
+        "agent=op3",
+        "env=blocks:push-3",
+        "run.steps=60",
+        "run.learning_starts=30",
+        "run.eval_every=60",
+        "run.checkpoint_every=60",
+        "run.eval_episodes=1",
+        "run.log_every=20",
+        "replay.batch_length=4",
+        "logging.wandb=false",
+        "logging.console=false",
+        f"run.dir={run_dir}",
+    )
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [row for row in rows if "loss/reconstruction" in row]
+    assert losses and all(np.isfinite(row["loss/prediction"]) for row in losses)
+    assert any("eval/success_rate" in row for row in rows)
+    assert (run_dir / "checkpoints" / "step_60" / "manifest.json").exists()
+
+    out = tmp_path / "eval.json"
+    run_script("evaluate.py", f"checkpoint={run_dir}", "episodes=2", f"json={out}")
+    result = json.loads(out.read_text())
+    assert result["agent"] == "op3" and result["step"] == 60 and len(result["returns"]) == 2
+    assert 0.0 <= result["success_rate"] <= 1.0
+    assert -1.0 <= result["ari"] <= 1.0 and result["ari_frames"] > 0

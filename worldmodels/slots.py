@@ -1,0 +1,672 @@
+"""An OP3-like object-centric world model: K slots, inferred by slot attention, decoded by a
+spatial-broadcast decoder, moved by one shared transition with action attention and pairwise
+interactions.
+
+A slot's state (``S = slot_dim + 4`` numbers) is its features followed by its *frame*
+``(y, x, sy, sx)``: the mean and standard deviation of the positions of the tokens it
+attends to, in image units. Pieces (every weight layer built through ``LayerFactory``, so
+sparse layers can be swapped in):
+
+- ``SlotEncoder``: a small CNN (first conv at full resolution, then stride 2) plus a soft
+  position embedding; ``[N, 3, H, W]`` -> tokens ``[N, (H/2) * (W/2), C]``.
+- Fresh slots (first frames) start at the K most distinct colours of the frame
+  (``farthest_tokens``: farthest-point sampling, a k-means++-style seeding) with a small frame
+  around each; later frames start from the dynamics' prediction, so slot identity persists.
+- ``SlotAttention`` (Locatello et al. 2020): iterative amortised inference. Slots compete for
+  the tokens (softmax over slots), each slot takes the weighted mean of the values and is
+  updated by a GRU cell and a residual MLP. The attention logits add the Gaussian
+  log-density of the token's position under the slot's frame (a spatial prior). With
+  ``implicit=True`` the last iteration runs on detached slots with a straight-through path to
+  the initial slots (first-order implicit differentiation, Chang et al. 2022).
+- ``BroadcastDecoder``: each slot is broadcast on a coarse grid with coordinates relative to
+  its frame (invariant slot attention, Biza et al. 2023) and absolute ones, upsampled by
+  stride-2 transposed convs, and gives RGB plus a mask logit (plus its frame's Gaussian
+  prior); the masks are a softmax over slots (they sum to one at every pixel) and the image is
+  the mixture. Optionally a learned static background layer joins the mixture.
+- ``SlotDynamics``: one transition shared by all slots: an action attention (a sigmoid gate per
+  slot: which slot the action affects, possibly none), pairwise interactions with a gate per
+  ordered pair (optionally only the ``interaction_topk`` strongest partners per slot: a sparse
+  interaction graph), and a residual update. Permutation-equivariant in the slots.
+
+Why the spatial machinery: plain slot attention on these scenes (three small blocks, a large
+static table) sits for a long time in the plateau where every slot draws the whole table
+and no slot holds a block; seeded at distinct colours and held to their surroundings, the
+slots own different regions from the first update.
+
+Sequences follow the replay convention: ``action[:, t]`` is taken *at* step ``t``, so the slots
+of step ``t`` are predicted from the posterior slots of ``t - 1`` and ``action[:, t - 1]``
+(the *prior*), then refined with frame ``t`` (the *posterior*); at ``is_first`` (and at
+``t = 0`` without a carried state) the refinement starts from fresh slots. Images are floats
+in ``[-0.5, 0.5]`` (``preprocess_obs``), area-downsampled to ``spec.resolution``.
+
+``loss(batch)`` returns ``(losses, metrics)``: ``loss/reconstruction`` (posterior slots decoded
+against the frame), ``loss/prediction`` (the dynamics' prior slots decoded against the frame
+they predict) and ``loss/dynamics`` (prior slots against the detached posterior slots they
+initialised), all mean squared errors (0 when a window has no step with a predecessor).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from worldmodels.layers import LayerFactory
+
+INIT_SCALE = 0.1  # scale of a fresh slot's frame (image units)
+MIN_SCALE = 0.03  # smallest slot scale (image units): half a token of a 16 x 16 grid
+LOSS_KEYS = ("loss/reconstruction", "loss/prediction", "loss/dynamics")
+SLOT_INITS = ("farthest", "learned", "gaussian")
+
+
+@dataclass
+class SlotSpec:
+    """Architecture of a ``SlotWorldModel`` (plain values; the agent maps ``op3.*`` onto it)."""
+
+    slots: int = 4
+    slot_dim: int = 64
+    iterations: int = 3
+    # How first frames start (later frames start from the dynamics' prediction): farthest:
+    # from the K most distinct tokens of the frame (farthest-point sampling, see
+    # ``farthest_tokens``), so slots start on different regions and no symmetric plateau has
+    # to be escaped; learned: K learned vectors (BO-QSA style); gaussian: i.i.d. samples from
+    # a learned Gaussian (the original slot attention).
+    slot_init: str = "farthest"
+    implicit: bool = True
+    cnn_depth: int = 32  # encoder channels
+    decoder_depth: int = 32  # decoder channels (the full-resolution layer gets half)
+    broadcast: int = 8  # side of the decoder's broadcast grid
+    hidden: int = 128  # MLP width (slot attention, dynamics)
+    interaction_topk: int = 0  # partners per slot in the interaction graph; 0 = all
+    # Side of the frames the model sees and reconstructs (frames are area-downsampled to it;
+    # ``segment`` upsamples the mask logits back); 0 = the env's image size.
+    resolution: int = 0
+    # A learned static background layer (RGB and mask logit per pixel) behind the slots, as
+    # one more mixture component: with a fixed camera it can explain the table and the walls,
+    # leaving the slots for what moves (slower to train on CPU; see README).
+    background: bool = False
+
+    def __post_init__(self) -> None:
+        if self.slot_init not in SLOT_INITS:
+            raise ValueError(f"slot_init: expected one of {SLOT_INITS}, got {self.slot_init!r}")
+        if self.slots < 1 or self.iterations < 1:
+            raise ValueError(f"slots and iterations must be >= 1, got {self}")
+        if self.interaction_topk < 0 or self.interaction_topk > max(0, self.slots - 1):
+            raise ValueError(
+                f"interaction_topk={self.interaction_topk}: must be 0 (all partners) or at most "
+                f"slots - 1 = {self.slots - 1}"
+            )
+
+
+def position_grid(height: int, width: int, device: torch.device | None = None) -> torch.Tensor:
+    """Pixel-centre coordinates ``[H, W, 4]``: ``(y, x, 1 - y, 1 - x)`` in ``[0, 1]``."""
+    ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height
+    xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width
+    y, x = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([y, x, 1.0 - y, 1.0 - x], -1)
+
+
+def farthest_tokens(tokens: torch.Tensor, count: int) -> torch.Tensor:
+    """Farthest-point sampling of ``count`` tokens per image: first the token farthest from the
+    mean, then each time the token farthest from all picked so far (on detached features; a
+    deterministic choice that does not depend on the order of the tokens).
+
+    Shapes: ``tokens [N, M, C]`` -> indices ``[N, count]``.
+    """
+    feats = tokens.detach()
+    N = feats.shape[0]
+    rows = torch.arange(N, device=feats.device)
+    dist = (feats - feats.mean(1, keepdim=True)).square().sum(-1)  # [N, M]
+    picked = []
+    for k in range(count):
+        index = dist.argmax(-1)  # [N]
+        picked.append(index)
+        gap = (feats - feats[rows, index][:, None]).square().sum(-1)
+        dist = gap if k == 0 else torch.minimum(dist, gap)
+    return torch.stack(picked, 1)
+
+
+class SlotEncoder(nn.Module):
+    """CNN + soft position embedding + per-token MLP.
+
+    Shapes: ``[N, 3, H, W]`` -> ``(tokens [N, M, depth], colours [N, M, 3])`` with ``M =
+    (H // 2) * (W // 2)``: the tokens slot attention reads, and the mean colour of each
+    token's 2 x 2 cell (where ``farthest_tokens`` seeds fresh slots).
+    """
+
+    def __init__(self, image_shape: tuple[int, int, int], depth: int, factory: LayerFactory):
+        super().__init__()
+        channels, height, width = image_shape
+        if height % 2 or width % 2:
+            raise ValueError(f"image sides must be even, got {image_shape}")
+        self.image_shape = tuple(image_shape)
+        f = factory.scope("encoder")
+        self.convs = nn.Sequential(
+            f.conv2d(channels, depth, 5, 1, 2, name="conv0"),
+            nn.ReLU(),
+            f.conv2d(depth, depth, 5, 2, 2, name="conv1"),
+            nn.ReLU(),
+            f.conv2d(depth, depth, 3, 1, 1, name="conv2"),
+            nn.ReLU(),
+        )
+        self.register_buffer("grid", position_grid(height // 2, width // 2), persistent=False)
+        self.pos = f.linear(4, depth, name="pos")
+        self.norm = nn.LayerNorm(depth)
+        self.mlp = nn.Sequential(
+            f.linear(depth, depth, name="mlp.0"), nn.ReLU(), f.linear(depth, depth, name="mlp.1")
+        )
+        self.out_dim = depth
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        assert pixels.dim() == 4 and tuple(pixels.shape[1:]) == self.image_shape, (
+            f"SlotEncoder: expected pixels [N, {self.image_shape}], got {tuple(pixels.shape)}"
+        )
+        x = self.convs(pixels).permute(0, 2, 3, 1) + self.pos(self.grid)  # [N, H/2, W/2, C]
+        colours = F.avg_pool2d(pixels, 2).flatten(2).transpose(1, 2)
+        return self.mlp(self.norm(x.flatten(1, 2))), colours
+
+
+def frame_logits(coords: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+    """Gaussian log-density (up to a constant) of positions ``coords [..., P, 2]`` under each
+    slot's frame ``frames [N, K, 4]`` (``(y, x, sy, sx)``): ``[N, P, K]``."""
+    center = frames[:, None, :, :2]
+    scale = frames[:, None, :, 2:].clamp(min=MIN_SCALE)
+    return -0.5 * ((coords[..., None, :] - center) / scale).square().sum(-1)
+
+
+def token_frames(weights: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """Each slot's frame from its weights over tokens ``[N, M, K]`` (summing to 1 over M) and
+    the token positions ``coords [M, 2]``: mean and standard deviation, ``[N, K, 4]``."""
+    centers = torch.einsum("nmk,mc->nkc", weights, coords)
+    spread = torch.einsum("nmk,nmkc->nkc", weights, (coords[:, None] - centers[:, None]) ** 2)
+    return torch.cat([centers, (spread + 1e-6).sqrt()], -1)
+
+
+class SlotAttention(nn.Module):
+    """Slot attention refinement (see the module docstring), with a spatial prior.
+
+    Each slot carries a frame ``(y, x, sy, sx)``: the mean and standard deviation of the
+    positions of the tokens it attends to. The attention logits add the frame's Gaussian
+    log-density of each token's position, so a slot attends around where it is (a spatial
+    mixture model's E-step); learned features can outweigh it. Slots starting at distinct
+    places therefore hold distinct regions from the first update on, instead of all starting
+    with the same uniform attention.
+
+    Shapes: ``forward(tokens [N, M, C], slots [N, K, D], frames [N, K, 4], iterations,
+    coords [M, 2])`` -> ``(slots [N, K, D], frames [N, K, 4], attention [N, M, K])``, the
+    last iteration's attention (each token's weights over slots sum to 1).
+    """
+
+    def __init__(
+        self, in_dim: int, slot_dim: int, hidden: int, implicit: bool, factory: LayerFactory
+    ):
+        super().__init__()
+        f = factory.scope("slot_attention")
+        self.slot_dim, self.implicit = slot_dim, implicit
+        self.norm_tokens = nn.LayerNorm(in_dim)
+        self.norm_slots = nn.LayerNorm(slot_dim)
+        self.norm_mlp = nn.LayerNorm(slot_dim)
+        self.to_k = f.linear(in_dim, slot_dim, name="k", bias=False)
+        self.to_v = f.linear(in_dim, slot_dim, name="v", bias=False)
+        self.to_q = f.linear(slot_dim, slot_dim, name="q", bias=False)
+        # GRU cell from factory-built linears (so a sparse factory reaches them too).
+        self.gru_x = f.linear(slot_dim, 3 * slot_dim, name="gru.x")
+        self.gru_h = f.linear(slot_dim, 3 * slot_dim, name="gru.h")
+        self.mlp = nn.Sequential(
+            f.linear(slot_dim, hidden, name="mlp.0"),
+            nn.ReLU(),
+            f.linear(hidden, slot_dim, name="mlp.1"),
+        )
+        self.scale = slot_dim**-0.5
+
+    def _gru(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        xr, xz, xn = self.gru_x(x).chunk(3, -1)
+        hr, hz, hn = self.gru_h(h).chunk(3, -1)
+        reset = torch.sigmoid(xr + hr)
+        update = torch.sigmoid(xz + hz)
+        candidate = torch.tanh(xn + reset * hn)
+        return (1.0 - update) * candidate + update * h
+
+    def _step(self, k, v, slots, frames, coords):
+        q = self.to_q(self.norm_slots(slots))  # [N, K, D]
+        logits = torch.einsum("nmd,nkd->nmk", k, q) * self.scale + frame_logits(coords, frames)
+        attn = logits.softmax(-1)  # slots compete for each token
+        weights = attn / (attn.sum(1, keepdim=True) + 1e-8)  # weighted mean over tokens
+        updates = torch.einsum("nmk,nmd->nkd", weights, v)
+        slots = self._gru(updates, slots)
+        slots = slots + self.mlp(self.norm_mlp(slots))
+        return slots, token_frames(weights, coords), attn
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        slots: torch.Tensor,
+        frames: torch.Tensor,
+        iterations: int,
+        coords: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        assert (
+            tokens.dim() == 3
+            and slots.dim() == 3
+            and frames.shape == (*slots.shape[:2], 4)
+            and tokens.shape[0] == slots.shape[0]
+        ), (
+            f"SlotAttention: expected tokens [N, M, C], slots [N, K, D] and frames [N, K, 4], "
+            f"got {tuple(tokens.shape)}, {tuple(slots.shape)} and {tuple(frames.shape)}"
+        )
+        tokens = self.norm_tokens(tokens)
+        k, v = self.to_k(tokens), self.to_v(tokens)
+        init, init_frames = slots, frames
+        attn = tokens.new_zeros(0)
+        for i in range(iterations):
+            if self.implicit and i == iterations - 1 and torch.is_grad_enabled():
+                # Detach the fixed-point iterate but keep a straight-through path to the init.
+                slots = slots.detach() + init - init.detach()
+                frames = frames.detach() + init_frames - init_frames.detach()
+            slots, frames, attn = self._step(k, v, slots, frames, coords)
+        return slots, frames, attn
+
+
+class BroadcastDecoder(nn.Module):
+    """Spatial-broadcast decoder: per slot RGB ``[..., 3, H, W]`` and a mask logit.
+
+    Each slot is drawn in its own frame (position and scale, as in invariant slot attention,
+    Biza et al. 2023): the broadcast grid carries coordinates relative to the slot's position,
+    divided by its scale, and the mask logit gets a Gaussian prior ``-|relative|^2 / 2``. A
+    slot then starts out responsible for the region around it, which breaks the early plateau
+    in which every slot draws the whole scene and nothing learns which slot holds what.
+
+    Shapes: ``forward(z [N, K, D], frame [N, K, 4])`` -> ``rgb [N, K, 3, H, W]``, ``logits
+    [N, K, 1, H, W]``; a frame is ``(y, x, sy, sx)`` in ``[0, 1]`` image units.
+    """
+
+    def __init__(
+        self,
+        slot_dim: int,
+        image_shape: tuple[int, int, int],
+        depth: int,
+        broadcast: int,
+        factory: LayerFactory,
+    ):
+        super().__init__()
+        channels, height, width = image_shape
+        if height != width:
+            raise ValueError(f"BroadcastDecoder needs square images, got {image_shape}")
+        ups, side = 0, broadcast
+        while side < height:
+            side, ups = side * 2, ups + 1
+        if side != height:
+            raise ValueError(
+                f"image size {height} must be the broadcast grid ({broadcast}) times a power of "
+                f"2; set op3.broadcast to a divisor like {height // 8 if height >= 8 else 1}"
+            )
+        f = factory.scope("decoder")
+        self.channels, self.broadcast = channels, broadcast
+        grid = position_grid(broadcast, broadcast)[..., :2]
+        self.register_buffer("grid", grid, persistent=False)
+        pixels = position_grid(height, width)[..., :2]
+        self.register_buffer("pixel_grid", pixels, persistent=False)
+        self.pos = f.linear(4, slot_dim, name="pos")
+        layers: list[nn.Module] = [f.conv2d(slot_dim, depth, 3, 1, 1, name="conv0"), nn.ReLU()]
+        c = depth
+        for i in range(ups):
+            out = depth if i < ups - 1 else max(8, depth // 2)
+            # kernel 4, stride 2, padding 1 doubles the side exactly.
+            layers += [f.conv_transpose2d(c, out, 4, 2, 1, name=f"up{i}"), nn.ReLU()]
+            c = out
+        layers.append(f.conv2d(c, channels + 1, 3, 1, 1, name="out"))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor, frame: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        N, K, D = z.shape
+        center = frame[:, :, None, None, :2]
+        scale = frame[:, :, None, None, 2:].clamp(min=MIN_SCALE)
+        relative = (self.grid - center) / scale  # [N, K, r, r, 2]
+        absolute = self.grid.expand_as(relative)
+        x = z[:, :, None, None, :] + self.pos(torch.cat([relative, absolute], -1))
+        out = self.net(x.flatten(0, 1).permute(0, 3, 1, 2))  # [NK, C + 1, H, W]
+        out = out.reshape(N, K, *out.shape[1:])
+        prior = frame_logits(self.pixel_grid.flatten(0, 1), frame)  # [N, HW, K]
+        prior = prior.transpose(1, 2).unflatten(-1, self.pixel_grid.shape[:2])
+        return out[:, :, : self.channels], out[:, :, self.channels :] + prior[:, :, None]
+
+
+class SlotDynamics(nn.Module):
+    """One transition for all slots: action attention, pairwise interactions, residual update.
+
+    Shapes: ``forward(slots [N, K, D], action [N, A])`` -> ``(slots [N, K, D], info)`` with
+    ``info["action_weight"] [N, K]`` (how much the action acts on each slot) and
+    ``info["interaction_weight"] [N, K, K]`` (row k: how much each other slot acts on k; zero
+    on the diagonal and, with ``topk``, outside each row's ``topk`` strongest partners).
+    """
+
+    def __init__(
+        self, slot_dim: int, action_dim: int, hidden: int, topk: int, factory: LayerFactory
+    ):
+        super().__init__()
+        f = factory.scope("dynamics")
+        D, H = slot_dim, hidden
+        self.topk = topk
+        self.norm = nn.LayerNorm(D)
+
+        def mlp(i: int, o: int, name: str) -> nn.Sequential:
+            return nn.Sequential(
+                f.linear(i, H, name=f"{name}.0"), nn.ReLU(), f.linear(H, o, name=f"{name}.1")
+            )
+
+        self.action_embed = mlp(action_dim, H, "action_embed")
+        self.action_gate = mlp(D + H, 1, "action_gate")
+        self.action_effect = mlp(D + H, D, "action_effect")
+        self.pair = mlp(2 * D, H, "pair")
+        self.pair_gate = f.linear(H, 1, name="pair_gate")
+        self.pair_effect = f.linear(H, D, name="pair_effect")
+        self.update = mlp(3 * D, D, "update")
+
+    def forward(
+        self, slots: torch.Tensor, action: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        assert slots.dim() == 3 and action.dim() == 2 and slots.shape[0] == action.shape[0], (
+            f"SlotDynamics: expected slots [N, K, D] and action [N, A], got "
+            f"{tuple(slots.shape)} and {tuple(action.shape)}"
+        )
+        N, K, D = slots.shape
+        h = self.norm(slots)
+        act = self.action_embed(action.to(h.dtype))[:, None].expand(N, K, -1)
+        ha = torch.cat([h, act], -1)
+        action_weight = torch.sigmoid(self.action_gate(ha))[..., 0]  # [N, K]
+        action_effect = action_weight[..., None] * self.action_effect(ha)
+        if K > 1:
+            pairs = torch.cat(
+                [h[:, :, None].expand(N, K, K, D), h[:, None, :].expand(N, K, K, D)], -1
+            )
+            p = self.pair(pairs)  # [N, K, K, H]: features of "j acts on k" at [k, j]
+            logits = self.pair_gate(p)[..., 0]
+            keep = ~torch.eye(K, dtype=torch.bool, device=slots.device).expand(N, K, K)
+            if 0 < self.topk < K - 1:
+                masked = logits.masked_fill(~keep, float("-inf"))
+                top = masked.topk(self.topk, -1).indices
+                keep = torch.zeros_like(keep).scatter_(-1, top, True)
+            weight = torch.sigmoid(logits) * keep
+            interaction = (weight[..., None] * self.pair_effect(p)).sum(2)
+        else:
+            weight = slots.new_zeros(N, K, K)
+            interaction = torch.zeros_like(slots)
+        delta = self.update(torch.cat([h, action_effect, interaction], -1))
+        return slots + delta, {"action_weight": action_weight, "interaction_weight": weight}
+
+
+class SlotWorldModel(nn.Module):
+    """Encoder, slot attention, decoder and dynamics; ``observe``, ``imagine``, ``loss``,
+    ``segment``. ``image_shape`` is ``(3, H, W)``; ``factory`` builds every weight layer."""
+
+    def __init__(
+        self,
+        image_shape: tuple[int, int, int],
+        action_dim: int,
+        spec: SlotSpec | None = None,
+        factory: LayerFactory | None = None,
+    ) -> None:
+        super().__init__()
+        self.spec = s = spec or SlotSpec()
+        self.image_shape = tuple(image_shape)
+        channels, height, width = self.image_shape
+        side = s.resolution or height
+        if height != width or height % side:
+            raise ValueError(
+                f"op3.resolution={s.resolution}: the model needs square frames whose side is a "
+                f"multiple of it, got frames {self.image_shape}"
+            )
+        self.model_shape = (channels, side, side)
+        self.action_dim = action_dim
+        factory = factory or LayerFactory(norm="layer", act="relu")
+        f = factory.scope("op3")
+        self.encoder = SlotEncoder(self.model_shape, s.cnn_depth, f)
+        self.attention = SlotAttention(s.cnn_depth, s.slot_dim, s.hidden, s.implicit, f)
+        self.decoder = BroadcastDecoder(
+            s.slot_dim, self.model_shape, s.decoder_depth, s.broadcast, f
+        )
+        self.dynamics = SlotDynamics(self.state_dim, action_dim, s.hidden, s.interaction_topk, f)
+        grid = self.encoder.grid[..., :2].flatten(0, 1)  # token centres (y, x)
+        self.register_buffer("token_coords", grid.clone(), persistent=False)
+        self.background: nn.Parameter | None = None
+        if s.background:
+            self.background = nn.Parameter(torch.zeros(channels + 1, side, side))
+        if s.slot_init == "learned":
+            self.init_slots = nn.Parameter(torch.randn(s.slots, s.slot_dim) * s.slot_dim**-0.5)
+        elif s.slot_init == "farthest":
+            self.init_norm = nn.LayerNorm(s.cnn_depth)  # tokens -> slot features
+            self.init_proj = f.linear(s.cnn_depth, s.slot_dim, name="init")
+        else:
+            self.init_mean = nn.Parameter(torch.randn(1, s.slot_dim) * s.slot_dim**-0.5)
+            self.init_log_std = nn.Parameter(torch.zeros(1, s.slot_dim))
+
+    @property
+    def num_slots(self) -> int:
+        return self.spec.slots
+
+    @property
+    def state_dim(self) -> int:
+        """Size of one slot's state: ``slot_dim`` features, then its frame ``(y, x, sy, sx)``
+        (position and scale in image units)."""
+        return self.spec.slot_dim + 4
+
+    # ---------------------------------------------------------------------------------
+    def initial(self, tokens: torch.Tensor, colours: torch.Tensor) -> torch.Tensor:
+        """Starting slots ``[N, K, S]`` for first frames: tokens ``[N, M, C]`` and their
+        colours ``[N, M, 3]`` (see ``SlotEncoder``)."""
+        s = self.spec
+        N = tokens.shape[0]
+        center = tokens.new_tensor([0.5, 0.5, 0.3, 0.3]).expand(N, s.slots, 4)
+        if s.slot_init == "learned":
+            return torch.cat([self.init_slots[None].expand(N, -1, -1), center], -1)
+        if s.slot_init == "gaussian":
+            noise = torch.randn(N, s.slots, s.slot_dim, device=tokens.device)
+            return torch.cat([self.init_mean + self.init_log_std.exp() * noise, center], -1)
+        index = farthest_tokens(colours, s.slots)  # [N, K]
+        normed = self.init_norm(tokens)
+        picked = normed.gather(1, index[..., None].expand(-1, -1, normed.shape[-1]))
+        scale = tokens.new_full((N, s.slots, 2), INIT_SCALE)
+        return torch.cat([self.init_proj(picked), self.token_coords[index], scale], -1)
+
+    def resize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Frames ``[N, 3, H, W]`` at the model's resolution (area average)."""
+        side = self.model_shape[-1]
+        if pixels.shape[-1] == side:
+            return pixels
+        return F.adaptive_avg_pool2d(pixels, side)
+
+    def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(tokens [N, M, C], colours [N, M, 3])`` of frames ``[N, 3, H, W]`` (any multiple
+        of the resolution); see ``SlotEncoder``."""
+        return self.encoder(self.resize(pixels))
+
+    def refine(
+        self, tokens: torch.Tensor, slots: torch.Tensor, iterations: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slot attention from ``slots [N, K, S]`` on ``tokens [N, M, C]``: ``(slots [N, K,
+        S], attention [N, M, K])``; see ``SlotAttention``."""
+        D = self.spec.slot_dim
+        z, frames, attn = self.attention(
+            tokens,
+            slots[..., :D],
+            slots[..., D:],
+            iterations or self.spec.iterations,
+            self.token_coords,
+        )
+        return torch.cat([z, frames], -1), attn
+
+    def infer(
+        self, pixels: torch.Tensor, init: torch.Tensor | None = None, iterations: int | None = None
+    ) -> torch.Tensor:
+        """Slots ``[N, K, S]`` of single frames ``[N, 3, H, W]`` (fresh starting slots unless
+        ``init`` is given)."""
+        tokens, colours = self.encode(pixels)
+        if init is None:
+            init = self.initial(tokens, colours)
+        return self.refine(tokens, init, iterations)[0]
+
+    def decode(self, slots: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Slots ``[..., K, S]`` -> the mixture's components ``rgb [..., C, 3, h, w]``, mask
+        ``logits`` and ``masks [..., C, 1, h, w]`` (softmax over components: they sum to one
+        at every pixel) and the mixture ``image [..., 3, h, w]``, at the model's resolution.
+        The components are the K slots, after the background layer when there is one
+        (``C = K + 1``, background first; ``num_components``)."""
+        lead = slots.shape[:-2]
+        flat = slots.reshape(-1, *slots.shape[-2:])
+        D = self.spec.slot_dim
+        rgb, logits = self.decoder(flat[..., :D], flat[..., D:])
+        if self.background is not None:
+            N = flat.shape[0]
+            back = self.background[None, None].expand(N, 1, *self.background.shape)
+            rgb = torch.cat([back[:, :, :-1], rgb], 1)
+            logits = torch.cat([back[:, :, -1:], logits], 1)
+        masks = logits.softmax(1)
+        image = (masks * rgb).sum(1)
+        out = {"rgb": rgb, "logits": logits, "masks": masks, "image": image}
+        return {k: v.reshape(*lead, *v.shape[1:]) for k, v in out.items()}
+
+    @property
+    def num_components(self) -> int:
+        """Mixture components of ``decode``/``segment``: the slots, plus the background."""
+        return self.spec.slots + int(self.background is not None)
+
+    def transition(self, slots: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """Slots after ``action``: ``[N, K, S]``, ``[N, A]`` -> ``[N, K, S]``."""
+        return self.dynamics(slots, action)[0]
+
+    def attention_masks(self, attention: torch.Tensor) -> torch.Tensor:
+        """Slot attention ``[N, M, K]`` (M tokens on the encoder's grid) -> masks ``[N, K, h,
+        w]`` at the model's resolution (bilinear; they still sum to one over slots)."""
+        side = self.model_shape[-1]
+        grid = side // 2
+        maps = attention.transpose(1, 2).unflatten(-1, (grid, grid))
+        return F.interpolate(maps, size=(side, side), mode="bilinear")
+
+    @torch.no_grad()
+    def segment(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Mixture masks ``[N, C, H, W]`` of single frames ``[N, 3, H, W]`` (floats in
+        ``[-0.5, 0.5]``), at the frames' size, ``C = num_components`` (background first when
+        there is one); ``argmax`` over ``C`` gives a segmentation."""
+        logits = self.decode(self.infer(pixels))["logits"][:, :, 0]
+        if logits.shape[-2:] != pixels.shape[-2:]:
+            logits = F.interpolate(logits, size=pixels.shape[-2:], mode="bilinear")
+        return logits.softmax(1)
+
+    # ---------------------------------------------------------------------------------
+    def observe(
+        self,
+        pixels: torch.Tensor,
+        action: torch.Tensor,
+        is_first: torch.Tensor,
+        state: dict[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Filter a sequence: ``pixels [B, T, 3, H, W]``, ``action [B, T, A]`` (taken at each
+        step), ``is_first [B, T]``; ``state`` (``slots [B, K, S]``, ``action [B, A]``) carries
+        the previous call's last posterior and action. Returns ``post`` and ``prior`` slots
+        ``[B, T, K, S]``, ``has_prior [B, T]`` (1 where ``prior`` is a dynamics prediction) and
+        the slot attention of every step ``attention [B, T, M, K]``.
+        """
+        B, T = pixels.shape[:2]
+        assert action.shape[:2] == (B, T) and is_first.shape == (B, T), (
+            f"observe: pixels {tuple(pixels.shape)}, action {tuple(action.shape)} and is_first "
+            f"{tuple(is_first.shape)} must share [B, T]"
+        )
+        tokens, colours = self.encode(pixels.flatten(0, 1))
+        tokens, colours = tokens.unflatten(0, (B, T)), colours.unflatten(0, (B, T))
+        first = is_first.float().clone()
+        if state is None:
+            first[:, 0] = 1.0  # nothing to predict the first step from
+            slots = action.new_zeros(B, self.spec.slots, self.state_dim)
+            prev_action = action.new_zeros(B, self.action_dim)
+        else:
+            slots, prev_action = state["slots"], state["action"]
+        posts, priors, attns = [], [], []
+        for t in range(T):
+            if t > 0:
+                prev_action = action[:, t - 1]
+            keep = (1.0 - first[:, t])[:, None, None]
+            predicted = self.transition(slots, prev_action.float())
+            prior = keep * predicted + (1.0 - keep) * self.initial(tokens[:, t], colours[:, t])
+            slots, attn = self.refine(tokens[:, t], prior)
+            priors.append(prior)
+            posts.append(slots)
+            attns.append(attn)
+        return {
+            "post": torch.stack(posts, 1),
+            "prior": torch.stack(priors, 1),
+            "has_prior": 1.0 - first,
+            "attention": torch.stack(attns, 1),
+        }
+
+    def imagine(self, start: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Open-loop rollout: ``start [N, K, S]``, ``actions [N, H, A]`` -> slots
+        ``[N, H + 1, K, D]``, the start first, then the slots after each action."""
+        assert start.dim() == 3 and actions.dim() == 3 and start.shape[0] == actions.shape[0], (
+            f"imagine: expected start [N, K, S] and actions [N, H, A], got "
+            f"{tuple(start.shape)} and {tuple(actions.shape)}"
+        )
+        out = [start]
+        for t in range(actions.shape[1]):
+            out.append(self.transition(out[-1], actions[:, t]))
+        return torch.stack(out, 1)
+
+    # ---------------------------------------------------------------------------------
+    def loss(
+        self, batch: dict[str, torch.Tensor], state: dict[str, torch.Tensor] | None = None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """``batch``: ``pixels [B, T, 3, H, W]`` (floats), ``action [B, T, A]``, ``is_first
+        [B, T]``. Returns the unscaled losses (``LOSS_KEYS``) and ``world_model/...`` metrics."""
+        losses, metrics, _ = self.loss_and_states(batch, state)
+        return losses, metrics
+
+    def loss_and_states(
+        self,
+        batch: dict[str, torch.Tensor],
+        state: dict[str, torch.Tensor] | None = None,
+        predict_pixels: bool = True,
+    ):
+        """``(losses, metrics, states)`` (see ``loss``); ``predict_pixels=False`` skips
+        decoding the prior slots (``loss/prediction`` is then 0)."""
+        states = self.observe(batch["pixels"], batch["action"], batch["is_first"], state)
+        pixels = self.resize(batch["pixels"].flatten(0, 1)).unflatten(0, batch["pixels"].shape[:2])
+        post, prior, has_prior = states["post"], states["prior"], states["has_prior"]
+        decoded = self.decode(post)
+        rec = (decoded["image"] - pixels).square().mean((-3, -2, -1))  # [B, T]
+        losses = {"loss/reconstruction": rec.mean()}
+        valid = has_prior
+        count = valid.sum().clamp(min=1.0)
+        if predict_pixels and bool(valid.any()):
+            idx = valid.flatten().nonzero()[:, 0]
+            pred = self.decode(prior.flatten(0, 1)[idx])["image"]
+            err = (pred - pixels.flatten(0, 1)[idx]).square().mean((-3, -2, -1))
+            losses["loss/prediction"] = err.sum() / count
+        else:
+            losses["loss/prediction"] = pixels.new_zeros(())
+        dyn = (prior - post.detach()).square().mean((-2, -1))  # [B, T]
+        losses["loss/dynamics"] = (dyn * valid).sum() / count
+        with torch.no_grad():
+            masks = decoded["masks"][..., 0, :, :]  # [B, T, C, H, W]
+            usage = masks[..., -self.num_slots :, :, :].mean((-2, -1))  # [B, T, K] image share
+            entropy = -(masks.clamp_min(1e-8).log() * masks).sum(-3).mean()
+            metrics = {
+                "world_model/recon_mse": rec.mean(),
+                "world_model/mask_entropy": entropy,
+                "world_model/slots_used": (usage > 0.01).float().sum(-1).mean(),
+                "world_model/predicted_steps": valid.mean(),
+            }
+        return losses, metrics, states
+
+
+__all__ = [
+    "LOSS_KEYS",
+    "SLOT_INITS",
+    "BroadcastDecoder",
+    "SlotAttention",
+    "SlotDynamics",
+    "SlotEncoder",
+    "SlotSpec",
+    "SlotWorldModel",
+    "position_grid",
+]

@@ -176,11 +176,13 @@ def check_ari(args: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
         done = updates >= args["updates"] if args["updates"] else elapsed >= budget
         if updates % args["eval_every"] == 0 or done:
             value = ari() if updates else report["ari_untrained"]
-            recon = float(np.mean(losses)) if losses else float("nan")
+            # None (JSON null) before the first update: json.dumps would write NaN, not JSON.
+            recon = float(np.mean(losses)) if losses else None
             curve.append(
                 {"update": updates, "seconds": round(elapsed, 1), "ari": value, "recon": recon}
             )
-            print(f"update {updates} ({elapsed:.0f} s): recon {recon:.5f} FG-ARI {value:.3f}")
+            shown = "-" if recon is None else f"{recon:.5f}"
+            print(f"update {updates} ({elapsed:.0f} s): recon {shown} FG-ARI {value:.3f}")
             losses.clear()
         if done:
             break

@@ -125,6 +125,10 @@ def _train(config, run_dir: Path, checkpoint, ctx, agents) -> int:
         import envs
 
         envs.check_env_id(config.env.id)
+        if config.env.intervention:
+            # Its body/actuator/geom names are checked against the MuJoCo model only when an
+            # env is built: build one now so a typo is a one-line error, not a traceback.
+            make_env("train", 1, config.seed).close()
         # Only rank 0 logs (its metrics are averaged over ranks by the loop).
         logger = make_logger(config, run_dir, wandb_run_id=run_id) if main else Logger(run_dir, [])
     except (ValueError, ImportError) as error:

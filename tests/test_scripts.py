@@ -136,6 +136,7 @@ def test_refuses_to_overwrite_a_run(trained_run):
         (["run.steps=-3"], "run.steps: must be >= 1"),
         (["resume=/nonexistent/run"], "no config.yaml"),
         (["accelerator=cuda"], "accelerator=cpu"),
+        (["env=dmc:cartpole-balance", "env.intervention=body_mass:pole_9*2@step=5"], "pole_1"),
     ],
 )
 def test_bad_input_one_line_error(tmp_path, args, expected):

@@ -1,8 +1,9 @@
 """OP3-like object-centric agent: a slot world model and model-predictive control toward a goal.
 
 ``update`` trains the slot world model (``worldmodels.slots.SlotWorldModel``) on replayed
-sequences. ``act`` filters the slots through the episode (the dynamics' prediction from the last
-slots and action, refined by slot attention on the new frame) and plans with the cross-entropy
+sequences. ``act`` infers the slots of each frame (``op3.inference=fresh``: from the frame
+alone; ``filter``: the dynamics' prediction from the last slots and action, refined by slot
+attention on the new frame) and plans with the cross-entropy
 method (CEM) over action sequences of ``op3.horizon`` steps, replanning every step: a candidate
 costs the distance between the slots it is predicted to reach and the slots of the goal image
 after Hungarian matching (``matched_slot_distance``). The env must provide the goal image
@@ -144,6 +145,8 @@ def slot_spec(config: Config) -> SlotSpec:
         interaction_topk=o.interaction_topk,
         resolution=o.resolution,
         background=o.background,
+        position_loss_scale=o.position_loss_scale,
+        inference=o.inference,
     )
 
 
@@ -305,10 +308,13 @@ class OP3Agent(Agent):
         action: torch.Tensor,
         fresh: torch.Tensor,
     ) -> torch.Tensor:
-        """Posterior slots ``[N, K, S]`` of frames ``[N, 3, H, W]``: refined from the dynamics'
-        prediction (last slots and the action taken since), or from fresh starting slots where
-        ``fresh [N]`` is 1 (a new episode)."""
+        """Posterior slots ``[N, K, S]`` of frames ``[N, 3, H, W]``: with ``inference=fresh``
+        from the frame alone; with ``filter`` refined from the dynamics' prediction (last slots
+        and the action taken since), or from fresh starting slots where ``fresh [N]`` is 1 (a
+        new episode)."""
         tokens, colours = self.wm.encode(self._pixels(pixels))
+        if self.wm.spec.inference == "fresh":
+            return self.wm.refine(tokens, self.wm.initial(tokens, colours))[0]
         predicted = self.wm.transition(slots, action)
         keep = (1.0 - fresh)[:, None, None]
         init = keep * predicted + (1.0 - keep) * self.wm.initial(tokens, colours)

@@ -239,6 +239,15 @@ class OP3Config:
     reconstruction_scale: float = field(default=1.0, metadata=_positive(0))
     prediction_scale: float = field(default=1.0, metadata=_positive(0))
     dynamics_scale: float = field(default=1.0, metadata=_positive(0))
+    # Weight of the predicted slot centres in loss/dynamics (features are unit-RMS; centres
+    # are in image units and would otherwise barely count; the planner's cost rests on them).
+    position_loss_scale: float = field(default=25.0, metadata=_positive(0))
+    # Per-frame slot inference. fresh: every frame from its own colour-seeded start, the
+    # dynamics trained toward the next frame's slots after a Hungarian matching. filter: OP3's
+    # filtering, each frame refined from the dynamics' prediction (measured on blocks: the
+    # slots settle into fixed regions that the refinement never moves, and the dynamics learns
+    # to ignore the action; see README).
+    inference: Literal["fresh", "filter"] = "fresh"
     lr: float = field(default=1e-3, metadata=_positive(0))
     # Linear learning-rate warm-up over this many updates (slot attention needs it).
     warmup: int = field(default=100, metadata=_positive(0))

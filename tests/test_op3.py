@@ -13,7 +13,14 @@ from agents.op3 import OP3Agent, cem, matched_slot_distance, slot_distances
 from runtime.config import ConfigError, build_config
 from worldmodels.layers import LayerFactory
 from worldmodels.segmentation import adjusted_rand_index, foreground_ari
-from worldmodels.slots import SlotDynamics, SlotSpec, SlotWorldModel, farthest_tokens
+from worldmodels.slots import (
+    MIN_SCALE,
+    SlotDynamics,
+    SlotSpec,
+    SlotWorldModel,
+    farthest_tokens,
+    match_slots,
+)
 
 TINY = SlotSpec(
     slots=4, slot_dim=8, iterations=2, cnn_depth=8, decoder_depth=8, hidden=16, resolution=16
@@ -136,6 +143,31 @@ def test_hungarian_matched_distance_is_permutation_invariant():
     assert torch.all(matched_slot_distance(pred, goal) <= identity + 1e-6)
 
 
+def test_match_slots_undoes_a_permutation_and_dynamics_loss_ignores_slot_order():
+    model = tiny_model()
+    torch.manual_seed(1)
+    reference = random_slots(model, 6).reshape(2, 3, model.num_slots, model.state_dim)
+    perm = torch.stack([torch.randperm(model.num_slots) for _ in range(6)]).reshape(2, 3, -1)
+    shuffled = reference.gather(-2, perm[..., None].expand_as(reference))
+    noisy = shuffled + 0.01 * torch.randn_like(shuffled)
+    matched = match_slots(reference, noisy, model._slot_error)
+    torch.testing.assert_close(matched, reference, atol=0.05, rtol=0)
+    # With fresh inference a frame's slots come in their own order: permuting the posterior
+    # slots of the frames must not change the dynamics loss.
+    batch = _batch(2, 3)
+    with torch.no_grad():
+        states = model.observe(batch["pixels"], batch["action"], batch["is_first"])
+        target = states["post"]
+        a = model._slot_error(
+            states["prior"], match_slots(states["prior"], target, model._slot_error)
+        )
+        permuted = target.gather(-2, perm[..., None].expand_as(target))
+        b = model._slot_error(
+            states["prior"], match_slots(states["prior"], permuted, model._slot_error)
+        )
+    torch.testing.assert_close(a[0], b[0])
+
+
 # --------------------------------------------------------------------------------------
 # Losses and gradients
 # --------------------------------------------------------------------------------------
@@ -205,8 +237,9 @@ def test_reconstruction_loss_falls():
     assert float(loss.detach()) < 0.5 * first
 
 
-def test_observe_imagine_shapes_and_segment_masks():
-    model = tiny_model()
+@pytest.mark.parametrize("inference", ["fresh", "filter"])
+def test_observe_imagine_shapes_and_segment_masks(inference):
+    model = tiny_model(inference=inference)
     batch = _batch(2, 3)
     states = model.observe(batch["pixels"], batch["action"], batch["is_first"])
     K, S = model.num_slots, model.state_dim
@@ -219,6 +252,40 @@ def test_observe_imagine_shapes_and_segment_masks():
     masks = model.segment(batch["pixels"][:, 0])  # back at the frames' 32 x 32
     assert masks.shape == (2, K, 32, 32)
     torch.testing.assert_close(masks.sum(1), torch.ones(2, 32, 32))
+
+
+def _assert_canonical(slots: torch.Tensor, slot_dim: int) -> None:
+    features, frames = slots[..., :slot_dim], slots[..., slot_dim:]
+    rms = features.square().mean(-1).sqrt()
+    torch.testing.assert_close(rms, torch.ones_like(rms), atol=1e-3, rtol=0)
+    torch.testing.assert_close(features.mean(-1), torch.zeros_like(rms), atol=1e-4, rtol=0)
+    assert bool((frames[..., :2] >= 0).all() and (frames[..., :2] <= 1).all())
+    assert bool((frames[..., 2:] >= MIN_SCALE).all() and (frames[..., 2:] <= 1).all())
+
+
+@pytest.mark.parametrize("inference", ["fresh", "filter"])
+def test_slot_states_stay_canonical_even_with_runaway_dynamics(inference):
+    """The prior -> posterior -> dynamics-target loop once ran the slot magnitudes up to 1e7:
+    every slot state (fresh, refined, predicted, imagined) is now normalised, so a dynamics
+    whose output layer is blown up 1000x still yields unit-RMS features and frames inside
+    the image, and the losses stay finite."""
+    model = tiny_model(inference=inference)
+    D = model.spec.slot_dim
+    with torch.no_grad():
+        for p in model.dynamics.update.parameters():
+            p.mul_(1000.0)
+    batch = _batch(2, 4)
+    states = model.observe(batch["pixels"], batch["action"], batch["is_first"])
+    for key in ("post", "prior"):
+        _assert_canonical(states[key], D)
+    _assert_canonical(model.imagine(states["post"][:, -1], torch.rand(2, 6, 4) * 2 - 1), D)
+    with torch.no_grad():
+        losses, metrics = model.loss(batch)
+    assert all(bool(torch.isfinite(v)) for v in losses.values())
+    # Features are unit-RMS, centres inside the image: the dynamics loss has a hard ceiling
+    # (4 per feature dimension, 25 x 1 for the centres, 1 for the scales).
+    assert float(losses["loss/dynamics"]) <= 4.0 + model.spec.position_loss_scale + 1.0
+    assert 0.0 <= float(metrics["world_model/position_error"]) <= 2**0.5
 
 
 # --------------------------------------------------------------------------------------

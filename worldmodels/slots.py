@@ -9,9 +9,13 @@ sparse layers can be swapped in):
 
 - ``SlotEncoder``: a small CNN (first conv at full resolution, then stride 2) plus a soft
   position embedding; ``[N, 3, H, W]`` -> tokens ``[N, (H/2) * (W/2), C]``.
-- Fresh slots (first frames) start at the K most distinct colours of the frame
-  (``farthest_tokens``: farthest-point sampling, a k-means++-style seeding) with a small frame
-  around each; later frames start from the dynamics' prediction, so slot identity persists.
+- Fresh slots start at the K most distinct colours of the frame (``farthest_tokens``:
+  farthest-point sampling, a k-means++-style seeding) with a small frame around each. With
+  ``inference="fresh"`` (default) every frame starts so, and ``loss/dynamics`` pairs each
+  predicted slot with the next frame's slot by a Hungarian matching (``match_slots``); with
+  ``"filter"`` (OP3's scheme) later frames start from the dynamics' prediction, so slot
+  identity persists, but on the blocks scenes the refinement learned to keep the prediction
+  and the dynamics to ignore the action (see README).
 - ``SlotAttention`` (Locatello et al. 2020): iterative amortised inference. Slots compete for
   the tokens (softmax over slots), each slot takes the weighted mean of the values and is
   updated by a GRU cell and a residual MLP. The attention logits add the Gaussian
@@ -35,14 +39,18 @@ slots own different regions from the first update.
 
 Sequences follow the replay convention: ``action[:, t]`` is taken *at* step ``t``, so the slots
 of step ``t`` are predicted from the posterior slots of ``t - 1`` and ``action[:, t - 1]``
-(the *prior*), then refined with frame ``t`` (the *posterior*); at ``is_first`` (and at
-``t = 0`` without a carried state) the refinement starts from fresh slots. Images are floats
+(the *prior*); the *posterior* is inferred from frame ``t`` (from fresh slots, or with
+``filter`` refined from the prior; at ``is_first`` and at ``t = 0`` without a carried state
+always from fresh slots). Images are floats
 in ``[-0.5, 0.5]`` (``preprocess_obs``), area-downsampled to ``spec.resolution``.
 
 ``loss(batch)`` returns ``(losses, metrics)``: ``loss/reconstruction`` (posterior slots decoded
 against the frame), ``loss/prediction`` (the dynamics' prior slots decoded against the frame
 they predict) and ``loss/dynamics`` (prior slots against the detached posterior slots they
-initialised), all mean squared errors (0 when a window has no step with a predecessor).
+initialised; the frame centres weighted by ``position_loss_scale``), all mean squared errors
+(0 when a window has no step with a predecessor). Every slot state is kept canonical by
+``normalize_slots`` (unit-RMS features, frames inside the image), which keeps the
+prior -> posterior -> dynamics-target loop from running away.
 """
 
 from __future__ import annotations
@@ -59,6 +67,7 @@ INIT_SCALE = 0.1  # scale of a fresh slot's frame (image units)
 MIN_SCALE = 0.03  # smallest slot scale (image units): half a token of a 16 x 16 grid
 LOSS_KEYS = ("loss/reconstruction", "loss/prediction", "loss/dynamics")
 SLOT_INITS = ("farthest", "learned", "gaussian")
+INFERENCE_MODES = ("fresh", "filter")
 
 
 @dataclass
@@ -87,10 +96,22 @@ class SlotSpec:
     # one more mixture component: with a fixed camera it can explain the table and the walls,
     # leaving the slots for what moves (slower to train on CPU; see README).
     background: bool = False
+    # Weight of the frame centres (y, x) in ``loss/dynamics`` relative to the features (whose
+    # squared error is averaged per dimension of unit-RMS features): centres are in image
+    # units, so unweighted they would be a negligible part of the loss.
+    position_loss_scale: float = 25.0
+    # How each frame's posterior slots are inferred (see the module docstring): fresh: from
+    # the frame alone (colour-seeded start), the dynamics trained toward them after a
+    # Hungarian matching; filter: refined from the dynamics' prediction (OP3's filtering).
+    inference: str = "fresh"
 
     def __post_init__(self) -> None:
         if self.slot_init not in SLOT_INITS:
             raise ValueError(f"slot_init: expected one of {SLOT_INITS}, got {self.slot_init!r}")
+        if self.inference not in INFERENCE_MODES:
+            raise ValueError(
+                f"inference: expected one of {INFERENCE_MODES}, got {self.inference!r}"
+            )
         if self.slots < 1 or self.iterations < 1:
             raise ValueError(f"slots and iterations must be >= 1, got {self}")
         if self.interaction_topk < 0 or self.interaction_topk > max(0, self.slots - 1):
@@ -182,6 +203,39 @@ def token_frames(weights: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     centers = torch.einsum("nmk,mc->nkc", weights, coords)
     spread = torch.einsum("nmk,nmkc->nkc", weights, (coords[:, None] - centers[:, None]) ** 2)
     return torch.cat([centers, (spread + 1e-6).sqrt()], -1)
+
+
+def normalize_slots(slots: torch.Tensor, slot_dim: int) -> torch.Tensor:
+    """The canonical slot state: features ``[..., :slot_dim]`` layer-normalised (no affine:
+    unit RMS) and the frame ``(y, x, sy, sx)`` clamped to the image and to scales in
+    ``[MIN_SCALE, 1]``. Slot attention's output, fresh slots and the dynamics' predictions all
+    pass through it. Why: the posterior of step ``t`` is refined from the prior of step
+    ``t``, and the dynamics is trained toward that posterior; with unbounded features this
+    loop can chase itself (the prior grows, so its refinement grows, so the target grows)
+    and the slot magnitudes run away to 1e7 within a few thousand updates."""
+    features = F.layer_norm(slots[..., :slot_dim], (slot_dim,))
+    frames = slots[..., slot_dim:]
+    center = frames[..., :2].clamp(0.0, 1.0)
+    scale = frames[..., 2:].clamp(MIN_SCALE, 1.0)
+    return torch.cat([features, center, scale], -1)
+
+
+def match_slots(reference: torch.Tensor, slots: torch.Tensor, error) -> torch.Tensor:
+    """``slots [..., K, S]`` reordered so that slot k is the one matched to ``reference[...,
+    k, :]`` by a minimum-cost one-to-one assignment (Hungarian, ``scipy``) under ``error(a,
+    b) -> (cost [...], ...)``. No gradient flows through the choice of the matching."""
+    from scipy.optimize import linear_sum_assignment
+
+    K = slots.shape[-2]
+    with torch.no_grad():
+        costs = error(reference[..., :, None, :], slots[..., None, :, :])[0]  # [..., K, K]
+        flat = costs.reshape(-1, K, K).float().cpu().numpy()
+    order = torch.empty(flat.shape[0], K, dtype=torch.long)
+    for i, matrix in enumerate(flat):
+        rows, cols = linear_sum_assignment(matrix)
+        order[i, torch.as_tensor(rows)] = torch.as_tensor(cols)
+    order = order.reshape(*slots.shape[:-2], K).to(slots.device)
+    return slots.gather(-2, order[..., None].expand_as(slots))
 
 
 class SlotAttention(nn.Module):
@@ -460,15 +514,18 @@ class SlotWorldModel(nn.Module):
         N = tokens.shape[0]
         center = tokens.new_tensor([0.5, 0.5, 0.3, 0.3]).expand(N, s.slots, 4)
         if s.slot_init == "learned":
-            return torch.cat([self.init_slots[None].expand(N, -1, -1), center], -1)
+            slots = torch.cat([self.init_slots[None].expand(N, -1, -1), center], -1)
+            return normalize_slots(slots, s.slot_dim)
         if s.slot_init == "gaussian":
             noise = torch.randn(N, s.slots, s.slot_dim, device=tokens.device)
-            return torch.cat([self.init_mean + self.init_log_std.exp() * noise, center], -1)
+            slots = torch.cat([self.init_mean + self.init_log_std.exp() * noise, center], -1)
+            return normalize_slots(slots, s.slot_dim)
         index = farthest_tokens(colours, s.slots)  # [N, K]
         normed = self.init_norm(tokens)
         picked = normed.gather(1, index[..., None].expand(-1, -1, normed.shape[-1]))
         scale = tokens.new_full((N, s.slots, 2), INIT_SCALE)
-        return torch.cat([self.init_proj(picked), self.token_coords[index], scale], -1)
+        slots = torch.cat([self.init_proj(picked), self.token_coords[index], scale], -1)
+        return normalize_slots(slots, s.slot_dim)
 
     def resize(self, pixels: torch.Tensor) -> torch.Tensor:
         """Frames ``[N, 3, H, W]`` at the model's resolution (area average)."""
@@ -495,7 +552,7 @@ class SlotWorldModel(nn.Module):
             iterations or self.spec.iterations,
             self.token_coords,
         )
-        return torch.cat([z, frames], -1), attn
+        return normalize_slots(torch.cat([z, frames], -1), D), attn
 
     def infer(
         self, pixels: torch.Tensor, init: torch.Tensor | None = None, iterations: int | None = None
@@ -534,7 +591,7 @@ class SlotWorldModel(nn.Module):
 
     def transition(self, slots: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """Slots after ``action``: ``[N, K, S]``, ``[N, A]`` -> ``[N, K, S]``."""
-        return self.dynamics(slots, action)[0]
+        return normalize_slots(self.dynamics(slots, action)[0], self.spec.slot_dim)
 
     def attention_masks(self, attention: torch.Tensor) -> torch.Tensor:
         """Slot attention ``[N, M, K]`` (M tokens on the encoder's grid) -> masks ``[N, K, h,
@@ -573,6 +630,8 @@ class SlotWorldModel(nn.Module):
             f"observe: pixels {tuple(pixels.shape)}, action {tuple(action.shape)} and is_first "
             f"{tuple(is_first.shape)} must share [B, T]"
         )
+        if self.spec.inference == "fresh":
+            return self._observe_fresh(pixels, action, is_first, state)
         tokens, colours = self.encode(pixels.flatten(0, 1))
         tokens, colours = tokens.unflatten(0, (B, T)), colours.unflatten(0, (B, T))
         first = is_first.float().clone()
@@ -600,6 +659,30 @@ class SlotWorldModel(nn.Module):
             "attention": torch.stack(attns, 1),
         }
 
+    def _observe_fresh(self, pixels, action, is_first, state):
+        """``observe`` with per-frame inference: every frame's slots come from the frame alone
+        (all frames in one batch), and the prior of step ``t`` is the dynamics applied to the
+        posterior of ``t - 1`` (so the prior's slot order follows ``t - 1``'s, not ``t``'s:
+        ``loss`` matches them)."""
+        B, T = pixels.shape[:2]
+        tokens, colours = self.encode(pixels.flatten(0, 1))
+        post, attention = self.refine(tokens, self.initial(tokens, colours))
+        post, attention = post.unflatten(0, (B, T)), attention.unflatten(0, (B, T))
+        first = is_first.float().clone()
+        if state is None:
+            first[:, 0] = 1.0
+            before = post[:, :1]  # placeholder; step 0 has no prior
+            before_action = action[:, :1]
+        else:
+            before = state["slots"][:, None]
+            before_action = state["action"][:, None]
+        previous = torch.cat([before, post[:, :-1]], 1)  # posterior of t - 1: [B, T, K, S]
+        previous_action = torch.cat([before_action, action[:, :-1]], 1).float()
+        predicted = self.transition(previous.flatten(0, 1), previous_action.flatten(0, 1))
+        keep = (1.0 - first)[..., None, None]
+        prior = keep * predicted.unflatten(0, (B, T)) + (1.0 - keep) * post
+        return {"post": post, "prior": prior, "has_prior": 1.0 - first, "attention": attention}
+
     def imagine(self, start: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Open-loop rollout: ``start [N, K, S]``, ``actions [N, H, A]`` -> slots
         ``[N, H + 1, K, D]``, the start first, then the slots after each action."""
@@ -613,6 +696,16 @@ class SlotWorldModel(nn.Module):
         return torch.stack(out, 1)
 
     # ---------------------------------------------------------------------------------
+    def _slot_error(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Squared error between slots ``a`` and ``b [..., S]`` (broadcast): per-dimension
+        mean over the features, plus ``position_loss_scale`` x the centres' mean, plus the
+        scales' mean; and the centres' mean squared error alone. Both ``[...]``."""
+        D = self.spec.slot_dim
+        err = (a - b).square()
+        center = err[..., D : D + 2].mean(-1)
+        total = err[..., :D].mean(-1) + self.spec.position_loss_scale * center
+        return total + err[..., D + 2 :].mean(-1), center
+
     def loss(
         self, batch: dict[str, torch.Tensor], state: dict[str, torch.Tensor] | None = None
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -644,7 +737,13 @@ class SlotWorldModel(nn.Module):
             losses["loss/prediction"] = err.sum() / count
         else:
             losses["loss/prediction"] = pixels.new_zeros(())
-        dyn = (prior - post.detach()).square().mean((-2, -1))  # [B, T]
+        target = post.detach()
+        if self.spec.inference == "fresh":
+            # Each frame's slots are inferred in their own order: pair every predicted slot
+            # with the posterior slot it best explains (a Hungarian matching on the same cost).
+            target = match_slots(prior.detach(), target, self._slot_error)
+        dyn, center_err = self._slot_error(prior, target)  # [B, T, K]
+        dyn = dyn.mean(-1)  # [B, T]
         losses["loss/dynamics"] = (dyn * valid).sum() / count
         with torch.no_grad():
             masks = decoded["masks"][..., 0, :, :]  # [B, T, C, H, W]
@@ -655,6 +754,8 @@ class SlotWorldModel(nn.Module):
                 "world_model/mask_entropy": entropy,
                 "world_model/slots_used": (usage > 0.01).float().sum(-1).mean(),
                 "world_model/predicted_steps": valid.mean(),
+                # RMS error of the predicted slot centres (image units, 1 = the image side).
+                "world_model/position_error": ((center_err.mean(-1) * valid).sum() / count).sqrt(),
             }
         return losses, metrics, states
 

@@ -63,6 +63,14 @@ class Agent(abc.ABC):
     @abc.abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Start from another run's trained weights (``state_dict()["weights"]`` of the same
+        architecture) with fresh optimizers and counters (``train.py init=...``)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot start from another run's weights (init=); "
+            "continue that run with resume=<run dir> instead"
+        )
+
     def report(self, batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
         """Media for logging at eval time: name -> uint8 video ``[T, H, W, 3]``. Default: none."""
         return {}

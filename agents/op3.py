@@ -379,10 +379,13 @@ class OP3Agent(Agent):
             "generator": self.generator.get_state(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         prefix = "world_model."
-        weights = {k[len(prefix) :]: v for k, v in state["weights"].items() if k.startswith(prefix)}
-        self.wm.load_state_dict(weights, strict=True)
+        own = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+        self.wm.load_state_dict(own, strict=True)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.load_weights(state["weights"])
         self.opt.load_state_dict(state["optimizers"]["world_model"])
         self.updates = int(state["updates"])
         self.rng.bit_generator.state = state["rng"]

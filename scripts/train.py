@@ -7,6 +7,8 @@ Examples::
         seed=1 run.dir=runs/x
     python scripts/train.py resume=runs/x                    # continue where it stopped
     python scripts/train.py resume=runs/x run.steps=20000    # ...and train longer
+    python scripts/train.py agent=op3 init=runs/pre run.dir=runs/z
+                                                             # a new run from runs/pre's weights
     torchrun --standalone --nproc_per_node=2 scripts/train.py preset=debug run.dir=runs/y
                                                              # data parallel, 2 processes
 
@@ -39,7 +41,13 @@ def main(argv: list[str]) -> int:
     try:
         overrides = parse_overrides(argv)
         resume = overrides.pop("resume", None)
-        checkpoint = None
+        init = overrides.pop("init", None)
+        checkpoint = init_weights = None
+        if init is not None and resume is not None:
+            raise ConfigError(
+                "init= starts a new run from another run's weights and resume= continues a "
+                "run: pass one of them"
+            )
         if resume is not None:
             run_dir = Path(str(resume))
             config_path = run_dir / "config.yaml"
@@ -60,6 +68,15 @@ def main(argv: list[str]) -> int:
                     f"run.dir={run_dir} already holds checkpoints: continue it with "
                     f"resume={run_dir}, or pick a new run.dir"
                 )
+            if init is not None:
+                loaded = load_checkpoint(Path(str(init)))
+                source = loaded.config.get("agent", {}).get("name")
+                if source != config.agent.name:
+                    raise ConfigError(
+                        f"init={init}: that checkpoint holds an agent={source} agent, this run "
+                        f"trains agent={config.agent.name}"
+                    )
+                init_weights = loaded.agent_state["weights"]
     except (ConfigError, CheckpointError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -78,7 +95,7 @@ def main(argv: list[str]) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     try:
-        code = _train(config, run_dir, checkpoint, ctx, agents)
+        code = _train(config, run_dir, checkpoint, ctx, agents, init_weights)
     except BaseException as error:
         # Tear the process group down now: the other ranks' next collective fails at once
         # instead of waiting for distributed.timeout.
@@ -98,9 +115,10 @@ def main(argv: list[str]) -> int:
     return code
 
 
-def _train(config, run_dir: Path, checkpoint, ctx, agents) -> int:
+def _train(config, run_dir: Path, checkpoint, ctx, agents, init_weights=None) -> int:
     """Everything after the config: seed, logger, ``runtime.loop.train``, the final report.
-    Under torchrun every rank runs it; only rank 0 writes files and prints."""
+    Under torchrun every rank runs it; only rank 0 writes files and prints. ``init_weights``
+    (``init=``): the new agent starts from them, with fresh optimizers and counters."""
     from runtime import distributed
     from runtime.accelerator import AcceleratorError, configure_threads, seed_everything
     from runtime.config import save_yaml
@@ -141,6 +159,16 @@ def _train(config, run_dir: Path, checkpoint, ctx, agents) -> int:
 
     def make_agent(obs_space, action_space):
         built["agent"] = agents.make_agent(config, obs_space, action_space)
+        if init_weights is not None:
+            try:
+                built["agent"].load_weights(init_weights)
+            except NotImplementedError as error:
+                raise TrainingError(str(error)) from error
+            except RuntimeError as error:  # load_state_dict: missing/unexpected/mis-sized
+                raise TrainingError(
+                    "init=: the checkpoint's weights do not fit this agent; use the sizes it "
+                    f"was trained with ({str(error).splitlines()[0]})"
+                ) from error
         return built["agent"]
 
     if main:

@@ -375,6 +375,28 @@ def test_agent_acts_updates_and_restores(background):
     np.testing.assert_allclose(a1, a2)
 
 
+def test_load_weights_starts_from_trained_weights_with_fresh_counters():
+    """``train.py init=``: the weights come over; the optimizer, update count (so the random
+    phase runs again) and noise streams start fresh; another architecture is refused."""
+    config = _config()
+    obs_space, action_space = _spaces()
+    trained = OP3Agent(config, obs_space, action_space)
+    batch = {
+        "pixels": torch.randint(0, 255, (2, 3, 3, 32, 32), dtype=torch.uint8),
+        "action": torch.rand(2, 3, 4) * 2 - 1,
+        "is_first": torch.zeros(2, 3, dtype=torch.bool),
+    }
+    trained.update(batch)
+    started = OP3Agent(config, obs_space, action_space)
+    started.load_weights(trained.state_dict()["weights"])
+    assert started.updates == 0 and not started.opt.state
+    for key, value in trained.wm.state_dict().items():
+        torch.testing.assert_close(started.wm.state_dict()[key], value)
+    other = OP3Agent(_config("op3.slot_dim=8"), obs_space, action_space)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        other.load_weights(trained.state_dict()["weights"])
+
+
 def test_agent_and_config_need_pixels_and_goal():
     obs_space, action_space = _spaces(goal=False)
     with pytest.raises(ValueError, match="env.goal_obs=true"):

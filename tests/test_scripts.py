@@ -122,6 +122,20 @@ def test_plot_writes_png(trained_run, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_init_from_another_agents_run_is_refused(trained_run, tmp_path):
+    result = run_script(
+        "train.py",
+        "agent=op3",
+        "preset=debug",
+        "env=blocks:push-2",
+        f"init={trained_run}",
+        f"run.dir={tmp_path / 'x'}",
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "holds an agent=random agent" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_refuses_to_overwrite_a_run(trained_run):
     result = run_script("train.py", *train_args(trained_run), check=False)
     assert result.returncode == 2
@@ -137,6 +151,8 @@ def test_refuses_to_overwrite_a_run(trained_run):
         (["resume=/nonexistent/run"], "no config.yaml"),
         (["accelerator=cuda"], "accelerator=cpu"),
         (["env=dmc:cartpole-balance", "env.intervention=body_mass:pole_9*2@step=5"], "pole_1"),
+        (["init=/nonexistent/run"], "/nonexistent/run"),
+        (["init=/nonexistent/run", "resume=/nonexistent/run"], "pass one of them"),
     ],
 )
 def test_bad_input_one_line_error(tmp_path, args, expected):

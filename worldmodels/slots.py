@@ -64,6 +64,7 @@ from torch import nn
 from worldmodels.layers import LayerFactory
 
 INIT_SCALE = 0.1  # scale of a fresh slot's frame (image units)
+POSITION_FREQUENCIES = 4  # Fourier features of slot positions in the action attention
 MIN_SCALE = 0.03  # smallest slot scale (image units): half a token of a 16 x 16 grid
 LOSS_KEYS = ("loss/reconstruction", "loss/prediction", "loss/dynamics")
 SLOT_INITS = ("farthest", "learned", "gaussian")
@@ -387,8 +388,20 @@ class BroadcastDecoder(nn.Module):
         return out[:, :, : self.channels], out[:, :, self.channels :] + prior[:, :, None]
 
 
+def fourier_positions(centers: torch.Tensor) -> torch.Tensor:
+    """``centers [..., 2]`` (image units) -> ``[..., 4 * POSITION_FREQUENCIES]``: sin and cos
+    of ``2^f * pi * c`` for ``f < POSITION_FREQUENCIES``."""
+    scales = torch.pi * 2.0 ** torch.arange(POSITION_FREQUENCIES, device=centers.device)
+    angles = (centers[..., None] * scales).flatten(-2)
+    return torch.cat([angles.sin(), angles.cos()], -1)
+
+
 class SlotDynamics(nn.Module):
     """One transition for all slots: action attention, pairwise interactions, residual update.
+
+    The last 4 numbers of a slot are its frame ``(y, x, sy, sx)``. The action attention is a
+    sigmoid of a scaled dot product between a query from the action and a key from the slot's
+    features and Fourier features of its position (``fourier_positions``).
 
     Shapes: ``forward(slots [N, K, D], action [N, A])`` -> ``(slots [N, K, D], info)`` with
     ``info["action_weight"] [N, K]`` (how much the action acts on each slot) and
@@ -411,8 +424,13 @@ class SlotDynamics(nn.Module):
             )
 
         self.action_embed = mlp(action_dim, H, "action_embed")
-        self.action_gate = mlp(D + H, 1, "action_gate")
-        self.action_effect = mlp(D + H, D, "action_effect")
+        # Action attention: a query from the action against a key from each slot's features
+        # and Fourier features of its position, so "does the action act where this slot is"
+        # is a dot product rather than a comparison an MLP has to discover.
+        P = 4 * POSITION_FREQUENCIES
+        self.action_query = f.linear(H, H, name="action_query")
+        self.action_key = mlp(D + P, H, "action_key")
+        self.action_effect = mlp(D + P + H, D, "action_effect")
         self.pair = mlp(2 * D, H, "pair")
         self.pair_gate = f.linear(H, 1, name="pair_gate")
         self.pair_effect = f.linear(H, D, name="pair_effect")
@@ -427,10 +445,13 @@ class SlotDynamics(nn.Module):
         )
         N, K, D = slots.shape
         h = self.norm(slots)
-        act = self.action_embed(action.to(h.dtype))[:, None].expand(N, K, -1)
-        ha = torch.cat([h, act], -1)
-        action_weight = torch.sigmoid(self.action_gate(ha))[..., 0]  # [N, K]
-        action_effect = action_weight[..., None] * self.action_effect(ha)
+        hp = torch.cat([h, fourier_positions(slots[..., -4:-2])], -1)
+        act = self.action_embed(action.to(h.dtype))  # [N, H]
+        query = self.action_query(act)[:, None]  # [N, 1, H]
+        logits = (self.action_key(hp) * query).sum(-1) * query.shape[-1] ** -0.5
+        action_weight = torch.sigmoid(logits)  # [N, K]
+        hpa = torch.cat([hp, act[:, None].expand(N, K, -1)], -1)
+        action_effect = action_weight[..., None] * self.action_effect(hpa)
         if K > 1:
             pairs = torch.cat(
                 [h[:, :, None].expand(N, K, K, D), h[:, None, :].expand(N, K, K, D)], -1

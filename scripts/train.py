@@ -115,6 +115,33 @@ def main(argv: list[str]) -> int:
     return code
 
 
+def _lock_run_dir(run_dir: Path):
+    """Hold ``<run>/.lock`` (an advisory ``flock``) for the life of the process, so a second
+    ``train.py`` on the same run dir (a double start, a resume while the run still runs)
+    fails at once instead of interleaving metrics and checkpoints. Returns the open file
+    (the lock lasts while it is open); a no-op where ``fcntl`` does not exist."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return None
+    handle = open(run_dir / ".lock", "a+")  # noqa: SIM115 (kept open on purpose)
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise RuntimeError(
+            f"run.dir={run_dir} is in use by another training process (pid {holder}): wait "
+            "for it to finish (or stop it), or pick another run.dir"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
 def _train(config, run_dir: Path, checkpoint, ctx, agents, init_weights=None) -> int:
     """Everything after the config: seed, logger, ``runtime.loop.train``, the final report.
     Under torchrun every rank runs it; only rank 0 writes files and prints. ``init_weights``
@@ -133,6 +160,11 @@ def _train(config, run_dir: Path, checkpoint, ctx, agents, init_weights=None) ->
     seed_everything(distributed.rank_seed(config.seed, ctx.rank), config.accelerator.deterministic)
     run_dir.mkdir(parents=True, exist_ok=True)
     if main:
+        try:
+            lock = _lock_run_dir(run_dir)  # noqa: F841 (held until the process exits)
+        except RuntimeError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
         save_yaml(config, run_dir / "config.yaml")
 
     id_file = run_dir / "wandb_run_id"

@@ -136,6 +136,23 @@ def test_init_from_another_agents_run_is_refused(trained_run, tmp_path):
     assert "holds an agent=random agent" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_second_process_on_a_busy_run_dir_is_refused(tmp_path):
+    fcntl = pytest.importorskip("fcntl")
+    run_dir = tmp_path / "busy"
+    run_dir.mkdir()
+    with open(run_dir / ".lock", "a+") as held:  # as a running train.py holds it
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242")
+        held.flush()
+        result = run_script(
+            "train.py", f"run.dir={run_dir}", "logging.wandb=false", "preset=debug", check=False
+        )
+    assert result.returncode == 2
+    assert "in use by another training process (pid 4242)" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (run_dir / "metrics.jsonl").exists()
+
+
 def test_refuses_to_overwrite_a_run(trained_run):
     result = run_script("train.py", *train_args(trained_run), check=False)
     assert result.returncode == 2

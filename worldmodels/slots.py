@@ -64,6 +64,8 @@ from torch import nn
 from worldmodels.layers import LayerFactory
 
 INIT_SCALE = 0.1  # scale of a fresh slot's frame (image units)
+PRESENT_SHARE = 0.004  # image share from which a slot counts fully in loss/dynamics
+ACTION_GATE_FLOOR = 0.1  # least weight of the action's effect on any slot (see SlotDynamics)
 POSITION_FREQUENCIES = 4  # Fourier features of slot positions in the action attention
 MIN_SCALE = 0.03  # smallest slot scale (image units): half a token of a 16 x 16 grid
 LOSS_KEYS = ("loss/reconstruction", "loss/prediction", "loss/dynamics")
@@ -221,10 +223,10 @@ def normalize_slots(slots: torch.Tensor, slot_dim: int) -> torch.Tensor:
     return torch.cat([features, center, scale], -1)
 
 
-def match_slots(reference: torch.Tensor, slots: torch.Tensor, error) -> torch.Tensor:
-    """``slots [..., K, S]`` reordered so that slot k is the one matched to ``reference[...,
-    k, :]`` by a minimum-cost one-to-one assignment (Hungarian, ``scipy``) under ``error(a,
-    b) -> (cost [...], ...)``. No gradient flows through the choice of the matching."""
+def matching_order(reference: torch.Tensor, slots: torch.Tensor, error) -> torch.Tensor:
+    """Index ``[..., K]``: entry k is the slot of ``slots [..., K, S]`` matched to
+    ``reference[..., k, :]`` by a minimum-cost one-to-one assignment (Hungarian, ``scipy``)
+    under ``error(a, b) -> (cost [...], ...)``. Computed without gradient."""
     from scipy.optimize import linear_sum_assignment
 
     K = slots.shape[-2]
@@ -235,7 +237,13 @@ def match_slots(reference: torch.Tensor, slots: torch.Tensor, error) -> torch.Te
     for i, matrix in enumerate(flat):
         rows, cols = linear_sum_assignment(matrix)
         order[i, torch.as_tensor(rows)] = torch.as_tensor(cols)
-    order = order.reshape(*slots.shape[:-2], K).to(slots.device)
+    return order.reshape(*slots.shape[:-2], K).to(slots.device)
+
+
+def match_slots(reference: torch.Tensor, slots: torch.Tensor, error) -> torch.Tensor:
+    """``slots [..., K, S]`` reordered so that slot k is the one matched to ``reference[...,
+    k, :]`` (``matching_order``). No gradient flows through the choice of the matching."""
+    order = matching_order(reference, slots, error)
     return slots.gather(-2, order[..., None].expand_as(slots))
 
 
@@ -449,7 +457,10 @@ class SlotDynamics(nn.Module):
         act = self.action_embed(action.to(h.dtype))  # [N, H]
         query = self.action_query(act)[:, None]  # [N, 1, H]
         logits = (self.action_key(hp) * query).sum(-1) * query.shape[-1] ** -0.5
-        action_weight = torch.sigmoid(logits)  # [N, K]
+        # A floor on the gate: a plain sigmoid gate closes on every slot within a few hundred
+        # updates (most transitions move nothing, and the untrained effect only adds error),
+        # after which the effect it gates gets no gradient and never learns (measured).
+        action_weight = ACTION_GATE_FLOOR + (1.0 - ACTION_GATE_FLOOR) * torch.sigmoid(logits)
         hpa = torch.cat([hp, act[:, None].expand(N, K, -1)], -1)
         action_effect = action_weight[..., None] * self.action_effect(hpa)
         if K > 1:
@@ -764,14 +775,22 @@ class SlotWorldModel(nn.Module):
         else:
             losses["loss/prediction"] = pixels.new_zeros(())
         target = post.detach()
+        # Slots that draw (almost) nothing carry no observable state: their inferred positions
+        # are arbitrary from frame to frame, so they are left out of loss/dynamics.
+        with torch.no_grad():
+            share = decoded["masks"][..., -self.num_slots :, 0, :, :].mean((-2, -1))  # [B,T,K]
         if self.spec.inference == "fresh":
             # Each frame's slots are inferred in their own order: pair every predicted slot
             # with the posterior slot of the same appearance (a Hungarian matching on the
             # features alone: a picked block lands far away, so positions would pair it with
             # whatever now sits where it was; measured 95% vs 91% correct pairs).
-            target = match_slots(prior.detach(), target, self._feature_error)
+            order = matching_order(prior.detach(), target, self._feature_error)
+            target = target.gather(-2, order[..., None].expand_as(target))
+            share = share.gather(-1, order)
+        present = (share / PRESENT_SHARE).clamp(max=1.0)  # [B, T, K]
         dyn, center_err = self._slot_error(prior, target)  # [B, T, K]
-        dyn = dyn.mean(-1)  # [B, T]
+        dyn = (dyn * present).sum(-1) / present.sum(-1).clamp(min=1e-6)  # [B, T]
+        center_err = center_err * present
         losses["loss/dynamics"] = (dyn * valid).sum() / count
         with torch.no_grad():
             masks = decoded["masks"][..., 0, :, :]  # [B, T, C, H, W]
@@ -783,7 +802,9 @@ class SlotWorldModel(nn.Module):
                 "world_model/slots_used": (usage > 0.01).float().sum(-1).mean(),
                 "world_model/predicted_steps": valid.mean(),
                 # RMS error of the predicted slot centres (image units, 1 = the image side).
-                "world_model/position_error": ((center_err.mean(-1) * valid).sum() / count).sqrt(),
+                "world_model/position_error": (
+                    (center_err.sum(-1) / present.sum(-1).clamp(min=1e-6) * valid).sum() / count
+                ).sqrt(),
             }
         return losses, metrics, states
 

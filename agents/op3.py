@@ -24,13 +24,12 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from agents.base import Agent, State
 from runtime.accelerator import make_accelerator
 from runtime.config import Config
 from worldmodels.layers import LayerFactory
-from worldmodels.slots import SlotSpec, SlotWorldModel
+from worldmodels.slots import SlotSpec, SlotWorldModel, hungarian_order
 
 # ------------------------------------------------------------------------------------------
 # Planning pieces (used by the agent and by scripts/op3_checks.py)
@@ -59,14 +58,9 @@ def slot_distances(
 
 def hungarian_cost(costs: torch.Tensor) -> torch.Tensor:
     """Minimum total cost of a one-to-one matching for each ``[K, K]`` matrix of ``costs
-    [..., K, K]`` (``scipy.optimize.linear_sum_assignment``): ``[...]``."""
-    lead = costs.shape[:-2]
-    flat = costs.detach().reshape(-1, *costs.shape[-2:]).cpu().numpy()
-    totals = np.empty(len(flat))
-    for i, matrix in enumerate(flat):
-        rows, cols = linear_sum_assignment(matrix)
-        totals[i] = matrix[rows, cols].sum()
-    return torch.as_tensor(totals, dtype=torch.float32, device=costs.device).reshape(lead)
+    [..., K, K]`` (``worldmodels.slots.hungarian_order``): ``[...]``."""
+    order = hungarian_order(costs)
+    return costs.detach().float().gather(-1, order[..., None])[..., 0].sum(-1)
 
 
 def matched_slot_distance(
@@ -312,9 +306,9 @@ class OP3Agent(Agent):
         from the frame alone; with ``filter`` refined from the dynamics' prediction (last slots
         and the action taken since), or from fresh starting slots where ``fresh [N]`` is 1 (a
         new episode)."""
-        tokens, colours = self.wm.encode(self._pixels(pixels))
         if self.wm.spec.inference == "fresh":
-            return self.wm.refine(tokens, self.wm.initial(tokens, colours))[0]
+            return self.wm.infer(self._pixels(pixels))
+        tokens, colours = self.wm.encode(self._pixels(pixels))
         predicted = self.wm.transition(slots, action)
         keep = (1.0 - fresh)[:, None, None]
         init = keep * predicted + (1.0 - keep) * self.wm.initial(tokens, colours)

@@ -223,21 +223,26 @@ def normalize_slots(slots: torch.Tensor, slot_dim: int) -> torch.Tensor:
     return torch.cat([features, center, scale], -1)
 
 
-def matching_order(reference: torch.Tensor, slots: torch.Tensor, error) -> torch.Tensor:
-    """Index ``[..., K]``: entry k is the slot of ``slots [..., K, S]`` matched to
-    ``reference[..., k, :]`` by a minimum-cost one-to-one assignment (Hungarian, ``scipy``)
-    under ``error(a, b) -> (cost [...], ...)``. Computed without gradient."""
+def hungarian_order(costs: torch.Tensor) -> torch.Tensor:
+    """For each ``[K, K]`` matrix of ``costs [..., K, K]`` the minimum-cost one-to-one
+    assignment (``scipy.optimize.linear_sum_assignment``): index ``[..., K]``, entry k the
+    column assigned to row k. Computed on the CPU without gradient."""
     from scipy.optimize import linear_sum_assignment
 
-    K = slots.shape[-2]
-    with torch.no_grad():
-        costs = error(reference[..., :, None, :], slots[..., None, :, :])[0]  # [..., K, K]
-        flat = costs.reshape(-1, K, K).float().cpu().numpy()
+    K = costs.shape[-1]
+    flat = costs.detach().reshape(-1, K, K).float().cpu().numpy()
     order = torch.empty(flat.shape[0], K, dtype=torch.long)
     for i, matrix in enumerate(flat):
         rows, cols = linear_sum_assignment(matrix)
         order[i, torch.as_tensor(rows)] = torch.as_tensor(cols)
-    return order.reshape(*slots.shape[:-2], K).to(slots.device)
+    return order.reshape(*costs.shape[:-1]).to(costs.device)
+
+
+def matching_order(reference: torch.Tensor, slots: torch.Tensor, error) -> torch.Tensor:
+    """Index ``[..., K]``: entry k is the slot of ``slots [..., K, S]`` matched to
+    ``reference[..., k, :]`` by ``hungarian_order`` under ``error(a, b) -> (cost [...], ...)``."""
+    with torch.no_grad():
+        return hungarian_order(error(reference[..., :, None, :], slots[..., None, :, :])[0])
 
 
 def match_slots(reference: torch.Tensor, slots: torch.Tensor, error) -> torch.Tensor:
@@ -775,10 +780,12 @@ class SlotWorldModel(nn.Module):
         else:
             losses["loss/prediction"] = pixels.new_zeros(())
         target = post.detach()
+        with torch.no_grad():
+            masks = decoded["masks"][..., 0, :, :]  # [B, T, C, H, W]
+            usage = masks[..., -self.num_slots :, :, :].mean((-2, -1))  # [B, T, K] image share
         # Slots that draw (almost) nothing carry no observable state: their inferred positions
         # are arbitrary from frame to frame, so they are left out of loss/dynamics.
-        with torch.no_grad():
-            share = decoded["masks"][..., -self.num_slots :, 0, :, :].mean((-2, -1))  # [B,T,K]
+        share = usage
         if self.spec.inference == "fresh":
             # Each frame's slots are inferred in their own order: pair every predicted slot
             # with the posterior slot of the same appearance (a Hungarian matching on the
@@ -793,8 +800,6 @@ class SlotWorldModel(nn.Module):
         center_err = center_err * present
         losses["loss/dynamics"] = (dyn * valid).sum() / count
         with torch.no_grad():
-            masks = decoded["masks"][..., 0, :, :]  # [B, T, C, H, W]
-            usage = masks[..., -self.num_slots :, :, :].mean((-2, -1))  # [B, T, K] image share
             entropy = -(masks.clamp_min(1e-8).log() * masks).sum(-3).mean()
             metrics = {
                 "world_model/recon_mse": rec.mean(),
@@ -818,5 +823,11 @@ __all__ = [
     "SlotEncoder",
     "SlotSpec",
     "SlotWorldModel",
+    "INFERENCE_MODES",
+    "fourier_positions",
+    "hungarian_order",
+    "match_slots",
+    "matching_order",
+    "normalize_slots",
     "position_grid",
 ]

@@ -141,6 +141,7 @@ def slot_spec(config: Config) -> SlotSpec:
         background=o.background,
         position_loss_scale=o.position_loss_scale,
         inference=o.inference,
+        dynamics_trains_perception=o.dynamics_trains_perception,
     )
 
 
@@ -171,6 +172,12 @@ class OP3Agent(Agent):
                 f"agent=op3: goal image {spaces['goal'].shape} and pixels "
                 f"{spaces['pixels'].shape} must have the same shape"
             )
+        o = config.op3
+        if o.freeze_perception and not (o.dynamics_scale > 0 or o.prediction_scale > 0):
+            raise ValueError(
+                "agent=op3: op3.freeze_perception=true trains only the dynamics, but "
+                "op3.dynamics_scale and op3.prediction_scale are both 0: set one of them > 0"
+            )
         self.config = config
         self.action_space = action_space
         self.action_shape = tuple(action_space.shape)
@@ -178,7 +185,6 @@ class OP3Agent(Agent):
         self.image_shape = tuple(spaces["pixels"].shape)
         self.accelerator = make_accelerator(config)
         self.device = self.accelerator.device
-        o = config.op3
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             self.factory = LayerFactory(norm="layer", act="relu")
@@ -186,6 +192,12 @@ class OP3Agent(Agent):
                 self.image_shape, self.action_dim, slot_spec(config), self.factory
             )
         self.accelerator.place(self.wm)
+        if o.freeze_perception:
+            # Frozen weights build no autograd graph: inference and decoding of the posterior
+            # run forward only, and Adam skips them (their gradients stay None).
+            for name, parameter in self.wm.named_parameters():
+                if not name.startswith("dynamics."):
+                    parameter.requires_grad_(False)
         self.opt = torch.optim.Adam(self.wm.parameters(), lr=o.lr)
         self.accelerator.prepare({"world_model": self.wm}, {"world_model": self.opt})
         self.scales = {

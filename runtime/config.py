@@ -248,6 +248,14 @@ class OP3Config:
     # slots settle into fixed regions that the refinement never moves, and the dynamics learns
     # to ignore the action; see README).
     inference: Literal["fresh", "filter"] = "fresh"
+    # Whether loss/dynamics also trains the perception (through the previous slots it predicts
+    # from). Off: only the reconstruction shapes the slots (joint training degraded a
+    # pretrained segmentation; see README).
+    dynamics_trains_perception: bool = False
+    # Train only the dynamics: the perception (encoder, slot attention, decoder, background)
+    # is frozen, e.g. after `train.py init=<run>` from a perception pretrained by
+    # `op3_checks.py check=ari save=<run>` (the two-stage recipe in the README).
+    freeze_perception: bool = False
     lr: float = field(default=1e-3, metadata=_positive(0))
     # Linear learning-rate warm-up over this many updates (slot attention needs it).
     warmup: int = field(default=100, metadata=_positive(0))

@@ -9,6 +9,8 @@ Examples::
     python scripts/train.py resume=runs/x run.steps=20000    # ...and train longer
     python scripts/train.py agent=op3 init=runs/pre run.dir=runs/z
                                                              # a new run from runs/pre's weights
+    python scripts/train.py preset=op3,op3_dynamics init=runs/pre run.dir=runs/z
+                                                             # ...training only its dynamics
     torchrun --standalone --nproc_per_node=2 scripts/train.py preset=debug run.dir=runs/y
                                                              # data parallel, 2 processes
 
@@ -77,6 +79,12 @@ def main(argv: list[str]) -> int:
                         f"trains agent={config.agent.name}"
                     )
                 init_weights = loaded.agent_state["weights"]
+            elif config.agent.name == "op3" and config.op3.freeze_perception:
+                raise ConfigError(
+                    "op3.freeze_perception=true trains only the dynamics, on slots from a "
+                    "frozen perception: start from a trained one with init=<run dir> (e.g. "
+                    "from `scripts/op3_checks.py check=ari save=<run dir>`; see README)"
+                )
     except (ConfigError, CheckpointError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -201,15 +201,20 @@ def test_loss_terms_finite_and_gradients_reach_the_right_parameters():
     assert set(losses) == {"loss/reconstruction", "loss/prediction", "loss/dynamics"}
     assert all(torch.isfinite(v) and v.dim() == 0 for v in [*losses.values(), *metrics.values()])
     assert all(float(v.detach()) > 0 for v in losses.values())
-    # The dynamics learn from predicting the next frame and the next slots...
+    # The dynamics learn from predicting the next frame and the next slots, on the slots the
+    # perception gives them: by default neither term trains the encoder or slot attention...
     assert _grads(model, losses["loss/prediction"]) == {
-        "encoder": True,
-        "attention": True,
+        "encoder": False,
+        "attention": False,
         "decoder": True,
         "dynamics": True,
     }
-    assert _grads(model, losses["loss/dynamics"])["dynamics"]
-    assert not _grads(model, losses["loss/dynamics"])["decoder"]
+    assert _grads(model, losses["loss/dynamics"]) == {
+        "encoder": False,
+        "attention": False,
+        "decoder": False,
+        "dynamics": True,
+    }
     # ...and single frames (the segmentation phase) train everything but the dynamics.
     single = {k: v[:, :1] for k, v in _batch().items()}
     single_losses, _ = model.loss(single)
@@ -221,6 +226,21 @@ def test_loss_terms_finite_and_gradients_reach_the_right_parameters():
         "decoder": True,
         "dynamics": False,
     }
+
+
+@pytest.mark.parametrize("inference", ["fresh", "filter"])
+def test_dynamics_trains_perception_only_when_asked(inference):
+    model = tiny_model(inference=inference, dynamics_trains_perception=True)
+    losses, _ = model.loss(_batch())
+    for key in ("loss/prediction", "loss/dynamics"):
+        reached = _grads(model, losses[key])
+        assert reached["encoder"] and reached["attention"] and reached["dynamics"], key
+    model = tiny_model(inference=inference)
+    losses, _ = model.loss(_batch())
+    reached = _grads(model, losses["loss/dynamics"])
+    assert reached["dynamics"] and not reached["decoder"]
+    if inference == "fresh":  # filter: the posterior is refined from the prior (OP3)
+        assert not reached["encoder"] and not reached["attention"]
 
 
 def test_reconstruction_loss_falls():
@@ -395,6 +415,32 @@ def test_load_weights_starts_from_trained_weights_with_fresh_counters():
     other = OP3Agent(_config("op3.slot_dim=8"), obs_space, action_space)
     with pytest.raises(RuntimeError, match="size mismatch"):
         other.load_weights(trained.state_dict()["weights"])
+
+
+def test_freeze_perception_trains_only_the_dynamics():
+    """``op3.freeze_perception``: an update changes the dynamics' weights and nothing else."""
+    obs_space, action_space = _spaces()
+    agent = OP3Agent(_config("op3.freeze_perception=true"), obs_space, action_space)
+    before = {k: v.clone() for k, v in agent.wm.state_dict().items()}
+    batch = {
+        "pixels": torch.randint(0, 255, (2, 3, 3, 32, 32), dtype=torch.uint8),
+        "action": torch.rand(2, 3, 4) * 2 - 1,
+        "is_first": torch.zeros(2, 3, dtype=torch.bool),
+    }
+    for _ in range(2):
+        metrics = agent.update(batch)
+    assert np.isfinite(metrics["loss/world_model"])
+    after = agent.wm.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("dynamics.") for k in changed), sorted(changed)
+    assert any(k.startswith("dynamics.") for k in changed)
+    # A frozen perception with no loss left for the dynamics is refused up front.
+    with pytest.raises(ValueError, match="freeze_perception"):
+        OP3Agent(
+            _config("op3.freeze_perception=true", "op3.dynamics_scale=0", "op3.prediction_scale=0"),
+            obs_space,
+            action_space,
+        )
 
 
 def test_agent_and_config_need_pixels_and_goal():

@@ -170,6 +170,7 @@ def test_refuses_to_overwrite_a_run(trained_run):
         (["env=dmc:cartpole-balance", "env.intervention=body_mass:pole_9*2@step=5"], "pole_1"),
         (["init=/nonexistent/run"], "/nonexistent/run"),
         (["init=/nonexistent/run", "resume=/nonexistent/run"], "pass one of them"),
+        (["preset=op3,op3_dynamics"], "init=<run dir>"),
     ],
 )
 def test_bad_input_one_line_error(tmp_path, args, expected):

@@ -50,9 +50,9 @@ they predict) and ``loss/dynamics`` (prior slots against the detached posterior 
 initialised; the frame centres weighted by ``position_loss_scale``), all mean squared errors
 (0 when a window has no step with a predecessor). The dynamics predicts from the detached
 previous posterior unless ``dynamics_trains_perception``: the two dynamics terms train the
-dynamics (and ``loss/prediction`` the decoder), not the slots they start from. Every slot state is kept canonical by
-``normalize_slots`` (unit-RMS features, frames inside the image), which keeps the
-prior -> posterior -> dynamics-target loop from running away.
+dynamics (and ``loss/prediction`` the decoder), not the slots they start from. Every slot
+state is kept canonical by ``normalize_slots`` (unit-RMS features, frames inside the image),
+which keeps the prior -> posterior -> dynamics-target loop from running away.
 """
 
 from __future__ import annotations

@@ -20,7 +20,16 @@ An agent acts in a batch of parallel environments and learns from replayed seque
     observation keys, ``action`` (the action taken *at* that step, i.e. after observing it),
     ``reward`` (received on arriving at that step; 0 where ``is_first``), ``is_first``,
     ``is_last``, ``is_terminal`` (float32 0/1). Returns scalar metrics named with the logger's
-    namespaces (``loss/...``, ``world_model/...``, ``train/...``).
+    namespaces (``loss/...``, ``world_model/...``, ``train/...``) as 0-d tensors on the agent's
+    device (plain numbers are accepted too). An update reads nothing back to the host (no
+    ``.item()``, ``float(t)``, ``bool(t)``, ``.cpu()``): the loop keeps the tensors and fetches
+    all of them in one transfer per ``run.log_every``, when it also checks every ``loss/*``
+    term and stops the run on a non-finite one, naming the last good checkpoint (it checks
+    before writing each checkpoint too, so that one is never written after a bad update).
+
+``log_metrics() -> dict[str, float]`` (optional)
+    Scalars read once per log interval after some updates ran, where host syncs are allowed:
+    statistics that are costly to read per update (sparse densities, measured step times).
 
 ``state_dict() / load_state_dict(state)``
     Everything needed to continue training exactly: ``state["weights"]`` is a flat
@@ -55,13 +64,17 @@ class Agent(abc.ABC):
     ) -> tuple[np.ndarray, State]: ...
 
     @abc.abstractmethod
-    def update(self, batch: dict[str, torch.Tensor]) -> dict[str, float]: ...
+    def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | float]: ...
 
     @abc.abstractmethod
     def state_dict(self) -> dict[str, Any]: ...
 
     @abc.abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def log_metrics(self) -> dict[str, float]:
+        """Once-per-log-interval scalars (may sync the device); see the module docstring."""
+        return {}
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Start from another run's trained weights (``state_dict()["weights"]`` of the same

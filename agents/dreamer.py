@@ -36,7 +36,6 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -54,6 +53,7 @@ from worldmodels import (
     WorldModel,
     WorldModelSpec,
     lambda_return,
+    one_hot,
     preprocess_obs,
     replay_lambda_return,
 )
@@ -170,7 +170,7 @@ class DreamerAgent(Agent):
         a, w = config.agent, config.world_model
         # Device, precision policy, backward/clip/step: the accelerator decides (cpu, cuda,
         # ipu-sim); this agent never names a device itself.
-        self.accelerator = make_accelerator(config)
+        self.accelerator = make_accelerator(config, planned_updates(config))
         self.device = self.accelerator.device
         if isinstance(action_space, gym.spaces.Discrete):
             self.discrete, self.action_dim = True, int(action_space.n)
@@ -237,7 +237,7 @@ class DreamerAgent(Agent):
             self.sparsifier.grad_reduce = self.accelerator.average
 
         def adam(params, lr, eps):
-            return torch.optim.Adam(params, lr=lr, eps=eps, foreach=True)
+            return self.accelerator.optimizer(params, lr=lr, eps=eps)
 
         # Greedy InfoMax: one optimizer per encoder module; the world model's own optimizer
         # gets every other parameter.
@@ -270,12 +270,21 @@ class DreamerAgent(Agent):
             "loss/graph": 1.0,  # factored l1 graph: already scaled by factored.l1_scale
         }
         self.autocast_enabled = self.accelerator.autocast_dtype is not None
-        # Compiled (agent.compile) or eager: the per-step cells and the batched loss pieces.
-        # The loops over time (observe, imagine, lambda-returns) stay in Python.
-        self._actor_net = self.accelerator.compile(self.actor.net)
-        self._ac_losses = self.accelerator.compile(self._ac_losses_impl)
-        if self.accelerator.compiling:
-            self.wm.compile()
+        # agent.compile: the world-model step and the behaviour step each become one graph
+        # (forward unrolled over replay.batch_length and agent.horizon, and its backward), with
+        # no graph break. Greedy InfoMax (its own optimizer steps inside the encoder's pass)
+        # and sparse masks (parametrizations and scheduled topology changes) stay eager.
+        self.compiled = (
+            self.accelerator.compiling and self.sparsifier is None and self.wm.greedy is None
+        )
+        if self.accelerator.compiling and not self.compiled and config.agent.compile is True:
+            raise ValueError(
+                "agent.compile=true cannot compile sparse.enabled=true or "
+                "world_model.greedy_infomax.modules>0; set agent.compile=false (or auto)"
+            )
+        compile_fn = self.accelerator.compile if self.compiled else (lambda fn, **_: fn)
+        self._world_model_losses = compile_fn(self._world_model_losses_impl, fullgraph=True)
+        self._behaviour_losses = compile_fn(self._behaviour_losses_impl, fullgraph=True)
 
     # ---------------------------------------------------------------------------------
     # Helpers
@@ -337,7 +346,7 @@ class DreamerAgent(Agent):
             index = action.long()
             if index.dim() == 3 and index.shape[-1] == 1:  # stored as [B, T, 1]
                 index = index[..., 0]
-            return F.one_hot(index - self.action_start, self.action_dim).float()
+            return one_hot(index - self.action_start, self.action_dim)
         lead = action.shape[: action.dim() - len(self.action_space.shape)]
         return action.float().reshape(*lead, self.action_dim)
 
@@ -351,13 +360,6 @@ class DreamerAgent(Agent):
         for key in ("reward", "is_first", "is_terminal"):
             data[key] = batch[key].to(dev, non_blocking=True).float()
         return data
-
-    @staticmethod
-    def _to_floats(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
-        """One device sync for all metrics."""
-        keys = list(metrics)
-        values = torch.stack([metrics[k].detach().float().reshape(()) for k in keys]).cpu().tolist()
-        return dict(zip(keys, values))
 
     # ---------------------------------------------------------------------------------
     # Training
@@ -386,9 +388,10 @@ class DreamerAgent(Agent):
                     update=greedy_update,
                 )
         self.wm_opt.zero_grad(set_to_none=True)
-        with self._autocast(), self._cached():
-            losses, metrics, post = self.wm.loss_and_states(data, embed=embed)
-        total = sum(self.loss_scales[k] * losses[k] for k in losses)
+        if embed is None:
+            total, losses, metrics, post = self._world_model_losses(data)
+        else:
+            total, losses, metrics, post = self._world_model_losses_impl(data, embed)
         norm = self.accelerator.backward(total, self.wm_opt, clip=self.config.world_model.grad_clip)
         self.accelerator.step(self.wm_opt)
         if self.sparsifier is not None:
@@ -401,37 +404,84 @@ class DreamerAgent(Agent):
         metrics.update({f"world_model/{k}": v for k, v in greedy_metrics.items()})
         metrics["loss/world_model"] = total.detach()
         metrics["train/grad_norm_world_model"] = norm
-        post = {k: post[k].detach() for k in ("deter", "stoch")}
         return post, metrics
 
-    def _behaviour_losses(
-        self, start: dict[str, torch.Tensor], start_continue: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """Actor and critic losses on an imagined rollout from ``start`` (``[N, ...]``).
+    def _world_model_losses_impl(
+        self, data: dict[str, torch.Tensor], embed: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict, dict, dict]:
+        """The world-model forward over the batch: ``(total, losses, metrics, post)`` with
+        ``post`` the detached posterior ``deter``/``stoch`` ``[B, T, ...]``. One graph under
+        ``agent.compile`` (its backward is compiled with it)."""
+        with self._autocast(), self._cached():
+            losses, metrics, post = self.wm.loss_and_states(data, embed=embed)
+        total = sum(self.loss_scales[k] * losses[k] for k in losses)
+        post = {k: post[k].detach() for k in ("deter", "stoch")}
+        return total, losses, metrics, post
 
-        The policy runs once per imagined state (its raw outputs are kept for the losses);
-        for REINFORCE the rollout itself is not differentiated.
+    def _behaviour_losses_impl(
+        self,
+        post: dict[str, torch.Tensor],
+        data: dict[str, torch.Tensor],
+        pick: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(actor_loss + critic_loss, metrics)`` from imagination started at every posterior
+        state (or those at ``pick``). One graph under ``agent.compile``.
+
+        Each term of the summed loss reaches only its own part's parameters, so one backward
+        pass fills the actor's and the critic's gradients with what two separate passes would:
+        the world model's parameters are frozen by the caller, the critic's loss sees the
+        features detached, and the returns that the actor differentiates (dynamics backprop)
+        read the critic through detached parameters.
+
+        Shapes: ``post`` ``[B, T, ...]``, ``data`` ``[B, T]`` flags, ``pick`` ``[N]`` or None.
         """
+        a = self.config.agent
+        start = {
+            "deter": post["deter"].reshape(-1, post["deter"].shape[-1]),
+            "stoch": post["stoch"].flatten(0, 1),
+        }
+        start_continue = 1.0 - data["is_terminal"].reshape(-1)
+        if pick is not None:
+            start = {k: v[pick] for k, v in start.items()}
+            start_continue = start_continue[pick]
+        with self._autocast(), self._cached():
+            traj, actor_raw = self._imagine(start)
+            actor_loss, critic_loss, metrics = self._ac_losses(traj, actor_raw, start_continue)
+            boot = metrics.pop("bootstrap")
+            if a.replay_critic_scale > 0:
+                replay_loss, replay_metrics = self._replay_critic_loss(post, data, boot)
+                critic_loss = critic_loss + a.critic_scale * a.replay_critic_scale * replay_loss
+                metrics.update(replay_metrics)
+        return actor_loss + critic_loss, metrics
+
+    def _imagine(
+        self, start: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """An imagined rollout of ``agent.horizon`` steps from ``start`` (``[N, ...]``) and the
+        policy's raw outputs at each of its first ``horizon`` states (``[N, H, ...]``).
+
+        The policy runs once per imagined state; for REINFORCE the rollout itself is not
+        differentiated (the policy sees detached features, its samples are detached)."""
         dynamics = self.dynamics_grad
         raws = []
 
         def policy(state):
             feat = self.wm.feat(state)
             with torch.enable_grad():
-                raw = self._actor_net(feat if dynamics else feat.detach())
+                raw = self.actor.net(feat if dynamics else feat.detach())
             raws.append(raw)
             action = self.actor.action(self.actor.dist(raw), sample=True)
             return action if dynamics else action.detach()
 
         with contextlib.nullcontext() if dynamics else torch.no_grad():
             traj = self.wm.imagine(policy, start, self.config.agent.horizon)
-        return self._ac_losses(traj, torch.stack(raws, 1), start_continue)
+        return traj, torch.stack(raws, 1)
 
-    def _ac_losses_impl(
+    def _ac_losses(
         self, traj: dict[str, torch.Tensor], actor_raw: torch.Tensor, start_continue: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Losses from an imagined trajectory (``[N, H+1, ...]`` states, ``[N, H, ...]``
-        actions and policy outputs). The critic's logits serve both the returns and its loss."""
+        actions and policy outputs)."""
         a = self.config.agent
         H = a.horizon
         # Heads run on all H+1 states at once (contiguous; the reward and continue predictions
@@ -442,8 +492,16 @@ class DreamerAgent(Agent):
             cont = self.wm.continue_prob(feat)
         cont = torch.cat([start_continue[:, None], cont[:, 1:]], 1)
         discount = a.discount * cont
-        logits = self.critic(feat)  # [N, H+1, bins]
-        value = self.critic.twohot.decode(logits)
+        # The critic's own loss sees the features detached (it must not train the actor), and
+        # its logits serve the returns too unless the actor differentiates them.
+        logits = self.critic(feat.detach())  # [N, H+1, bins]
+        if self.dynamics_grad:
+            # Gradient into the features (and through the dynamics into the actor), none into
+            # the critic's parameters: the critic read with detached copies of its weights.
+            frozen = {k: v.detach() for k, v in self.critic.named_parameters()}
+            value = self.critic.twohot.decode(torch.func.functional_call(self.critic, frozen, feat))
+        else:
+            value = self.critic.twohot.decode(logits).detach()
         ret = lambda_return(reward, discount, value, a.return_lambda)  # [N, H]
         # Weight of each state: the (discounted) probability that the episode reaches it.
         weight = (torch.cumprod(discount[:, :H], 1) / a.discount).detach()
@@ -460,8 +518,6 @@ class DreamerAgent(Agent):
             objective = self.actor.log_prob(dist, traj["action"].detach()) * adv
         actor_loss = -(weight * (objective + a.actor_entropy * entropy)).mean()
 
-        # The critic's loss only ever reaches the critic's parameters (see train_behaviour),
-        # so sharing the logits with the (possibly differentiable) returns is safe.
         target = ret.detach()
         with torch.no_grad():
             slow = self.slow_critic.value(feat.detach())[:, :H]
@@ -524,34 +580,26 @@ class DreamerAgent(Agent):
     def train_behaviour(self, post: dict[str, torch.Tensor], data: dict[str, torch.Tensor]):
         """One actor and one critic step on imagination from every posterior state."""
         a = self.config.agent
-        start = {
-            "deter": post["deter"].detach().reshape(-1, post["deter"].shape[-1]),
-            "stoch": post["stoch"].detach().flatten(0, 1),
-        }
-        start_continue = 1.0 - data["is_terminal"].reshape(-1)
-        if 0 < a.imagine_starts < start_continue.shape[0]:
-            pick = torch.randperm(start_continue.shape[0], device=self.device)[: a.imagine_starts]
-            start = {k: v[pick] for k, v in start.items()}
-            start_continue = start_continue[pick]
-        with self._autocast(), self._cached():
-            actor_loss, critic_loss, metrics = self._behaviour_losses(start, start_continue)
-            boot = metrics.pop("bootstrap")
-            if a.replay_critic_scale > 0:
-                replay_loss, replay_metrics = self._replay_critic_loss(post, data, boot)
-                critic_loss = critic_loss + a.critic_scale * a.replay_critic_scale * replay_loss
-                metrics.update(replay_metrics)
-        actor_params = [p for p in self.actor.parameters() if p.requires_grad]
-        critic_params = [p for p in self.critic.parameters() if p.requires_grad]
-        # Gradients w.r.t. the actor's (critic's) parameters only: the world model's weights
-        # get no gradient from these losses (their .grad stays untouched).
-        for params, loss, opt, clip, name in (
-            (actor_params, actor_loss, self.actor_opt, a.actor_grad_clip, "actor"),
-            (critic_params, critic_loss, self.critic_opt, a.critic_grad_clip, "critic"),
-        ):
-            # The actor's graph shares the critic's forward pass: keep it for the critic.
-            metrics[f"train/grad_norm_{name}"] = self.accelerator.backward(
-                loss, opt, clip=clip, params=params, retain_graph=True
-            )
+        pick = None
+        starts = data["is_terminal"].numel()
+        if 0 < a.imagine_starts < starts:
+            pick = torch.randperm(starts, device=self.device)[: a.imagine_starts]
+        # The world model's weights get no gradient from these losses (their .grad stays
+        # untouched): frozen while the graph is built, so no pass computes them.
+        frozen = [p for p in self.wm.parameters() if p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            loss, metrics = self._behaviour_losses(post, data, pick)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+        actor_norm, critic_norm = self.accelerator.backward_groups(
+            loss, [(self.actor_opt, a.actor_grad_clip), (self.critic_opt, a.critic_grad_clip)]
+        )
+        metrics["train/grad_norm_actor"] = actor_norm
+        metrics["train/grad_norm_critic"] = critic_norm
+        for opt in (self.actor_opt, self.critic_opt):
             self.accelerator.step(opt)
             opt.zero_grad(set_to_none=True)
         if self.updates % a.slow_critic_every == 0:
@@ -570,17 +618,25 @@ class DreamerAgent(Agent):
         names = sorted(slow)
         torch._foreach_lerp_([slow[n] for n in names], [fast[n] for n in names], fraction)
 
-    def update(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One world-model and one behaviour step; metrics as 0-d device tensors (no host
+        sync: the loop reads them once per log interval, see ``agents.base``)."""
         # One accelerator step (ipu-sim: static-signature check, cost estimate, limits).
         with self.accelerator.train_step(batch):
             data = self.preprocess(batch)
             post, metrics = self.train_world_model(data)
             metrics.update(self.train_behaviour(post, data))
         self.updates += 1  # (the loop reports train/updates itself)
-        out = self._to_floats(metrics)
-        if self.sparsifier is not None:
-            out.update(self.sparsifier.metrics())
-        out.update(self.accelerator.metrics())  # perf/cuda/* measured, perf/ipu_sim/* estimated
+        # One stacked copy: CUDA-graph replays overwrite their outputs, the loop keeps these.
+        keys = list(metrics)
+        values = torch.stack([metrics[k].detach().float().reshape(()) for k in keys])
+        return dict(zip(keys, values.unbind(0)))
+
+    def log_metrics(self) -> dict[str, float]:
+        """Once per log interval: the sparse masks' statistics and the accelerator's
+        ``perf/cuda/*`` (measured) or ``perf/ipu_sim/*`` (estimated) scalars."""
+        out = dict(self.sparsifier.metrics()) if self.sparsifier is not None else {}
+        out.update(self.accelerator.metrics())
         return out
 
     # ---------------------------------------------------------------------------------

@@ -229,7 +229,7 @@ class OP3Agent(Agent):
             "is_first": batch["is_first"].to(self.device).float(),
         }
 
-    def update(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | float]:
         o = self.config.op3
         lr = o.lr * min(1.0, (self.updates + 1) / max(1, o.warmup))
         for group in self.opt.param_groups:
@@ -247,11 +247,14 @@ class OP3Agent(Agent):
             self.opt.zero_grad(set_to_none=True)
         self.updates += 1
         out = {**losses, **metrics, "loss/world_model": total, "train/grad_norm_world_model": norm}
-        values = torch.stack([v.detach().float().reshape(()) for v in out.values()]).cpu()
-        result = dict(zip(out, values.tolist()))
+        # Device tensors, read by the loop once per log interval (agents.base).
+        result: dict[str, torch.Tensor | float] = {k: v.detach() for k, v in out.items()}
         result["train/lr"] = lr
-        result.update(self.accelerator.metrics())
         return result
+
+    def log_metrics(self) -> dict[str, float]:
+        """The accelerator's measured (cuda) or estimated (ipu-sim) scalars."""
+        return self.accelerator.metrics()
 
     # ---------------------------------------------------------------------------------
     # Acting

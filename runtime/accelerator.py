@@ -13,7 +13,9 @@ Agents and world models never name a device or a precision; they ask their accel
   single-process runs skip all three;
 - ``step(optimizer)``; ``train_step(batch)`` wraps one whole update (timing, the scaler's update,
   and for ``ipu-sim`` the static-signature check, constraint checks and the cost estimate);
-- ``compile(fn)``: ``torch.compile`` when compiling is on (``agent.compile``), else ``fn``;
+- ``compile(fn, fullgraph=...)``: ``torch.compile`` when compiling is on (``agent.compile``;
+  cuda: CUDA graphs via ``mode="reduce-overhead"``), else ``fn``; ``optimizer(params, ...)``:
+  Adam, fused where the device has the kernel;
 - ``seed(seed)`` / determinism switches, ``memory_stats()``, ``metrics()`` (per-update
   ``perf/...`` scalars: measured times on cuda, estimates on ipu-sim, none on cpu) and
   ``report()`` (ipu-sim: the estimate report; others: ``{}``).
@@ -75,6 +77,30 @@ def resolve_precision(config: Config) -> str:
     if config.accelerator.precision != "auto":
         return config.accelerator.precision
     return config.agent.precision
+
+
+# A compiled update pays on cpu once it has repaid its cold compile: see the README's speed
+# table (scripts/bench_train_step.py compile=both) for the measured compile time and savings.
+CPU_COMPILE_MIN_UPDATES = 2000
+
+
+def resolve_compile(config: Config, planned_updates: int | None = None) -> bool:
+    """Whether ``agent.compile`` (``true``, ``false`` or ``auto``) compiles on this device.
+
+    ``auto``: on for cuda (whole-update graphs replayed as CUDA graphs); on for cpu when the run
+    plans at least ``CPU_COMPILE_MIN_UPDATES`` updates (``planned_updates``; off when unknown),
+    so a short run or test is not kept waiting by a compile it would never repay; never
+    for ipu-sim (its op trace is the cost model). An agent that cannot compile some
+    configuration turns it off itself.
+    """
+    choice = config.agent.compile
+    if choice != "auto":
+        return bool(choice)
+    if config.accelerator.name == "ipu-sim":
+        return False
+    if resolve_device(config.accelerator).type == "cuda":
+        return True
+    return planned_updates is not None and planned_updates >= CPU_COMPILE_MIN_UPDATES
 
 
 def configure_threads(config: AcceleratorConfig) -> None:
@@ -226,12 +252,37 @@ class Accelerator:
             )
             for p, g in zip(params, grads):
                 p.grad = g if g is not None else torch.zeros_like(p)
+        return self._reduce_and_clip(optimizer, params, clip)
+
+    def backward_groups(
+        self,
+        loss: torch.Tensor,
+        groups: Iterable[tuple[torch.optim.Optimizer, float | None]],
+    ) -> list[torch.Tensor]:
+        """One backward pass of ``loss`` for several optimizers at once; returns their norms.
+
+        For a loss that is a sum of terms each reaching only its own optimizer's parameters
+        (the actor's and the critic's): one pass over the graph instead of one per optimizer.
+        Each group's gradients are averaged over ranks, unscaled and clipped to its own
+        ``clip``, as ``backward`` does for one. No host sync (the norms stay on the device).
+        """
+        groups = list(groups)
+        if self.scaler is not None and any(id(opt) in self._stepped for opt, _ in groups):
+            self._finish_scaler()
+        scaled = self.scaler.scale(loss) if self.scaler is not None else loss
+        scaled.backward()
+        return [self._reduce_and_clip(opt, _params_of(opt), clip) for opt, clip in groups]
+
+    def _reduce_and_clip(
+        self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], clip: float | None
+    ) -> torch.Tensor:
         # A parameter without a gradient has none on every rank (same graph), so the flat
         # buffers line up.
         distributed.all_reduce_mean_([p.grad for p in params if p.grad is not None])
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
         max_norm = float("inf") if clip is None else clip
+        # foreach: a few fused kernels; the norm and the clip factor stay on the device.
         return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -257,9 +308,28 @@ class Accelerator:
         distributed.all_reduce_mean_([out])
         return out
 
-    def compile(self, fn: Callable) -> Callable:
-        """``torch.compile(fn)`` when compiling is on, else ``fn`` unchanged."""
-        return torch.compile(fn) if self.compiling else fn
+    def compile(self, fn: Callable, *, fullgraph: bool = False) -> Callable:
+        """``torch.compile(fn)`` when compiling is on, else ``fn`` unchanged.
+
+        cuda: ``mode="reduce-overhead"``, so each compiled graph (forward and backward) is
+        recorded once as a CUDA graph and replayed, its inputs copied into static buffers.
+        Outputs of a replay are overwritten by the next one: callers clone what they keep.
+        """
+        if not self.compiling:
+            return fn
+        mode = "reduce-overhead" if self.device.type == "cuda" else None
+        return torch.compile(fn, fullgraph=fullgraph, mode=mode)
+
+    def optimizer(
+        self, params: Iterable[torch.Tensor], *, lr: float, eps: float
+    ) -> torch.optim.Optimizer:
+        """Adam as this device runs it best: ``fused`` (one kernel for all parameters, the step
+        counters as tensors, so no host reads them; on cuda also CUDA-graph capturable) where
+        torch has a fused kernel for the device, else ``foreach``."""
+        params = list(params)
+        if self.device.type in ("cpu", "cuda"):
+            return torch.optim.Adam(params, lr=lr, eps=eps, fused=True)
+        return torch.optim.Adam(params, lr=lr, eps=eps, foreach=True)
 
     def seed(self, seed: int) -> None:
         seed_everything(seed, self.deterministic)
@@ -297,8 +367,9 @@ class Accelerator:
         return {}
 
 
-def make_accelerator(config: Config) -> Accelerator:
-    """The accelerator ``config.accelerator`` (and ``config.ipu`` for ipu-sim) describes."""
+def make_accelerator(config: Config, planned_updates: int | None = None) -> Accelerator:
+    """The accelerator ``config.accelerator`` (and ``config.ipu`` for ipu-sim) describes;
+    ``planned_updates`` (the run's length) decides ``agent.compile=auto`` on cpu."""
     acc = config.accelerator
     if acc.name == "ipu-sim":
         if distributed.context().enabled:
@@ -313,7 +384,7 @@ def make_accelerator(config: Config) -> Accelerator:
         resolve_device(acc),
         resolve_precision(config),
         deterministic=acc.deterministic,
-        compiling=config.agent.compile,
+        compiling=resolve_compile(config, planned_updates),
         tf32=acc.tf32,
     )
 
@@ -322,6 +393,7 @@ __all__ = [
     "Accelerator",
     "AcceleratorError",
     "configure_threads",
+    "resolve_compile",
     "make_accelerator",
     "resolve_device",
     "resolve_precision",

@@ -121,8 +121,10 @@ class AgentConfig:
     return_norm_high: float = field(default=95.0, metadata=_positive(0))
     actor_scale: float = field(default=1.0, metadata=_positive(0))
     critic_scale: float = field(default=1.0, metadata=_positive(0))
-    # torch.compile the per-step RSSM cells and the loss functions (opt-in).
-    compile: bool = False
+    # torch.compile the whole update (world-model step and behaviour step, each one graph
+    # with its backward; CUDA graphs on cuda): true, false, or auto (see
+    # runtime.accelerator.resolve_compile).
+    compile: bool | Literal["auto"] = "auto"
     # bf16 autocast for the forward passes (losses and optimizer states stay fp32).
     precision: Literal["fp32", "bf16"] = "fp32"
 
@@ -643,7 +645,7 @@ def _check_accelerator(config: Config) -> None:
                 f"accelerator.precision={acc.precision} conflicts with ipu.precision={ipu}: the "
                 f"simulated IPU takes its precision from ipu.precision (fp32 or fp16)"
             )
-        if agent.compile:
+        if agent.compile is True:
             raise ConfigError(
                 "agent.compile=true with accelerator=ipu-sim: the simulated IPU runs eager on the "
                 "host (its op trace is the cost model); set agent.compile=false"

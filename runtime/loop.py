@@ -78,6 +78,47 @@ class ReplayRatioClock:
         return max(0, target - self.updates_done)
 
 
+class UpdateMetrics:
+    """Update metrics held as they come (0-d device tensors, or numbers) until they are read.
+
+    ``add`` costs no host sync; ``read`` moves every pending value to the host in one transfer
+    per device (DreamerV3 fetches its metrics once per log interval the same way) and checks the
+    ``loss/*`` terms: a non-finite one raises ``TrainingError`` naming the update, its env step
+    and the last good checkpoint. ``means`` averages what was read and starts afresh.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[int, int, dict[str, Any]]] = []  # (update, env step, metrics)
+        self._values: dict[str, list[float]] = {}
+
+    def add(self, metrics: dict[str, Any], update: int, env_step: int) -> None:
+        self._pending.append((update, env_step, metrics))
+
+    def read(self, last_checkpoint: Path | str | None) -> None:
+        pending, self._pending = self._pending, []
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for _, _, metrics in pending:
+            for value in metrics.values():
+                if isinstance(value, torch.Tensor):
+                    by_device.setdefault(value.device, []).append(value.reshape(()).float())
+        host = {device: iter(torch.stack(values).tolist()) for device, values in by_device.items()}
+        for update, env_step, metrics in pending:
+            for key, value in metrics.items():
+                value = next(host[value.device]) if isinstance(value, torch.Tensor) else value
+                if key.startswith("loss/") and not math.isfinite(value):
+                    raise TrainingError(
+                        f"non-finite {key} = {value} at update {update} (env step {env_step}); "
+                        f"the last good checkpoint is {last_checkpoint}. Lower the learning "
+                        "rate or check the inputs."
+                    )
+                self._values.setdefault(key, []).append(float(value))
+
+    def means(self) -> dict[str, float]:
+        out = {k: float(np.mean(v)) for k, v in self._values.items()}
+        self._values.clear()
+        return out
+
+
 @dataclass
 class Counters:
     env_steps: int = 0  # frames: num_envs * action_repeat per vector step
@@ -298,13 +339,15 @@ def train(
     # Env steps of the newest eval and checkpoint, so the end of a run does not repeat them.
     marks = {"eval": -1, "checkpoint": counters.env_steps if checkpoint is not None else -1}
     last_eval: dict[str, float] = {}
-    update_metrics: dict[str, list[float]] = {}
+    update_metrics = UpdateMetrics()
     episode_returns: list[float] = []
     episode_lengths: list[int] = []
     local_env_steps = 0
 
     def do_checkpoint() -> Path | None:
         nonlocal last_checkpoint
+        # No checkpoint after a non-finite loss: the pending metrics are checked first.
+        update_metrics.read(last_checkpoint)
         marks["checkpoint"] = counters.env_steps
         counters.wall_seconds = wall_seconds()
         if not main:
@@ -360,7 +403,11 @@ def train(
     def log_metrics() -> None:
         elapsed = max(time.time() - timer["start"], 1e-9)
         fps = (counters.env_steps - timer["start_steps"]) / elapsed
-        metrics = {k: float(np.mean(v)) for k, v in update_metrics.items()}
+        update_metrics.read(last_checkpoint)  # the one device -> host transfer per interval
+        metrics = update_metrics.means()
+        if counters.updates > 0:
+            # Optional in the agent contract (agents.base): duck-typed agents may lack it.
+            metrics.update(getattr(agent, "log_metrics", dict)())
         metrics.update(replay.stats())
         episodes = [float(np.sum(episode_returns)), float(np.sum(episode_lengths))]
         episodes.append(float(len(episode_returns)))
@@ -387,7 +434,6 @@ def train(
             metrics["train/episode_length"] = episodes[1] / episodes[2]
         if main:
             logger.log(metrics, counters.env_steps)
-        update_metrics.clear()
         episode_returns.clear()
         episode_lengths.clear()
 
@@ -484,14 +530,8 @@ def train(
                     clock.updates_done += 1
                     counters.updates += 1
                     counters.replayed_steps += clock.steps_per_update
-                    for key, value in metrics.items():
-                        if key.startswith("loss/") and not math.isfinite(value):
-                            raise TrainingError(
-                                f"non-finite {key} = {value} at update {counters.updates} "
-                                f"(env step {counters.env_steps}); the last good checkpoint is "
-                                f"{last_checkpoint}. Lower the learning rate or check the inputs."
-                            )
-                        update_metrics.setdefault(key, []).append(value)
+                    # Device tensors: read (and checked for non-finite losses) at log time.
+                    update_metrics.add(metrics, counters.updates, counters.env_steps)
                 timer["train"] += time.time() - tick
             if main:
                 logger.progress(counters.env_steps)

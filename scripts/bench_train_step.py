@@ -38,7 +38,8 @@ from pathlib import Path
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-BENCH_KEYS = ("updates", "warmup", "json", "world_size", "baseline")
+BENCH_KEYS = ("updates", "warmup", "json", "world_size", "baseline", "compile", "act")
+COMPILE_CHOICES = ("both", "true", "false", "auto")
 
 
 def matmul_flops_per_s(device, dtype, size: int = 2048, seconds: float = 1.0) -> float:
@@ -67,6 +68,13 @@ def _parse(argv: list[str]):
     args = parse_overrides(argv)
     bench = {k: args.pop(k) for k in BENCH_KEYS if k in args}
     args.setdefault("agent", "dreamer")
+    compile_choice = str(bench.get("compile", "false")).lower()
+    if compile_choice not in COMPILE_CHOICES:
+        raise ValueError(
+            f"compile: expected one of {', '.join(COMPILE_CHOICES)}, got {compile_choice!r}"
+        )
+    if compile_choice != "both":
+        args["agent.compile"] = {"true": True, "false": False}.get(compile_choice, "auto")
     config = build_config(args)
     options = {
         "updates": int(bench.get("updates", 10)),
@@ -74,9 +82,13 @@ def _parse(argv: list[str]):
         "json": bench.get("json"),
         "world_size": int(bench.get("world_size", 1)),
         "baseline": bool(bench.get("baseline", True)),
+        "compile": compile_choice,
+        "act": bool(bench.get("act", False)),
     }
     if options["updates"] < 1 or options["warmup"] < 0 or options["world_size"] < 1:
         raise ValueError("updates must be >= 1, warmup >= 0 and world_size >= 1")
+    if compile_choice == "both" and options["world_size"] > 1:
+        raise ValueError("compile=both times one process; use compile=true|false with world_size")
     envs.check_env_id(config.env.id)
     return config, options
 
@@ -156,7 +168,101 @@ def main(argv: list[str]) -> int:
     return _single_main(config, options)
 
 
+def _time_mode(config, batches_seed: int, options, device) -> dict:
+    """Build an agent for ``config`` and time it: cold first update (compile included),
+    steady seconds per update, aten ops and host syncs of one update."""
+    import torch
+
+    from runtime.profiling import count_dispatch, count_profiled
+
+    updates, warmup = options["updates"], options["warmup"]
+    agent, batches = _agent_and_batches(config, warmup + updates + 1, batches_seed)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    compiled = bool(getattr(agent, "compiled", False))
+    sync()
+    start = time.perf_counter()
+    agent.update(batches[0])  # compiles here when compiling
+    sync()
+    first = time.perf_counter() - start
+    seconds = _seconds_per_update(agent, batches[1:], warmup, device)
+    # Counted after warm-up. Eager: a TorchDispatchMode, as the issue counted them (compiled
+    # graphs do not run under one); the profiler's count is reported for both modes.
+    profiled = count_profiled(lambda: agent.update(batches[-1]))
+    out = {
+        "compiled": compiled,
+        "seconds_per_update": seconds,
+        "updates_per_s": 1.0 / seconds,
+        "first_update_seconds": first,
+        "compile_seconds": max(0.0, first - seconds) if compiled else 0.0,
+        "aten_ops_per_update": profiled.ops,
+        "host_syncs_per_update": profiled.host_syncs,
+        "compiled_graph_calls_per_update": profiled.compiled_calls,
+        "counted_by": "profiler: top-level aten calls",
+    }
+    if not compiled:
+        dispatched = count_dispatch(lambda: agent.update(batches[-1]))
+        out.update(
+            aten_ops_per_update=dispatched.ops,
+            host_syncs_per_update=dispatched.host_syncs,
+            profiler_aten_ops_per_update=profiled.ops,
+            counted_by="TorchDispatchMode",
+        )
+    if compiled:
+        out["caches"] = _compile_cache_counters()
+    return {"agent": agent, "batch": batches[-1], **out}
+
+
+def _compile_cache_counters() -> dict:
+    """Hits and misses of inductor's FX graph cache and the AOTAutograd cache so far."""
+    from torch._dynamo.utils import counters
+
+    return {
+        "fxgraph_cache_hit": counters["inductor"]["fxgraph_cache_hit"],
+        "fxgraph_cache_miss": counters["inductor"]["fxgraph_cache_miss"],
+        "aot_autograd_cache_hit": counters["aot_autograd"]["autograd_cache_hit"],
+        "aot_autograd_cache_miss": counters["aot_autograd"]["autograd_cache_miss"],
+    }
+
+
+def _act_seconds(config, device, env_counts=(1, 16), steps: int = 50) -> dict:
+    """Seconds per ``act`` call (one vector step) for ``n`` envs, on observations drawn from
+    the env's observation space; the same agent acts for every ``n``."""
+    import gymnasium as gym
+    import numpy as np
+    import torch
+
+    import agents
+    import envs
+
+    env = envs.make_vector_env(
+        config.env.id, 1, seed=config.seed, obs=config.env.obs, size=config.env.size
+    )
+    space = env.single_observation_space
+    agent = agents.make_agent(config, space, env.single_action_space)
+    env.close()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    out = {}
+    for n in env_counts:
+        batched = gym.vector.utils.batch_space(space, n)
+        batched.seed(config.seed)
+        observations = [batched.sample() for _ in range(8)]
+        for obs in observations:
+            obs["is_first"] = np.zeros(n, dtype=bool)
+        state = agent.initial_state(n)
+        for obs in observations[:3]:
+            _, state = agent.act(obs, state, explore=True)
+        sync()
+        start = time.perf_counter()
+        for i in range(steps):
+            _, state = agent.act(observations[i % len(observations)], state, explore=True)
+        sync()
+        out[str(n)] = (time.perf_counter() - start) / steps
+    return out
+
+
 def _single_main(config, options) -> int:
+    import dataclasses
+
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -164,46 +270,85 @@ def _single_main(config, options) -> int:
     from runtime.config import to_dict
 
     configure_threads(config.accelerator)
-    seed_everything(config.seed)
     device = resolve_device(config.accelerator)
     cfg = config.replay
-    updates, warmup = options["updates"], options["warmup"]
-    agent, batches = _agent_and_batches(config, warmup + updates, config.seed)
-    seconds = _seconds_per_update(agent, batches, warmup, device)
+    if options["compile"] == "both":
+        modes = {"eager": False, "compiled": True}
+    else:
+        modes = {"run": config.agent.compile}
+    timings = {}
+    for name, choice in modes.items():
+        seed_everything(config.seed)
+        mode_config = dataclasses.replace(
+            config, agent=dataclasses.replace(config.agent, compile=choice)
+        )
+        timings[name] = _time_mode(mode_config, config.seed, options, device)
+    first = next(iter(timings.values()))
+    # FLOPs of the same math in either mode, counted on an eager update.
+    eager = timings.get("eager", first)
     with FlopCounterMode(display=False) as counter:
-        agent.update(batches[-1])
+        if eager["compiled"]:
+            torch._dynamo.config.disable = True
+        try:
+            eager["agent"].update(eager["batch"])
+        finally:
+            torch._dynamo.config.disable = False
     flops = counter.get_total_flops()
     dtype = torch.bfloat16 if config.agent.precision == "bf16" else torch.float32
     limit = matmul_flops_per_s(device, dtype)
-    updates_per_s = 1.0 / seconds
     steps_per_update = cfg.batch_size * cfg.batch_length
+
+    def summary(timing: dict) -> dict:
+        out = {k: v for k, v in timing.items() if k not in ("agent", "batch")}
+        out["mfu"] = flops / timing["seconds_per_update"] / limit
+        if config.run.replay_ratio > 0:
+            out["env_steps_per_s"] = (
+                timing["updates_per_s"]
+                * steps_per_update
+                / config.run.replay_ratio
+                * config.env.action_repeat
+            )
+        else:
+            out["env_steps_per_s"] = None
+        return out
+
+    summaries = {name: summary(t) for name, t in timings.items()}
+    # The top-level fields describe the compiled update when both ran, else the one that ran.
+    main = summaries.get("compiled", summaries.get("run"))
+    agent = first["agent"]
     result = {
         "env": config.env.id,
         "agent": config.agent.name,
         "preset": config.preset,
+        "obs": config.env.obs,
         "device": str(device),
         "device_name": _device_name(device),
         "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "precision": config.agent.precision,
         "batch": [cfg.batch_size, cfg.batch_length],
         "replay_ratio": config.run.replay_ratio,
-        "seconds_per_update": seconds,
-        "updates_per_s": updates_per_s,
-        "env_steps_per_s": updates_per_s
-        * steps_per_update
-        / config.run.replay_ratio
-        * config.env.action_repeat
-        if config.run.replay_ratio > 0
-        else None,
+        **{k: main[k] for k in ("seconds_per_update", "updates_per_s", "env_steps_per_s")},
         "flops_per_update": flops,
         "matmul_flops_per_s": limit,
-        "mfu": flops * updates_per_s / limit,
+        "mfu": main["mfu"],
         "parameters": sum(
             p.numel() for m in (agent.wm, agent.actor, agent.critic) for p in m.parameters()
         )
         if hasattr(agent, "wm")
         else None,
-        "config": to_dict(config),
     }
+    if options["compile"] == "both":
+        result["eager"] = summaries["eager"]
+        result["compiled"] = summaries["compiled"]
+        result["speedup"] = (
+            summaries["eager"]["seconds_per_update"] / summaries["compiled"]["seconds_per_update"]
+        )
+    else:
+        result["update"] = summaries["run"]
+    if options["act"]:
+        result["act_seconds_per_vector_step"] = _act_seconds(config, device)
+    result["config"] = to_dict(config)
     _write(result, options["json"])
     return 0
 

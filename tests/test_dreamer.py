@@ -105,7 +105,9 @@ def test_update_metrics_and_act(obs, action_space):
         "train/grad_norm_critic",
     ):
         assert key in metrics, key
-    assert all(isinstance(v, float) and math.isfinite(v) for v in metrics.values())
+    # 0-d device tensors: the loop reads them once per log interval.
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in metrics.values())
+    assert all(math.isfinite(float(v)) for v in metrics.values())
     assert all(k.split("/")[0] in ("loss", "world_model", "train") for k in metrics)
 
     state = agent.initial_state(2)
@@ -162,9 +164,43 @@ def test_dynamics_backprop_reaches_actor_through_the_model():
     data = agent.preprocess(make_batch(obs, BOX))
     post, _ = agent.train_world_model(data)
     start = {"deter": post["deter"].flatten(0, 1), "stoch": post["stoch"].flatten(0, 1)}
-    actor_loss, _, _ = agent._behaviour_losses(start, 1 - data["is_terminal"].reshape(-1))
+    traj, actor_raw = agent._imagine(start)
+    actor_loss, _, _ = agent._ac_losses(traj, actor_raw, 1 - data["is_terminal"].reshape(-1))
     grads = torch.autograd.grad(actor_loss, list(agent.actor.parameters()), allow_unused=True)
     assert sum(g.abs().sum() for g in grads if g is not None) > 0
+
+
+@pytest.mark.parametrize("actor_grad", ["dynamics", "reinforce"])
+def test_one_backward_pass_keeps_actor_and_critic_gradients_apart(actor_grad):
+    """The actor's and the critic's losses are summed into one backward pass: each reaches only
+    its own parameters (the critic's loss never trains the actor through the features, the
+    actor's returns never train the critic's weights), and neither reaches the world model."""
+    obs = {"state": STATE}
+    agent = make(obs, BOX, f"agent.actor_grad={actor_grad}", "agent.actor_entropy=0")
+    with torch.no_grad():  # non-zero critic and reward outputs, so every path carries gradient
+        for head in (agent.wm.reward_head.out, agent.critic.net.out):
+            head.weight.normal_(0, 0.1)
+    data = agent.preprocess(make_batch(obs, BOX))
+    post, _ = agent.train_world_model(data)
+    start = {"deter": post["deter"].flatten(0, 1), "stoch": post["stoch"].flatten(0, 1)}
+    traj, actor_raw = agent._imagine(start)
+    actor_loss, critic_loss, _ = agent._ac_losses(
+        traj, actor_raw, 1 - data["is_terminal"].reshape(-1)
+    )
+    actor, critic = list(agent.actor.parameters()), list(agent.critic.parameters())
+    world_model = [p for p in agent.wm.parameters() if p.requires_grad]
+
+    def reached(loss, params):
+        grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
+        return any(g is not None and bool(g.abs().sum() > 0) for g in grads)
+
+    assert reached(actor_loss, actor) and not reached(actor_loss, critic)
+    assert reached(critic_loss, critic) and not reached(critic_loss, actor)
+    assert not reached(critic_loss, world_model)
+    # The world model is frozen while train_behaviour builds its graph.
+    agent.train_behaviour(post, data)
+    assert all(p.grad is None for p in agent.wm.parameters())
+    assert all(p.requires_grad for p in world_model)
 
 
 @pytest.mark.parametrize("starts", [0, 7])

@@ -21,6 +21,7 @@ from worldmodels.layers import (
     NormalDist,
     OneHotDist,
     TwoHot,
+    one_hot,
     symexp,
     symlog,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "lambda_return",
     "replay_lambda_return",
     "mi_bound",
+    "one_hot",
     "preprocess_obs",
     "symexp",
     "symlog",

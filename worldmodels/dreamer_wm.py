@@ -119,16 +119,6 @@ class WorldModel(nn.Module):
         self.reward_head = Head(feat, s.reward_bins, s.units, s.head_layers, f, "reward", 0.0)
         self.continue_head = Head(feat, 1, s.units, s.head_layers, f, "continue")
         self.twohot = TwoHot(s.reward_bins)
-        # Entry points that ``compile`` swaps for compiled versions.
-        self._encode = self.encode
-        self._heads = self._head_losses
-
-    def compile(self, **kwargs) -> None:
-        """``torch.compile`` the encoder, the per-step RSSM cells and the loss heads; the
-        recurrence over time stays a Python loop (short graphs, fast compiles)."""
-        self._encode = torch.compile(self.encode, **kwargs)
-        self._heads = torch.compile(self._head_losses, **kwargs)
-        self.rssm.compile_steps(**kwargs)
 
     @property
     def feat_size(self) -> int:
@@ -182,11 +172,11 @@ class WorldModel(nn.Module):
         InfoMax's ``train_step`` returns it); by default the encoder runs here.
         """
         if embed is None:
-            embed = self._encode(batch)
+            embed = self.encode(batch)
             if self.greedy is not None:
                 embed = embed.detach()  # greedy modules learn from their own losses only
         post, prior = self.rssm.observe(embed, batch["action"], batch["is_first"], state)
-        losses, metrics = self._heads(batch, post, prior, embed)
+        losses, metrics = self._head_losses(batch, post, prior, embed)
         return losses, metrics, post
 
     def _head_losses(self, batch, post: State, prior: State, embed: torch.Tensor):

@@ -16,7 +16,6 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 # --------------------------------------------------------------------------------------
@@ -32,6 +31,17 @@ def symlog(x: torch.Tensor) -> torch.Tensor:
 def symexp(x: torch.Tensor) -> torch.Tensor:
     """Inverse of ``symlog``: ``sign(x) * (exp(|x|) - 1)``."""
     return torch.sign(x) * torch.expm1(torch.abs(x))
+
+
+def one_hot(index: torch.Tensor, classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``index [...]`` -> one-hot ``[..., classes]`` without a host sync.
+
+    ``F.one_hot`` reads the indices back to the host to range-check them (one sync per call,
+    thousands per update); a comparison with ``arange`` stays on the device. Out-of-range
+    indices give an all-zero row instead of an error.
+    """
+    classes_range = torch.arange(classes, device=index.device)
+    return (index[..., None] == classes_range).to(dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -334,7 +344,7 @@ class OneHotDist:
         self.logits, self.probs = logits, probs
 
     def _straight_through(self, index: torch.Tensor) -> torch.Tensor:
-        onehot = F.one_hot(index, self.probs.shape[-1]).to(self.probs.dtype)
+        onehot = one_hot(index, self.probs.shape[-1], self.probs.dtype)
         return onehot + self.probs - self.probs.detach()
 
     def sample(self) -> torch.Tensor:

@@ -119,19 +119,11 @@ class RSSM(nn.Module):
         self.post_out = f.linear(post_in, stats, name="post.out")
         if c.initial == "learned":
             self.init_deter = nn.Parameter(torch.zeros(c.deter))
-        # The per-step functions; ``compile_steps`` swaps in compiled versions.
-        self._obs_step = self.obs_step
-        self._img_step = self.img_step
 
     @property
     def graph(self):
         """The factored dynamics' ``FactorGraphLinear`` (adjacency, schedule), or None."""
         return self.transition.graph if self.transition is not None else None
-
-    def compile_steps(self, **kwargs) -> None:
-        """Compile the per-step cells with ``torch.compile`` (the time loops stay in Python)."""
-        self._obs_step = torch.compile(self.obs_step, **kwargs)
-        self._img_step = torch.compile(self.img_step, **kwargs)
 
     # ---------------------------------------------------------------------------------
     # Distributions and features
@@ -274,7 +266,7 @@ class RSSM(nn.Module):
         deter, stoch = state["deter"], state["stoch"]
         deters, stochs, stats = [], [], []
         for t in range(T):
-            deter, stoch, st = self._obs_step(
+            deter, stoch, st = self.obs_step(
                 deter,
                 stoch,
                 action_feat[:, t],
@@ -310,7 +302,7 @@ class RSSM(nn.Module):
         deters, stochs, actions = [deter], [stoch], []
         for _ in range(horizon):
             action = policy({"deter": deter, "stoch": stoch})
-            deter, stoch, _ = self._img_step(deter, stoch, action, sample)
+            deter, stoch, _ = self.img_step(deter, stoch, action, sample)
             deters.append(deter)
             stochs.append(stoch)
             actions.append(action)
@@ -326,7 +318,7 @@ class RSSM(nn.Module):
         deter, stoch = start["deter"], start["stoch"]
         deters, stochs = [], []
         for t in range(actions.shape[1]):
-            deter, stoch, _ = self._img_step(deter, stoch, actions[:, t], sample)
+            deter, stoch, _ = self.img_step(deter, stoch, actions[:, t], sample)
             deters.append(deter)
             stochs.append(stoch)
         return {"deter": torch.stack(deters, 1), "stoch": torch.stack(stochs, 1)}

@@ -317,8 +317,12 @@ class Accelerator:
         """
         if not self.compiling:
             return fn
-        mode = "reduce-overhead" if self.device.type == "cuda" else None
-        return torch.compile(fn, fullgraph=fullgraph, mode=mode)
+        if self.device.type == "cuda":
+            return torch.compile(fn, fullgraph=fullgraph, mode="reduce-overhead")
+        # cpu: random numbers from torch's own generator (vectorised, and the same stream as
+        # eager, so a compiled run draws what an eager run with the same seed draws) rather
+        # than inductor's per-element Philox.
+        return torch.compile(fn, fullgraph=fullgraph, options={"fallback_random": True})
 
     def optimizer(
         self, params: Iterable[torch.Tensor], *, lr: float, eps: float

@@ -55,6 +55,19 @@ def count_dispatch(fn: Callable[[], Any]) -> OpCount:
     return OpCount(counter.ops, counter.syncs, 0, result)
 
 
+# The aten ops through which Python code reads a tensor's value (.item(), bool(t)).
+_READS = ("aten::item", "aten::is_nonzero", SYNC_OP)
+
+
+def _requested_by_caller(event) -> bool:
+    """Whether a ``_local_scalar_dense`` event is a read the caller asked for, not a kernel's
+    own read of a host-side scalar (fused Adam's step counters on cpu: no sync)."""
+    parent = event.cpu_parent
+    while parent is not None and parent.name in _READS:
+        parent = parent.cpu_parent
+    return parent is None or not parent.name.startswith("aten::")
+
+
 def count_profiled(fn: Callable[[], Any]) -> OpCount:
     """Top-level aten calls, host syncs and compiled-graph calls of ``fn()``, from the profiler
     (works for compiled code; see the module docstring)."""
@@ -69,11 +82,10 @@ def count_profiled(fn: Callable[[], Any]) -> OpCount:
             compiled += 1
         parent = event.cpu_parent
         # Top level: not called from inside another aten op (autograd's backward ops count).
-        # A kernel's own reads of host-side scalars (fused Adam's step counters on cpu) are
-        # nested and no sync; a top-level _local_scalar_dense is one.
         if name.startswith("aten::") and (parent is None or not parent.name.startswith("aten::")):
             ops += 1
-            syncs += name == SYNC_OP
+        if name == SYNC_OP and _requested_by_caller(event):
+            syncs += 1
     return OpCount(ops, syncs, compiled, result)
 
 

@@ -174,6 +174,32 @@ def test_nan_loss_stops_with_clear_error(tmp_path):
         Pieces(config, tmp_path, agent_cls=NaNAgent).run()
 
 
+class LateNaNAgent(RandomAgent):
+    """Device-tensor metrics (as DreamerAgent returns them); the loss turns NaN at update 30."""
+
+    def update(self, batch):
+        self.updates += 1
+        value = torch.tensor(math.nan if self.updates >= 30 else 1.0)
+        return {"loss/model": value, "train/other": torch.tensor(2.0)}
+
+
+def test_nan_guard_reads_device_metrics_at_log_time_and_never_checkpoints_after(tmp_path):
+    """The guard is a device value read once per log interval: the run still stops, naming the
+    update and the last good checkpoint, and no checkpoint is written after the bad update
+    even when a checkpoint falls due before the next log."""
+    config = small_config(
+        tmp_path, "run.eval_episodes=0", "run.log_every=200", "run.checkpoint_every=40"
+    )
+    pieces = Pieces(config, tmp_path, agent_cls=LateNaNAgent)
+    with pytest.raises(TrainingError, match="non-finite loss/model = nan at update 30") as info:
+        pieces.run()
+    assert list_checkpoints(tmp_path), "checkpoints before the bad update were written"
+    last = load_checkpoint(tmp_path)
+    assert str(last.path) in str(info.value)
+    # Every checkpoint holds only good updates: it was written before update 30 ran.
+    assert last.train_state["counters"]["updates"] < 30
+
+
 def test_env_crash_saves_checkpoint_and_explains(tmp_path):
     config = small_config(tmp_path, "run.eval_episodes=0", "run.checkpoint_every=1000")
     with pytest.raises(TrainingError, match="crashed at env step") as info:

@@ -1,0 +1,115 @@
+"""The training step at hardware speed: no host syncs, the whole-update compile, checkpoints."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from test_dreamer import BOX, DISCRETE, PIXELS, STATE, make, make_batch
+
+from runtime.accelerator import resolve_compile
+from runtime.config import build_config
+from runtime.profiling import count_dispatch, count_profiled
+
+torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize(
+    "obs, extra",
+    [
+        ({"state": STATE}, ()),
+        ({"pixels": PIXELS}, ()),
+        # Step 2 of a topology schedule of every 100 steps: a non-topology step.
+        ({"state": STATE}, ("sparse.enabled=true", "sparse.update_every=100")),
+    ],
+    ids=["states", "pixels", "sparse"],
+)
+def test_update_makes_no_host_sync(obs, extra):
+    agent = make(obs, BOX, "agent.compile=false", *extra)
+    batch = make_batch(obs, BOX)
+    agent.update(batch)  # warm-up: optimizer states exist
+    counted = count_dispatch(lambda: agent.update(batch))
+    assert counted.ops > 1000  # the counter sees the update (forward, backward, optimizers)
+    assert counted.host_syncs == 0
+    # The metrics come back as device tensors; reading them is the loop's one sync.
+    assert all(isinstance(v, torch.Tensor) for v in counted.result.values())
+    if agent.sparsifier is not None:
+        assert agent.sparsifier.step_count == 2
+
+
+def test_the_counters_see_a_sync():
+    x = torch.ones(3)
+    assert count_dispatch(lambda: float(x.sum())).host_syncs == 1
+    assert count_profiled(lambda: x.sum().item()).host_syncs == 1
+    assert count_profiled(lambda: x + 1).host_syncs == 0
+
+
+def test_compile_auto_resolves_by_device_and_run_length():
+    def config(*extra):
+        return build_config(["agent=dreamer", "accelerator=cpu", *extra])
+
+    assert resolve_compile(config("agent.compile=true")) is True
+    assert resolve_compile(config("agent.compile=false"), 10**6) is False
+    # auto on cpu: only a run long enough to repay the cold compile.
+    assert resolve_compile(config(), 10) is False
+    assert resolve_compile(config(), 10**6) is True
+    assert resolve_compile(config(), None) is False
+    assert resolve_compile(build_config(["accelerator=ipu-sim"]), 10**6) is False
+    with pytest.raises(ValueError, match="agent.compile=true cannot compile sparse"):
+        make({"state": STATE}, BOX, "agent.compile=true", "sparse.enabled=true")
+
+
+def _losses(metrics):
+    return {k: float(v) for k, v in metrics.items()}
+
+
+@pytest.mark.parametrize(
+    "obs, action_space",
+    [({"state": STATE}, BOX), ({"pixels": PIXELS}, DISCRETE)],
+    ids=["states-box", "pixels-discrete"],
+)
+def test_compiled_update_equals_eager_and_round_trips(obs, action_space, monkeypatch):
+    """``agent.compile=true`` builds each step as one graph (``fullgraph=True``: a graph break
+    is an error) and computes what eager computes on the same batch. Inductor's own RNG
+    differs from eager's, so the comparison draws through eager's (``fallback_random``)."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "fallback_random", True)
+    torch._dynamo.reset()
+    batch = make_batch(obs, action_space, B=2, T=6)
+    results = {}
+    for choice in ("false", "true"):
+        agent = make(obs, action_space, f"agent.compile={choice}")
+        assert agent.compiled == (choice == "true")
+        history = []
+        for step in range(2):
+            torch.manual_seed(step)
+            history.append(_losses(agent.update(batch)))
+        results[choice] = (agent, history)
+    eager_agent, eager = results["false"]
+    compiled_agent, compiled = results["true"]
+    for eager_metrics, compiled_metrics in zip(eager, compiled):
+        assert eager_metrics.keys() == compiled_metrics.keys()
+        for key, value in eager_metrics.items():
+            assert compiled_metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+    for key, value in eager_agent.state_dict()["weights"].items():
+        torch.testing.assert_close(
+            compiled_agent.state_dict()["weights"][key], value, rtol=1e-4, atol=1e-5
+        )
+
+    # Checkpoints are unchanged by compiling: an eager agent resumes the compiled one's state
+    # and both continue identically.
+    buffer = io.BytesIO()
+    torch.save(compiled_agent.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    resumed = make(obs, action_space, "agent.compile=false")
+    resumed.load_state_dict(state)
+    assert resumed.updates == compiled_agent.updates == 2
+    torch.manual_seed(7)
+    after_compiled = _losses(compiled_agent.update(batch))
+    torch.manual_seed(7)
+    after_resumed = _losses(resumed.update(batch))
+    for key, value in after_resumed.items():
+        assert after_compiled[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key

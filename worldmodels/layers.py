@@ -74,14 +74,33 @@ class BlockLinear(nn.Module):
 
 
 class ChannelNorm(nn.Module):
-    """Applies a feature norm over the channel dimension of ``[N, C, H, W]`` maps."""
+    """Applies a feature norm (``LayerNorm`` or ``RMSNorm``) over the channel dimension of
+    ``[N, C, H, W]`` maps; its weights are the wrapped norm's."""
 
     def __init__(self, norm: nn.Module):
         super().__init__()
         self.norm = norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        if not torch.compiler.is_compiling():
+            # Eager: the fused kernel on channels-last values.
+            return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        # Compiled: the same statistics reduced over dim 1 in place, so the generated kernels
+        # read the maps contiguously (vectorised over H x W) instead of through a permute.
+        norm = self.norm
+        x32 = x.float()
+        if isinstance(norm, nn.RMSNorm):
+            eps = norm.eps if norm.eps is not None else torch.finfo(x32.dtype).eps
+            y = x32 * torch.rsqrt(x32.square().mean(1, keepdim=True) + eps)
+        else:
+            mean = x32.mean(1, keepdim=True)
+            centered = x32 - mean
+            y = centered * torch.rsqrt(centered.square().mean(1, keepdim=True) + norm.eps)
+        if norm.weight is not None:
+            y = y * norm.weight[:, None, None]
+        if getattr(norm, "bias", None) is not None:
+            y = y + norm.bias[:, None, None]
+        return y  # float32, as the norm gives under autocast
 
 
 def _trunc_normal_fan_in(weight: torch.Tensor, fan_in: int, scale: float) -> None:

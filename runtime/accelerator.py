@@ -81,7 +81,7 @@ def resolve_precision(config: Config) -> str:
 
 # A compiled update pays on cpu once it has repaid its cold compile: see the README's speed
 # table (scripts/bench_train_step.py compile=both) for the measured compile time and savings.
-CPU_COMPILE_MIN_UPDATES = 2000
+CPU_COMPILE_MIN_UPDATES = 5000
 
 
 def resolve_compile(config: Config, planned_updates: int | None = None) -> bool:

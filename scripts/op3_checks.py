@@ -170,14 +170,14 @@ def check_ari(args: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     start = time.perf_counter()
     budget = 60.0 * args["minutes"]
     updates = 0
-    losses: list[float] = []
+    losses: list[torch.Tensor] = []  # device tensors, read once per report
     while True:
         elapsed = time.perf_counter() - start
         done = updates >= args["updates"] if args["updates"] else elapsed >= budget
         if updates % args["eval_every"] == 0 or done:
             value = ari() if updates else report["ari_untrained"]
             # None (JSON null) before the first update: json.dumps would write NaN, not JSON.
-            recon = float(np.mean(losses)) if losses else None
+            recon = float(torch.stack(losses).mean()) if losses else None
             curve.append(
                 {"update": updates, "seconds": round(elapsed, 1), "ari": value, "recon": recon}
             )
@@ -189,7 +189,7 @@ def check_ari(args: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
         index = rng.integers(0, len(frames), batch)
         pixels = torch.as_tensor(frames[index])[:, None]
         metrics = agent.update({"pixels": pixels, "action": action, "is_first": is_first})
-        losses.append(metrics["loss/reconstruction"])
+        losses.append(torch.as_tensor(metrics["loss/reconstruction"]).float())
         updates += 1
     report.update(
         ari=curve[-1]["ari"],

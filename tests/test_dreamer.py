@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 
 import gymnasium as gym
 import numpy as np
@@ -340,15 +339,3 @@ def test_world_model_loss_falls_on_a_fixed_batch():
     assert last < 0.9 * first, (first, last)
     assert history[-1]["loss/reconstruction"] < 0.8 * history[0]["loss/reconstruction"]
     assert agent.updates == 30
-
-
-@pytest.mark.skipif(
-    os.environ.get("IMAGINE_RL_TEST_COMPILE") != "1",
-    reason="torch.compile takes minutes on a small CPU; set IMAGINE_RL_TEST_COMPILE=1",
-)
-def test_compiled_update_runs():
-    obs = {"state": STATE}
-    agent = make(obs, BOX, "agent.compile=true")
-    for _ in range(2):
-        metrics = agent.update(make_batch(obs, BOX, B=2, T=6))
-    assert all(math.isfinite(v) for v in metrics.values())

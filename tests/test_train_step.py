@@ -66,21 +66,23 @@ def _losses(metrics):
 
 @pytest.mark.parametrize(
     "obs, action_space",
-    [({"state": STATE}, BOX), ({"pixels": PIXELS}, DISCRETE)],
+    [
+        ({"state": STATE}, BOX),
+        # About 3-4 minutes of cold compile on a 2-core CI machine (conv graphs).
+        pytest.param({"pixels": PIXELS}, DISCRETE, marks=pytest.mark.slow),
+    ],
     ids=["states-box", "pixels-discrete"],
 )
-def test_compiled_update_equals_eager_and_round_trips(obs, action_space, monkeypatch):
+def test_compiled_update_equals_eager_and_round_trips(obs, action_space):
     """``agent.compile=true`` builds each step as one graph (``fullgraph=True``: a graph break
-    is an error) and computes what eager computes on the same batch. Inductor's own RNG
-    differs from eager's, so the comparison draws through eager's (``fallback_random``)."""
-    import torch._inductor.config as inductor_config
-
-    monkeypatch.setattr(inductor_config, "fallback_random", True)
+    is an error) and computes what eager computes on the same batch and seed: on cpu the
+    compiled graph draws its random numbers through torch's generator, as eager does."""
     torch._dynamo.reset()
-    batch = make_batch(obs, action_space, B=2, T=6)
+    # Short unrolls keep the cold compile of this test near a minute on CI.
+    batch = make_batch(obs, action_space, B=2, T=4)
     results = {}
     for choice in ("false", "true"):
-        agent = make(obs, action_space, f"agent.compile={choice}")
+        agent = make(obs, action_space, f"agent.compile={choice}", "agent.horizon=3")
         assert agent.compiled == (choice == "true")
         history = []
         for step in range(2):
@@ -104,7 +106,7 @@ def test_compiled_update_equals_eager_and_round_trips(obs, action_space, monkeyp
     torch.save(compiled_agent.state_dict(), buffer)
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
-    resumed = make(obs, action_space, "agent.compile=false")
+    resumed = make(obs, action_space, "agent.compile=false", "agent.horizon=3")
     resumed.load_state_dict(state)
     assert resumed.updates == compiled_agent.updates == 2
     torch.manual_seed(7)

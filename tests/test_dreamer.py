@@ -152,19 +152,27 @@ def test_actor_step_leaves_world_model_untouched(action_space):
     assert metrics["train/grad_norm_actor"] > 0 and metrics["train/grad_norm_critic"] > 0
 
 
-def test_dynamics_backprop_reaches_actor_through_the_model():
-    """With continuous actions the actor's loss differentiates the imagined returns: its
-    gradient exceeds what the entropy bonus alone gives."""
-    obs = {"state": STATE}
-    agent = make(obs, BOX, "agent.actor_entropy=0")
+def imagined_losses(agent):
+    """(actor loss, critic loss, posterior, data) of imagination from a state-task batch, with
+    non-zero critic and reward outputs so that every gradient path carries a signal."""
     with torch.no_grad():
         for head in (agent.wm.reward_head.out, agent.critic.net.out):
             head.weight.normal_(0, 0.1)
-    data = agent.preprocess(make_batch(obs, BOX))
+    data = agent.preprocess(make_batch({"state": STATE}, BOX))
     post, _ = agent.train_world_model(data)
     start = {"deter": post["deter"].flatten(0, 1), "stoch": post["stoch"].flatten(0, 1)}
     traj, actor_raw = agent._imagine(start)
-    actor_loss, _, _ = agent._ac_losses(traj, actor_raw, 1 - data["is_terminal"].reshape(-1))
+    actor_loss, critic_loss, _ = agent._ac_losses(
+        traj, actor_raw, 1 - data["is_terminal"].reshape(-1)
+    )
+    return actor_loss, critic_loss, post, data
+
+
+def test_dynamics_backprop_reaches_actor_through_the_model():
+    """With continuous actions the actor's loss differentiates the imagined returns: its
+    gradient exceeds what the entropy bonus alone gives."""
+    agent = make({"state": STATE}, BOX, "agent.actor_entropy=0")
+    actor_loss, _, _, _ = imagined_losses(agent)
     grads = torch.autograd.grad(actor_loss, list(agent.actor.parameters()), allow_unused=True)
     assert sum(g.abs().sum() for g in grads if g is not None) > 0
 
@@ -174,18 +182,8 @@ def test_one_backward_pass_keeps_actor_and_critic_gradients_apart(actor_grad):
     """The actor's and the critic's losses are summed into one backward pass: each reaches only
     its own parameters (the critic's loss never trains the actor through the features, the
     actor's returns never train the critic's weights), and neither reaches the world model."""
-    obs = {"state": STATE}
-    agent = make(obs, BOX, f"agent.actor_grad={actor_grad}", "agent.actor_entropy=0")
-    with torch.no_grad():  # non-zero critic and reward outputs, so every path carries gradient
-        for head in (agent.wm.reward_head.out, agent.critic.net.out):
-            head.weight.normal_(0, 0.1)
-    data = agent.preprocess(make_batch(obs, BOX))
-    post, _ = agent.train_world_model(data)
-    start = {"deter": post["deter"].flatten(0, 1), "stoch": post["stoch"].flatten(0, 1)}
-    traj, actor_raw = agent._imagine(start)
-    actor_loss, critic_loss, _ = agent._ac_losses(
-        traj, actor_raw, 1 - data["is_terminal"].reshape(-1)
-    )
+    agent = make({"state": STATE}, BOX, f"agent.actor_grad={actor_grad}", "agent.actor_entropy=0")
+    actor_loss, critic_loss, post, data = imagined_losses(agent)
     actor, critic = list(agent.actor.parameters()), list(agent.critic.parameters())
     world_model = [p for p in agent.wm.parameters() if p.requires_grad]
 

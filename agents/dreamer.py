@@ -621,6 +621,9 @@ class DreamerAgent(Agent):
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One world-model and one behaviour step; metrics as 0-d device tensors (no host
         sync: the loop reads them once per log interval, see ``agents.base``)."""
+        if self.compiled and self.device.type == "cuda":
+            # A new iteration of the CUDA-graph replays: the last update's outputs may be reused.
+            torch.compiler.cudagraph_mark_step_begin()
         # One accelerator step (ipu-sim: static-signature check, cost estimate, limits).
         with self.accelerator.train_step(batch):
             data = self.preprocess(batch)

@@ -168,15 +168,16 @@ def main(argv: list[str]) -> int:
     return _single_main(config, options)
 
 
-def _time_mode(config, batches_seed: int, options, device) -> dict:
-    """Build an agent for ``config`` and time it: cold first update (compile included),
-    steady seconds per update, aten ops and host syncs of one update."""
+def _time_mode(config, batches: list, options, device) -> dict:
+    """Build an agent for ``config`` and time it on ``batches``: cold first update (compile
+    included), steady seconds per update, aten ops and host syncs of one update."""
     import torch
 
+    import agents
     from runtime.profiling import count_dispatch, count_profiled
 
-    updates, warmup = options["updates"], options["warmup"]
-    agent, batches = _agent_and_batches(config, warmup + updates + 1, batches_seed)
+    warmup = options["warmup"]
+    agent = agents.make_agent(config, *_spaces(config))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     compiled = bool(getattr(agent, "compiled", False))
     sync()
@@ -212,6 +213,19 @@ def _time_mode(config, batches_seed: int, options, device) -> dict:
     return {"agent": agent, "batch": batches[-1], **out}
 
 
+def _spaces(config) -> tuple:
+    """The env's (observation space, action space), from one throwaway env."""
+    import envs
+
+    env = envs.make_vector_env(
+        config.env.id, 1, seed=config.seed, obs=config.env.obs, size=config.env.size
+    )
+    try:
+        return env.single_observation_space, env.single_action_space
+    finally:
+        env.close()
+
+
 def _compile_cache_counters() -> dict:
     """Hits and misses of inductor's FX graph cache and the AOTAutograd cache so far."""
     from torch._dynamo.utils import counters
@@ -232,14 +246,9 @@ def _act_seconds(config, device, env_counts=(1, 16), steps: int = 50) -> dict:
     import torch
 
     import agents
-    import envs
 
-    env = envs.make_vector_env(
-        config.env.id, 1, seed=config.seed, obs=config.env.obs, size=config.env.size
-    )
-    space = env.single_observation_space
-    agent = agents.make_agent(config, space, env.single_action_space)
-    env.close()
+    space, action_space = _spaces(config)
+    agent = agents.make_agent(config, space, action_space)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     out = {}
     for n in env_counts:
@@ -276,13 +285,16 @@ def _single_main(config, options) -> int:
         modes = {"eager": False, "compiled": True}
     else:
         modes = {"run": config.agent.compile}
+    # One replay fill, the same batches for every mode.
+    seed_everything(config.seed)
+    _, batches = _agent_and_batches(config, options["warmup"] + options["updates"] + 1, config.seed)
     timings = {}
     for name, choice in modes.items():
         seed_everything(config.seed)
         mode_config = dataclasses.replace(
             config, agent=dataclasses.replace(config.agent, compile=choice)
         )
-        timings[name] = _time_mode(mode_config, config.seed, options, device)
+        timings[name] = _time_mode(mode_config, batches, options, device)
     first = next(iter(timings.values()))
     # FLOPs of the same math in either mode, counted on an eager update.
     eager = timings.get("eager", first)

@@ -66,9 +66,9 @@ def _losses(metrics):
 
 @pytest.mark.parametrize(
     "obs, action_space",
+    # Cold compiles on a 2-core CI machine: about 2 minutes (states), 1.5-4 (pixels).
     [
-        ({"state": STATE}, BOX),
-        # About 3-4 minutes of cold compile on a 2-core CI machine (conv graphs).
+        pytest.param({"state": STATE}, BOX, marks=pytest.mark.slow),
         pytest.param({"pixels": PIXELS}, DISCRETE, marks=pytest.mark.slow),
     ],
     ids=["states-box", "pixels-discrete"],

@@ -115,3 +115,29 @@ def test_compiled_update_equals_eager_and_round_trips(obs, action_space):
     after_resumed = _losses(resumed.update(batch))
     for key, value in after_resumed.items():
         assert after_compiled[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+
+
+def test_bench_reports_ops_and_syncs_per_update(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    script = "scripts/bench_train_step.py"
+    args = ["preset=debug", "env=gym:Pendulum-v1", "accelerator.threads=1"]
+    run = subprocess.run(
+        [sys.executable, script, *args, "compile=false", "updates=2", "warmup=1", f"json={out}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    result = json.loads(out.read_text())
+    update = result["update"]
+    assert update["compiled"] is False and update["compile_seconds"] == 0.0
+    assert update["host_syncs_per_update"] == 0 and update["aten_ops_per_update"] > 1000
+    assert result["seconds_per_update"] == update["seconds_per_update"] > 0
+    bad = subprocess.run(
+        [sys.executable, script, *args, "compile=sometimes"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "compile: expected one of both" in bad.stderr

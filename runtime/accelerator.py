@@ -327,13 +327,10 @@ class Accelerator:
     def optimizer(
         self, params: Iterable[torch.Tensor], *, lr: float, eps: float
     ) -> torch.optim.Optimizer:
-        """Adam as this device runs it best: ``fused`` (one kernel for all parameters, the step
-        counters as tensors, so no host reads them; on cuda also CUDA-graph capturable) where
-        torch has a fused kernel for the device, else ``foreach``."""
-        params = list(params)
-        if self.device.type in ("cpu", "cuda"):
-            return torch.optim.Adam(params, lr=lr, eps=eps, fused=True)
-        return torch.optim.Adam(params, lr=lr, eps=eps, foreach=True)
+        """Adam with ``fused=True`` (cpu and cuda, ipu-sim runs on cpu): one kernel for all
+        parameters, and its step counters stay tensors that no host code reads. It steps
+        outside the compiled graphs, so it needs no CUDA-graph capture."""
+        return torch.optim.Adam(list(params), lr=lr, eps=eps, fused=True)
 
     def seed(self, seed: int) -> None:
         seed_everything(seed, self.deterministic)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import fnmatch
 import math
 import re
@@ -40,10 +41,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import sparse
+from agents import dreamer_config
 from agents.base import Agent, State
+from agents.dreamer_config import SPARSE_SKIP_DEFAULT
 from runtime import distributed
 from runtime.accelerator import make_accelerator
 from runtime.config import Config
+from runtime.registry import AgentEntry, register_agent
 from worldmodels import (
     Actor,
     Critic,
@@ -59,6 +63,7 @@ from worldmodels import (
 )
 from worldmodels.cpc import CPCSpec
 from worldmodels.factored import FactoredSpec
+from worldmodels.rssm import RSSMSettings
 
 _FLAGS = ("is_first", "is_last", "is_terminal")
 
@@ -67,24 +72,10 @@ def world_model_spec(config: Config) -> WorldModelSpec:
     """The world-model architecture described by ``config.world_model``."""
     w = config.world_model
     rssm = RSSMConfig(
-        deter=w.deter,
-        hidden=w.hidden,
-        stoch=w.stoch,
-        classes=w.classes,
-        latent=w.latent,
-        unimix=w.unimix,
-        blocks=w.blocks,
-        prior_layers=w.prior_layers,
-        post_layers=w.post_layers,
-        initial=w.initial,
+        # The section's RSSM keys are RSSMSettings' fields; the spec adds the factored schedule.
+        **{f.name: getattr(w, f.name) for f in dataclasses.fields(RSSMSettings)},
         factored=FactoredSpec(
-            groups=w.factored.groups,
-            graph=w.factored.graph,
-            in_degree=w.factored.in_degree,
-            l1_scale=w.factored.l1_scale,
-            update_every=w.factored.update_every,
-            drop_fraction=w.factored.drop_fraction,
-            stop_fraction=w.factored.stop_fraction,
+            **dataclasses.asdict(w.factored),
             total_steps=planned_updates(config) if w.factored.groups else 1,
             seed=config.seed,
         ),
@@ -306,7 +297,9 @@ class DreamerAgent(Agent):
             total_steps=planned_updates(cfg),
             seed=cfg.seed,
             fast_path_batch=cfg.replay.steps_per_batch,
-            skip=sparse_skip(self.wm, cfg.sparse.skip),
+            skip=sparse_skip(
+                self.wm, SPARSE_SKIP_DEFAULT if cfg.sparse.skip is None else cfg.sparse.skip
+            ),
         )
         T = cfg.replay.batch_length
         batch = {k: torch.zeros(1, T, *shape) for k, shape in self.obs_shapes.items()}
@@ -768,5 +761,19 @@ class DreamerAgent(Agent):
         counts["total"] = sum(counts.values())
         return counts
 
+
+ENTRY = register_agent(
+    AgentEntry(
+        name="dreamer",
+        make=DreamerAgent,
+        agent_fields=dreamer_config.DreamerAgentConfig,
+        sections={"world_model": dreamer_config.WorldModelConfig},
+        # The main job: a small Dreamer on a short Pendulum run that fits a CPU in minutes.
+        presets=("dreamer_tiny", "quickstart"),
+        preset_dir=dreamer_config.PRESET_DIR,
+        validate=dreamer_config.validate,
+        default=True,
+    )
+)
 
 __all__ = ["DreamerAgent", "planned_updates", "sparse_skip", "world_model_spec"]

@@ -18,6 +18,7 @@ Config: ``op3.*`` (``runtime.config.OP3Config``); presets ``op3`` (CPU sizes) an
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -25,9 +26,11 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from agents import op3_config
 from agents.base import Agent, State
 from runtime.accelerator import make_accelerator
 from runtime.config import Config
+from runtime.registry import AgentEntry, register_agent
 from worldmodels.layers import LayerFactory
 from worldmodels.slots import SlotSpec, SlotWorldModel, hungarian_order
 
@@ -126,23 +129,9 @@ def cem(
 
 
 def slot_spec(config: Config) -> SlotSpec:
-    """The slot world model described by ``config.op3``."""
-    o = config.op3
-    return SlotSpec(
-        slots=o.slots,
-        slot_dim=o.slot_dim,
-        iterations=o.iterations,
-        slot_init=o.slot_init,
-        cnn_depth=o.cnn_depth,
-        decoder_depth=o.decoder_depth,
-        hidden=o.hidden,
-        interaction_topk=o.interaction_topk,
-        resolution=o.resolution,
-        background=o.background,
-        position_loss_scale=o.position_loss_scale,
-        inference=o.inference,
-        dynamics_trains_perception=o.dynamics_trains_perception,
-    )
+    """The slot world model described by ``config.op3`` (whose architecture keys are
+    ``SlotSpec``'s fields)."""
+    return SlotSpec(**{f.name: getattr(config.op3, f.name) for f in dataclasses.fields(SlotSpec)})
 
 
 # ------------------------------------------------------------------------------------------
@@ -280,8 +269,9 @@ class OP3Agent(Agent):
         if state is None:
             state = self.initial_state(n)
         first = torch.as_tensor(np.asarray(obs["is_first"]), device=self.device).float()
-        if explore and self.updates == 0:
-            # Random interactions until the model has learned anything; no inference needed.
+        if explore and (self.updates == 0 or self.config.op3.epsilon >= 1):
+            # Random interactions until the model has learned anything, or throughout with
+            # epsilon = 1 (perception pretraining, preset op3_perception): no inference needed.
             action = self._random_actions(n)
             valid = torch.zeros(n, device=self.device)
             return self._out(action), {**state, "valid": valid}
@@ -428,3 +418,17 @@ __all__ = [
     "slot_distances",
     "slot_spec",
 ]
+
+
+ENTRY = register_agent(
+    AgentEntry(
+        name=op3_config.NAME,
+        make=OP3Agent,
+        sections={"op3": op3_config.OP3Config},
+        presets=("op3",),
+        preset_dir=op3_config.PRESET_DIR,
+        env_settings=op3_config.env_settings,
+        validate=op3_config.validate,
+        check_new_run=op3_config.check_new_run,
+    )
+)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from agents.base import Agent, State
+from runtime.registry import AgentEntry, register_agent
 
 
 class RandomAgent(Agent):
@@ -52,3 +53,10 @@ class RandomAgent(Agent):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.updates = int(state["updates"])
         self.rng.bit_generator.state = state["rng"]
+
+
+def _make(config: Any, obs_space: gym.spaces.Dict, action_space: gym.Space) -> RandomAgent:
+    return RandomAgent(action_space, seed=config.seed)
+
+
+ENTRY = register_agent(AgentEntry(name="random", make=_make))

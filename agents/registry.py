@@ -1,54 +1,31 @@
-"""Build an agent by name from the run config and the env's spaces."""
+"""The built-in agents' registry entries, and building an agent from the run config.
+
+Each agent module registers its entry (``agents.dreamer.ENTRY``, ``agents.op3.ENTRY``; their
+config sections live in ``agents/dreamer_config.py`` and ``agents/op3_config.py``); importing
+this module registers them all. The registry itself is
+``runtime.registry`` (the runtime finds this module through the ``imagine_rl.agents`` entry
+point in ``pyproject.toml``).
+"""
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Callable
-
 import gymnasium as gym
 
+from agents import dreamer, op3, random_agent
 from agents.base import Agent
 from runtime.config import Config
+from runtime.registry import AgentEntry, agent_entry, agent_names, register_agent
 
-AgentFactory = Callable[[Config, gym.spaces.Dict, gym.Space], Agent]
-
-
-def _random(config: Config, obs_space: gym.spaces.Dict, action_space: gym.Space) -> Agent:
-    from agents.random_agent import RandomAgent
-
-    return RandomAgent(action_space, seed=config.seed)
-
-
-def _dreamer(config: Config, obs_space: gym.spaces.Dict, action_space: gym.Space) -> Agent:
-    from agents.dreamer import DreamerAgent
-
-    return DreamerAgent(config, obs_space, action_space)
-
-
-def _op3(config: Config, obs_space: gym.spaces.Dict, action_space: gym.Space) -> Agent:
-    from agents.op3 import OP3Agent
-
-    return OP3Agent(config, obs_space, action_space)
-
-
-_AGENTS: dict[str, AgentFactory] = {"random": _random, "dreamer": _dreamer, "op3": _op3}
-
-
-def register_agent(name: str, factory: AgentFactory) -> None:
-    _AGENTS[name] = factory
+BUILTIN = (dreamer.ENTRY, op3.ENTRY, random_agent.ENTRY)
 
 
 def available_agents() -> list[str]:
-    return sorted(_AGENTS)
+    return agent_names()
 
 
 def make_agent(config: Config, obs_space: gym.spaces.Dict, action_space: gym.Space) -> Agent:
     """The agent ``config.agent.name`` for one env's observation and action spaces."""
-    name = config.agent.name
-    if name not in _AGENTS:
-        close = difflib.get_close_matches(name, list(_AGENTS), n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
-        raise ValueError(
-            f"unknown agent '{name}': {hint}available: {', '.join(available_agents())}"
-        )
-    return _AGENTS[name](config, obs_space, action_space)
+    return agent_entry(config.agent.name).make(config, obs_space, action_space)
+
+
+__all__ = ["AgentEntry", "available_agents", "make_agent", "register_agent"]

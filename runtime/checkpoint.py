@@ -41,6 +41,8 @@ WEIGHTS = "weights.safetensors"
 TRAIN_STATE = "train_state.pt"
 REPLAY = "replay.npz"
 LATEST = "latest"
+# train_state key of a weights-only checkpoint (save_weights).
+WEIGHTS_ONLY = "weights_only"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _PACKAGES = ("torch", "numpy", "gymnasium", "mujoco", "dm-control", "imagine-rl")
 
@@ -238,6 +240,25 @@ def save_checkpoint(
     for path in others[: max(0, len(others) - (keep - 1))]:
         shutil.rmtree(path, ignore_errors=True)
     return final
+
+
+def save_weights(run_dir: str | Path, config: Any, agent_state: dict[str, Any]) -> Path:
+    """A weights-only checkpoint (``<run_dir>/checkpoints/step_0``) of an agent trained outside
+    ``train.py`` (e.g. by a research script): ``train.py init=<run_dir>`` and ``evaluate.py``
+    accept it; ``resume=`` refuses it, as it holds no counters, RNG or replay to continue.
+
+    ``agent_state`` is ``agent.state_dict()``; only its ``weights`` are kept.
+    """
+    if "weights" not in agent_state:
+        raise CheckpointError("agent_state has no 'weights' key; see agents/base.py")
+    return save_checkpoint(
+        run_dir, 0, config, {"weights": agent_state["weights"]}, {WEIGHTS_ONLY: True}
+    )
+
+
+def is_weights_only(checkpoint: LoadedCheckpoint) -> bool:
+    """Whether ``checkpoint`` was written by ``save_weights`` (no training state)."""
+    return bool(checkpoint.train_state.get(WEIGHTS_ONLY))
 
 
 def _weights_bytes(weights: Any) -> bytes:

@@ -25,19 +25,33 @@ from typing import Any, Literal
 
 import yaml
 
+import sparse
+from runtime import registry
+from sparse import SparseSettings
+
+# Presets of the runtime's own sections (env, run); agents ship theirs (AgentEntry.preset_dir).
 PRESET_DIR = Path(__file__).parent / "presets"
-
-
-# Applied when the command line names no preset (see ``Config``).
-DEFAULT_PRESETS = ("dreamer_tiny", "quickstart")
 
 
 class ConfigError(ValueError):
     """A configuration key, type or value is invalid. The message says which and why."""
 
 
-def _positive(min_value: float = 1) -> dict[str, Any]:
+def at_least(min_value: float = 1) -> dict[str, Any]:
+    """Field metadata: the value must be ``>= min_value`` (checked by ``validate``)."""
     return {"min": min_value}
+
+
+def _default_agent_name() -> str:
+    entry = registry.default_agent()
+    return entry.name if entry is not None else ""
+
+
+def default_presets() -> list[str]:
+    """The presets of a command line that names neither an agent nor a preset: the default
+    agent's (``AgentEntry.presets``)."""
+    entry = registry.default_agent()
+    return list(entry.presets) if entry is not None else []
 
 
 # --------------------------------------------------------------------------------------
@@ -51,13 +65,13 @@ class EnvConfig:
 
     id: str = "dmc:cartpole-balance"
     obs: Literal["state", "pixels", "both"] = "state"
-    size: int = field(default=64, metadata=_positive(8))
+    size: int = field(default=64, metadata=at_least(8))
     # Env steps (frames) per agent step; rewards are summed over the repeat.
-    action_repeat: int = field(default=2, metadata=_positive(1))
+    action_repeat: int = field(default=2, metadata=at_least(1))
     # Episode length limit in env steps (frames); None keeps the task's own limit.
-    time_limit: int | None = field(default=None, metadata=_positive(1))
-    num_envs: int = field(default=1, metadata=_positive(1))
-    eval_num_envs: int = field(default=1, metadata=_positive(1))
+    time_limit: int | None = field(default=None, metadata=at_least(1))
+    num_envs: int = field(default=1, metadata=at_least(1))
+    eval_num_envs: int = field(default=1, metadata=at_least(1))
     # Subprocess workers for the vector env; worth it for pixel tasks with several envs.
     asynchronous: bool = False
     render_quality: Literal["fast", "default"] = "fast"
@@ -78,49 +92,12 @@ class EnvConfig:
 
 @dataclass
 class AgentConfig:
-    """Which agent acts and learns. Agent-specific knobs live here too."""
+    """Which agent acts and learns (``agent=<name>``), and the settings of its update that the
+    runtime reads too. An agent's own ``agent.*`` keys come from its registry entry
+    (``runtime.registry.AgentEntry.agent_fields``), merged into this section."""
 
-    name: str = "dreamer"
-    # --- dreamer (agent=dreamer): actor-critic learned in imagination (DreamerV3 defaults).
-    # Imagined rollout length from every replayed posterior state.
-    horizon: int = field(default=15, metadata=_positive(1))
-    # Imagined rollouts start from this many posterior states of the batch, drawn at random
-    # (0 = all of them, as DreamerV3); fewer starts pay for a longer horizon at equal cost.
-    imagine_starts: int = field(default=0, metadata=_positive(0))
-    # DreamerV3's replay value loss: the critic also regresses lambda-returns of the replayed
-    # sequence itself (real rewards, bootstrapped with the imagined returns), weight 0.3.
-    replay_critic_scale: float = field(default=0.3, metadata=_positive(0))
-    discount: float = 0.997
-    return_lambda: float = 0.95
-    # Actor and critic MLPs (see presets xs/s/m for the DreamerV3 size table).
-    units: int = field(default=512, metadata=_positive(1))
-    layers: int = field(default=2, metadata=_positive(1))
-    actor_lr: float = field(default=3e-5, metadata=_positive(0))
-    critic_lr: float = field(default=3e-5, metadata=_positive(0))
-    actor_eps: float = field(default=1e-5, metadata=_positive(0))
-    critic_eps: float = field(default=1e-5, metadata=_positive(0))
-    # Global gradient-norm clipping per optimizer.
-    actor_grad_clip: float = field(default=100.0, metadata=_positive(0))
-    critic_grad_clip: float = field(default=100.0, metadata=_positive(0))
-    actor_entropy: float = field(default=3e-4, metadata=_positive(0))
-    # auto: REINFORCE for discrete actions, backprop through the dynamics for continuous ones.
-    actor_grad: Literal["auto", "reinforce", "dynamics"] = "auto"
-    actor_unimix: float = field(default=0.01, metadata=_positive(0))
-    actor_min_std: float = field(default=0.1, metadata=_positive(0))
-    actor_max_std: float = field(default=1.0, metadata=_positive(0))
-    critic_bins: int = field(default=255, metadata=_positive(2))
-    # Slow (EMA) critic: mixed in with this fraction every `slow_critic_every` updates; the
-    # critic is regularised toward its predictions with weight `slow_critic_reg`.
-    slow_critic_fraction: float = field(default=0.02, metadata=_positive(0))
-    slow_critic_every: int = field(default=1, metadata=_positive(1))
-    slow_critic_reg: float = field(default=1.0, metadata=_positive(0))
-    # Returns are divided by max(limit, EMA(P_high) - EMA(P_low)) for the actor.
-    return_norm_decay: float = field(default=0.99, metadata=_positive(0))
-    return_norm_limit: float = field(default=1.0, metadata=_positive(0))
-    return_norm_low: float = field(default=5.0, metadata=_positive(0))
-    return_norm_high: float = field(default=95.0, metadata=_positive(0))
-    actor_scale: float = field(default=1.0, metadata=_positive(0))
-    critic_scale: float = field(default=1.0, metadata=_positive(0))
+    # A registered agent (runtime.registry); default: the registry's default agent.
+    name: str = field(default_factory=lambda: _default_agent_name())
     # torch.compile the whole update (world-model step and behaviour step, each one graph
     # with its backward; CUDA graphs on cuda): true, false, or auto (see
     # runtime.accelerator.resolve_compile).
@@ -130,163 +107,14 @@ class AgentConfig:
 
 
 @dataclass
-class GreedyInfoMaxConfig:
-    """Greedy InfoMax encoder (``world_model.greedy_infomax.*``; see ``worldmodels/cpc.py``)."""
-
-    # Encoder modules, each trained by its own CPC loss and optimizer with no gradient across
-    # module boundaries; 0 = off (the encoder learns end-to-end from the world-model losses).
-    modules: int = field(default=0, metadata=_positive(0))
-    # Learning rate of the module optimizers; null = world_model.lr.
-    lr: float | None = field(default=None, metadata=_positive(0))
-
-
-@dataclass
-class FactoredConfig:
-    """Factored (sparse factor-graph) RSSM dynamics (``world_model.factored.*``; see
-    ``worldmodels/factored.py``). ``groups=0`` keeps the plain RSSM."""
-
-    # G groups of the latent state (deter, hidden and stoch must divide by G); 0 = off.
-    groups: int = field(default=0, metadata=_positive(0))
-    # fixed: random graph of in_degree parents a group (itself included); dynamic: rewired
-    # RigL-style on the G x G block grid; l1: all edges, gated, with an L1 penalty on the gates.
-    graph: Literal["fixed", "dynamic", "l1"] = "fixed"
-    in_degree: int = field(default=2, metadata=_positive(1))
-    # l1 graph: loss/graph = l1_scale * sum of |gate| over the G (G - 1) non-self edges.
-    l1_scale: float = field(default=0.01, metadata=_positive(0))
-    # dynamic graph: world-model updates between rewirings, fraction of each group's non-self
-    # edges replaced (cosine-decayed), no rewiring after stop_fraction of the run's updates.
-    update_every: int = field(default=100, metadata=_positive(1))
-    drop_fraction: float = field(default=0.3, metadata=_positive(0))
-    stop_fraction: float = field(default=0.75, metadata=_positive(0))
-
-
-@dataclass
-class WorldModelConfig:
-    """World-model architecture knobs (used by model-based agents)."""
-
-    # How the latent state learns about observations: reconstruction (decoder), reconstruction
-    # plus the CPC loss as a regulariser, or cpc alone (no decoder is built).
-    representation: Literal["reconstruction", "reconstruction+cpc", "cpc"] = "reconstruction"
-    # CPC (InfoNCE): the posterior state at t, with the actions in between, picks the encoder
-    # embedding at t+k (k = 1..cpc_horizons) among the batch's other positions; projections of
-    # cpc_dim units compared by cosine similarity / cpc_temperature; weighted by cpc_scale.
-    cpc_scale: float = field(default=1.0, metadata=_positive(0))
-    cpc_horizons: int = field(default=3, metadata=_positive(1))
-    cpc_dim: int = field(default=64, metadata=_positive(1))
-    cpc_temperature: float = field(default=0.1, metadata=_positive(1e-6))
-    cpc_actions: bool = True
-    greedy_infomax: GreedyInfoMaxConfig = field(default_factory=GreedyInfoMaxConfig)
-    factored: FactoredConfig = field(default_factory=FactoredConfig)
-    # RSSM: GRU state size, hidden width, latent (stoch groups x classes, or stoch dims for
-    # the Gaussian latent), block-diagonal GRU blocks, initial state.
-    deter: int = field(default=512, metadata=_positive(1))
-    hidden: int = field(default=512, metadata=_positive(1))
-    stoch: int = field(default=32, metadata=_positive(1))
-    classes: int = field(default=32, metadata=_positive(1))
-    latent: Literal["categorical", "gaussian"] = "categorical"
-    unimix: float = field(default=0.01, metadata=_positive(0))
-    blocks: int = field(default=8, metadata=_positive(1))
-    prior_layers: int = field(default=2, metadata=_positive(1))
-    post_layers: int = field(default=1, metadata=_positive(1))
-    initial: Literal["learned", "zero"] = "learned"
-    # Encoder/decoder MLPs (vector obs), reward/continue heads, CNN depth multiplier.
-    units: int = field(default=512, metadata=_positive(1))
-    mlp_layers: int = field(default=2, metadata=_positive(1))
-    head_layers: int = field(default=1, metadata=_positive(0))
-    cnn_depth: int = field(default=32, metadata=_positive(1))
-    # LayerNorm (DreamerV3 paper) has a fused CPU kernel; rms (current DreamerV3 code) is
-    # composite in torch and ~25% slower at small sizes on CPU.
-    norm: Literal["layer", "rms"] = "layer"
-    act: Literal["silu", "elu", "relu", "gelu"] = "silu"
-    reward_bins: int = field(default=255, metadata=_positive(2))
-    # KL balancing: free bits (nats) and the loss scales the agent sums the terms with.
-    free_nats: float = field(default=1.0, metadata=_positive(0))
-    dyn_scale: float = field(default=0.5, metadata=_positive(0))
-    rep_scale: float = field(default=0.1, metadata=_positive(0))
-    rec_scale: float = field(default=1.0, metadata=_positive(0))
-    reward_scale: float = field(default=1.0, metadata=_positive(0))
-    continue_scale: float = field(default=1.0, metadata=_positive(0))
-    lr: float = field(default=1e-4, metadata=_positive(0))
-    eps: float = field(default=1e-8, metadata=_positive(0))
-    grad_clip: float = field(default=1000.0, metadata=_positive(0))
-
-
-@dataclass
-class OP3Config:
-    """The object-centric agent (``agent=op3``; ``agents/op3.py``, ``worldmodels/slots.py``):
-    a slot world model trained on replayed sequences and model-predictive control by the
-    cross-entropy method (CEM) toward the goal image's slots."""
-
-    # Slot world model: K slots of slot_dim features (plus a 4-d position/scale frame each),
-    # slot-attention iterations per frame, how first frames start (farthest: at the K most
-    # distinct colours; learned: K learned vectors; gaussian: random draws), CNN/decoder
-    # widths, MLP width.
-    slots: int = field(default=5, metadata=_positive(1))
-    slot_dim: int = field(default=64, metadata=_positive(1))
-    iterations: int = field(default=3, metadata=_positive(1))
-    slot_init: Literal["farthest", "learned", "gaussian"] = "farthest"
-    cnn_depth: int = field(default=32, metadata=_positive(1))
-    decoder_depth: int = field(default=32, metadata=_positive(8))
-    hidden: int = field(default=128, metadata=_positive(1))
-    # Side of the frames the model sees and reconstructs (area-downsampled; segment() upsamples
-    # the masks back); 0 = env.size. It must divide env.size and be 8 x a power of 2.
-    resolution: int = field(default=32, metadata=_positive(0))
-    # A learned static background layer behind the slots (fixed cameras); off: the slots also
-    # draw the table and walls.
-    background: bool = False
-    # Sparse interaction graph: each slot hears only its interaction_topk strongest partners
-    # (0 = all K - 1 others).
-    interaction_topk: int = field(default=0, metadata=_positive(0))
-    # Loss weights: posterior reconstruction, decoded dynamics prediction, slot prediction.
-    reconstruction_scale: float = field(default=1.0, metadata=_positive(0))
-    prediction_scale: float = field(default=1.0, metadata=_positive(0))
-    dynamics_scale: float = field(default=1.0, metadata=_positive(0))
-    # Weight of the predicted slot centres in loss/dynamics (features are unit-RMS; centres
-    # are in image units and would otherwise barely count; the planner's cost rests on them).
-    position_loss_scale: float = field(default=25.0, metadata=_positive(0))
-    # Per-frame slot inference. fresh: every frame from its own colour-seeded start, the
-    # dynamics trained toward the next frame's slots after a Hungarian matching. filter: OP3's
-    # filtering, each frame refined from the dynamics' prediction (measured on blocks: the
-    # slots settle into fixed regions that the refinement never moves, and the dynamics learns
-    # to ignore the action; see README).
-    inference: Literal["fresh", "filter"] = "fresh"
-    # Whether loss/dynamics also trains the perception (through the previous slots it predicts
-    # from). Off: only the reconstruction shapes the slots (joint training degraded a
-    # pretrained segmentation; see README).
-    dynamics_trains_perception: bool = False
-    # Train only the dynamics: the perception (encoder, slot attention, decoder, background)
-    # is frozen, e.g. after `train.py init=<run>` from a perception pretrained by
-    # `op3_checks.py check=ari save=<run>` (the two-stage recipe in the README).
-    freeze_perception: bool = False
-    lr: float = field(default=1e-3, metadata=_positive(0))
-    # Linear learning-rate warm-up over this many updates (slot attention needs it).
-    warmup: int = field(default=100, metadata=_positive(0))
-    grad_clip: float = field(default=1.0, metadata=_positive(0))
-    # CEM planning: horizon (actions per candidate), candidates per iteration, iterations,
-    # elites kept, initial std of the sampling Gaussian (mean 0, clipped to [-1, 1]).
-    horizon: int = field(default=1, metadata=_positive(1))
-    cem_population: int = field(default=64, metadata=_positive(2))
-    cem_iterations: int = field(default=3, metadata=_positive(1))
-    cem_elites: int = field(default=8, metadata=_positive(1))
-    cem_std: float = field(default=1.0, metadata=_positive(0))
-    # Planning cost between two slots: |features| / sqrt(slot_dim) + position_weight x
-    # |position| (positions in image units), summed over the Hungarian-matched pairs.
-    position_weight: float = field(default=5.0, metadata=_positive(0))
-    # Exploration (explore=True, after the first update; before it every action is random):
-    # a uniformly random action with probability epsilon, else the plan plus Gaussian noise.
-    epsilon: float = field(default=0.2, metadata=_positive(0))
-    explore_noise: float = field(default=0.1, metadata=_positive(0))
-
-
-@dataclass
 class ReplayConfig:
     """Sequence replay: capacity in steps, sampled windows of ``batch_size x batch_length``."""
 
-    capacity: int = field(default=1_000_000, metadata=_positive(1))
-    batch_size: int = field(default=16, metadata=_positive(1))
-    batch_length: int = field(default=64, metadata=_positive(1))
+    capacity: int = field(default=1_000_000, metadata=at_least(1))
+    batch_size: int = field(default=16, metadata=at_least(1))
+    batch_length: int = field(default=64, metadata=at_least(1))
     # Steps per stored chunk (per env stream); full chunks are written to disk once.
-    chunk_size: int = field(default=1024, metadata=_positive(1))
+    chunk_size: int = field(default=1024, metadata=at_least(1))
     # Keep the replay on disk with the checkpoints so a resume restores it exactly.
     save: bool = True
 
@@ -296,75 +124,34 @@ class ReplayConfig:
 
 
 @dataclass
-class SparseConfig:
+class SparseConfig(SparseSettings):
     """Dynamic-sparse layers (see ``sparse`` and README "Dynamic-sparse layers"). Off by default.
 
-    Fields mirror ``sparse.SparseConfig`` (same names, same defaults except ``skip``). Not set
-    here: ``total_steps`` (the agent derives it from the run: the world-model updates the run
-    will do), ``seed`` (the top-level ``seed``) and ``fast_path_batch`` (the agent uses
-    ``replay.batch_size * replay.batch_length``). ``enabled=true`` sparsifies the world model
-    of ``agent=dreamer``; actor and critic stay dense.
+    The fields are ``sparse.SparseSettings``'s (defined once, in the library), plus ``enabled``;
+    ``skip`` defaults to the agent's own list of layers kept dense. Not set here, derived by
+    the agent from the run: ``total_steps`` (the world-model updates the run will do), ``seed``
+    (the top-level ``seed``) and ``fast_path_batch`` (``replay.batch_size *
+    replay.batch_length``).
     """
 
-    enabled: bool = False
-    # Fraction of weights kept over all sparsified layers together, in (0, 1].
-    density: float = 0.1
-    # static: fixed random mask; set: drop smallest |w|, regrow at random; rigl: drop smallest
-    # |w|, regrow where the dense gradient is largest.
-    method: Literal["static", "set", "rigl"] = "rigl"
-    # How the budget is split over layers: every layer at `density`, or Erdos-Renyi-Kernel.
-    distribution: Literal["uniform", "erk"] = "erk"
-    # Masks of whole block x block tiles: 1, 4, 8 or 16 (checked by the sparse library; every
-    # sparsified layer's in/out dims must divide, else the error names the layer).
-    block: int = 1
-    # Same number of blocks in every block-row (needed for the compressed fast path).
-    balanced: bool = False
-    drop_fraction: float = field(default=0.3, metadata=_positive(0))
-    drop_schedule: Literal["cosine", "constant"] = "cosine"
-    # World-model optimizer steps between topology updates.
-    update_every: int = field(default=100, metadata=_positive(1))
-    # No topology updates after this fraction of the run's world-model updates.
-    stop_fraction: float = field(default=0.75, metadata=_positive(0))
-    # Layers kept dense. Patterns (fnmatch, or a full-match regex) are tried against the
-    # LayerFactory name (`wm.encoder.mlp.0`) and the module path in the world model
-    # (`encoder.mlp.0.0`, `encoder.mlp.0.0.weight`); `wm.decoder.cnn.out` names the pixel
-    # decoder's last transposed conv. Default: the first layer of each encoder, the action
-    # input of the RSSM, and the output layers of the decoder and the reward/continue heads.
-    # `sparse.skip=[]` sparsifies every linear/conv layer.
-    skip: list[str] = field(
-        default_factory=lambda: [
-            "wm.encoder.mlp.0",
-            "wm.encoder.cnn.0",
-            "wm.rssm.in.action",
-            "wm.decoder.mlp.out",
-            "wm.decoder.cnn.out",
-            "wm.reward.out",
-            "wm.continue.out",
-        ]
+    enabled: bool = field(default=False, metadata={"doc": "sparsify the agent's world model"})
+    # null: the agent's default (Dreamer: the first layer of each encoder, the action input of
+    # the RSSM, the output layers of the decoder and heads); `sparse.skip=[]` sparsifies every
+    # linear/conv layer.
+    skip: list[str] | None = field(
+        default=None, metadata={"doc": "layers kept dense (patterns); null: the agent's default"}
     )
-    # Extra >=2-D parameters to sparsify by module-path pattern (e.g. the RSSM's block-diagonal
-    # GRU weights `rssm.gru_*.weight`, which are not nn.Linear and stay dense otherwise).
-    include: list[str] = field(default_factory=list)
-    # auto: a balanced nn.Linear uses the compressed kernel when a micro-benchmark (at
-    # replay.batch_size * replay.batch_length rows) says it is faster; on: always where
-    # possible; off: never. YAML reads a bare on/off as true/false: those mean on/off too.
-    fast_path: Literal["auto", "on", "off", True, False] = "auto"
 
     def library_config(
         self, *, total_steps: int, seed: int, fast_path_batch: int, skip: list[str] | None = None
-    ) -> Any:
-        """The ``sparse.SparseConfig`` for these settings, validated by the sparse library
-        (a bad value raises ``ConfigError`` naming the ``sparse.<key>``)."""
-        import sparse
-
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        if self.fast_path is True or self.fast_path is False:
-            values["fast_path"] = "on" if self.fast_path else "off"
-        if skip is not None:
-            values["skip"] = list(skip)
+    ) -> sparse.SparseConfig:
+        """The ``sparse.SparseConfig`` for these settings (``skip`` replaces ``self.skip``),
+        validated by the sparse library (a bad value raises ``ConfigError`` naming the key)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(SparseSettings)}
+        values["skip"] = list(skip if skip is not None else self.skip or [])
         try:
-            return sparse.SparseConfig.from_dict(
-                values, total_steps=total_steps, seed=seed, fast_path_batch=fast_path_batch
+            return sparse.SparseConfig(
+                **values, total_steps=total_steps, seed=seed, fast_path_batch=fast_path_batch
             )
         except ValueError as error:
             raise ConfigError(str(error)) from error
@@ -377,7 +164,7 @@ class AcceleratorConfig:
 
     name: Literal["auto", "cpu", "cuda", "ipu-sim"] = "auto"
     # Torch intra-op threads; 0 = leave torch's default. 1 is best beside env workers.
-    threads: int = field(default=1, metadata=_positive(0))
+    threads: int = field(default=1, metadata=at_least(0))
     deterministic: bool = False
     # fp32, bf16 autocast, or fp16 autocast with a gradient scaler. auto: agent.precision
     # (fp32 unless set); with ipu-sim the precision is ipu.precision.
@@ -394,7 +181,7 @@ class IPUConfig:
     # Device constants (each tagged sourced/derived/assumed in runtime/ipu_sim/presets.py):
     # ipu2 (GC200), bow (Bow IPU), ipu1 (GC2), small (4 tiles, for tests).
     preset: Literal["ipu2", "bow", "ipu1", "small"] = "ipu2"
-    num_ipus: int = field(default=1, metadata=_positive(1))
+    num_ipus: int = field(default=1, metadata=at_least(1))
     # fp16: emulated fp16 storage (weights rounded to fp16 after every step) and fp16 autocast
     # with loss scaling. The IPU has no bf16.
     precision: Literal["fp32", "fp16"] = "fp32"
@@ -403,7 +190,7 @@ class IPUConfig:
     stochastic_rounding: bool = True
     # Micro-batches per step for the pipeline estimate; must be >= the pipeline stages.
     # 0 = the number of stages.
-    gradient_accumulation: int = field(default=0, metadata=_positive(0))
+    gradient_accumulation: int = field(default=0, metadata=at_least(0))
     # Pipeline placement, `<module prefix>:<ipu>` in execution order with non-decreasing ipu
     # ids, e.g. [world_model.encoder:0, world_model.rssm:1, actor:1, critic:1]. Empty: one
     # IPU holds everything, or with num_ipus > 1 contiguous groups of modules balanced by size.
@@ -420,7 +207,7 @@ class DistributedConfig:
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     # Seconds a collective waits for the other ranks before failing (a hung or lost rank).
     # The other ranks wait while rank 0 evaluates, so keep it above one evaluation's duration.
-    timeout: float = field(default=1800.0, metadata=_positive(1))
+    timeout: float = field(default=1800.0, metadata=at_least(1))
 
 
 @dataclass
@@ -437,7 +224,7 @@ class LoggingConfig:
     tags: list[str] = field(default_factory=list)
     # offline never blocks and needs no account; "online" needs `wandb login`.
     mode: Literal["offline", "online", "disabled"] = "offline"
-    video_fps: int = field(default=20, metadata=_positive(1))
+    video_fps: int = field(default=20, metadata=at_least(1))
 
 
 @dataclass
@@ -445,35 +232,36 @@ class RunConfig:
     """The training schedule. Step counts are env steps (frames, action repeat included)."""
 
     dir: str = "runs/default"
-    steps: int = field(default=20_000, metadata=_positive(1))
+    steps: int = field(default=20_000, metadata=at_least(1))
     # Replayed steps (batch_size x batch_length per update) per agent (policy) step.
-    replay_ratio: float = field(default=512.0, metadata=_positive(0))
+    replay_ratio: float = field(default=512.0, metadata=at_least(0))
     # Env steps collected before the first update.
-    learning_starts: int = field(default=1000, metadata=_positive(0))
-    eval_every: int = field(default=5000, metadata=_positive(1))
-    eval_episodes: int = field(default=5, metadata=_positive(0))
+    learning_starts: int = field(default=1000, metadata=at_least(0))
+    eval_every: int = field(default=5000, metadata=at_least(1))
+    eval_episodes: int = field(default=5, metadata=at_least(0))
     eval_initial: bool = False
     video: bool = True
-    checkpoint_every: int = field(default=5000, metadata=_positive(1))
-    keep_checkpoints: int = field(default=3, metadata=_positive(1))
-    log_every: int = field(default=1000, metadata=_positive(1))
+    checkpoint_every: int = field(default=5000, metadata=at_least(1))
+    keep_checkpoints: int = field(default=3, metadata=at_least(1))
+    log_every: int = field(default=1000, metadata=at_least(1))
 
 
 @dataclass
 class Config:
-    """The whole run. ``seed`` seeds envs, torch and numpy; ``preset`` records the presets used.
+    """The run's shared sections. ``seed`` seeds envs, torch and numpy; ``preset`` records the
+    presets used.
 
-    Without ``preset=`` on the command line the default presets apply (``DEFAULT_PRESETS``: a
-    small Dreamer and a short Pendulum run, the main job that fits a CPU in minutes); naming
-    any preset replaces them, leaving the dataclass defaults (DreamerV3's settings) below.
+    The config of a run is an instance of ``config_class()``: this class extended with the
+    ``agent.*`` keys and the sections of every registered agent (``runtime.registry``), e.g.
+    ``world_model``. Without ``preset=`` on the command line the presets of the agent it names
+    apply, or the default agent's (the main job that fits a CPU in minutes); naming any preset
+    replaces them, leaving the dataclass defaults below.
     """
 
     seed: int = 0
-    preset: list[str] = field(default_factory=lambda: list(DEFAULT_PRESETS))
+    preset: list[str] = field(default_factory=default_presets)
     env: EnvConfig = field(default_factory=EnvConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
-    world_model: WorldModelConfig = field(default_factory=WorldModelConfig)
-    op3: OP3Config = field(default_factory=OP3Config)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     sparse: SparseConfig = field(default_factory=SparseConfig)
     accelerator: AcceleratorConfig = field(default_factory=AcceleratorConfig)
@@ -486,6 +274,39 @@ class Config:
     def policy_steps(self) -> int:
         """Agent steps per env stream needed to reach ``run.steps`` env steps in total."""
         return -(-self.run.steps // self.env.action_repeat)
+
+
+_CONFIG_CLASSES: dict[int, type[Config]] = {}
+
+
+def config_class() -> type[Config]:
+    """``Config`` with every registered agent's ``agent.*`` keys and sections (cached until the
+    registry changes). A section name may not shadow a shared one."""
+    version = registry.registry_version()
+    cached = _CONFIG_CLASSES.get(version)
+    if cached is not None:
+        return cached
+    shared = {f.name for f in dataclasses.fields(Config)}
+    mixins = tuple(e.agent_fields for e in registry.entries() if e.agent_fields is not None)
+    agent_cls = dataclasses.make_dataclass(
+        "AgentConfig", [], bases=(*dict.fromkeys(mixins), AgentConfig)
+    )
+    agent_cls.__doc__, agent_cls.__module__ = AgentConfig.__doc__, __name__
+    sections: list[tuple[str, Any, Any]] = [("agent", agent_cls, field(default_factory=agent_cls))]
+    for entry in registry.entries():
+        for name, cls in entry.sections.items():
+            if name in shared:
+                raise ConfigError(
+                    f"agent '{entry.name}' registers a section '{name}', which is a shared "
+                    "section of runtime.config.Config; pick another name"
+                )
+            if name not in {n for n, _, _ in sections}:
+                sections.append((name, cls, field(default_factory=cls)))
+    cls = dataclasses.make_dataclass("Config", sections, bases=(Config,))
+    cls.__doc__, cls.__module__ = Config.__doc__, __name__
+    _CONFIG_CLASSES.clear()
+    _CONFIG_CLASSES[version] = cls
+    return cls
 
 
 # `section=value` sets this field of the section.
@@ -514,7 +335,8 @@ def _type_name(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(_type_name(a) for a in args) + " or null"
+        optional = len(args) < len(typing.get_args(tp))
+        return " or ".join(_type_name(a) for a in args) + (" or null" if optional else "")
     if origin is list:
         (inner,) = typing.get_args(tp)
         return f"list of {_type_name(inner)}"
@@ -657,67 +479,22 @@ def _check_accelerator(config: Config) -> None:
         )
 
 
-def _check_factored(w: WorldModelConfig) -> None:
-    groups = w.factored.groups
-    if not groups:
-        return
-    for key in ("deter", "hidden", "stoch"):
-        if getattr(w, key) % groups:
-            raise ConfigError(
-                f"world_model.{key} ({getattr(w, key)}) must be divisible by "
-                f"world_model.factored.groups ({groups}); pick groups that divide it"
-            )
-    if w.factored.in_degree > groups:
-        raise ConfigError(
-            f"world_model.factored.in_degree ({w.factored.in_degree}) exceeds "
-            f"world_model.factored.groups ({groups}): a group has at most {groups} parents"
-        )
-    if w.factored.drop_fraction > 1 or w.factored.stop_fraction > 1:
-        raise ConfigError("world_model.factored.drop_fraction and stop_fraction must be <= 1")
-
-
-def _check_op3(config: Config) -> None:
-    o = config.op3
-    if o.cem_elites > o.cem_population:
-        raise ConfigError(
-            f"op3.cem_elites ({o.cem_elites}) exceeds op3.cem_population ({o.cem_population}); "
-            "keep fewer elites than candidates"
-        )
-    if o.interaction_topk > o.slots - 1:
-        raise ConfigError(
-            f"op3.interaction_topk ({o.interaction_topk}) must be at most op3.slots - 1 "
-            f"({o.slots - 1}), or 0 for all partners"
-        )
-    if o.epsilon > 1:
-        raise ConfigError(f"op3.epsilon is a probability, got {o.epsilon}")
-    if config.agent.name != "op3":
-        return
-    if config.sparse.enabled:
-        raise ConfigError(
-            "sparse.enabled=true sparsifies the Dreamer world model only; agent=op3 has no "
-            "sparse layers yet (its sparse interaction graph is op3.interaction_topk)"
-        )
-    if config.env.obs == "state":
-        raise ConfigError(
-            "agent=op3 plans from pixels: set env.obs=pixels (or both); "
-            "`agent=op3` without presets picks preset op3, which does"
-        )
-    if not config.env.goal_obs:
-        raise ConfigError(
-            "agent=op3 plans toward the goal image: set env.goal_obs=true (a blocks: task); "
-            "`agent=op3` without presets picks preset op3, which does"
-        )
-    side = o.resolution or config.env.size
-    if config.env.size % side or side < 8 or (side // 8) & (side // 8 - 1) or side % 8:
-        raise ConfigError(
-            f"op3.resolution ({o.resolution}) must divide env.size ({config.env.size}) and be "
-            "8 times a power of 2 (8, 16, 32, 64, ...); 0 uses env.size"
-        )
+def _check_agent(config: Config) -> registry.AgentEntry:
+    try:
+        return registry.agent_entry(config.agent.name)
+    except ValueError as error:
+        raise ConfigError(f"agent.name: {error}") from error
 
 
 def validate(config: Config) -> Config:
-    """Range checks and cross-field rules. Returns the config for chaining."""
+    """Range checks and cross-field rules, the shared ones here and each registered agent's
+    own (``AgentEntry.validate``). Returns the config for chaining."""
+    _check_agent(config)
     _check_ranges(config)
+    try:
+        config.sparse.validate()
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
     _check_accelerator(config)
     if config.replay.batch_length > config.replay.capacity:
         raise ConfigError(
@@ -742,9 +519,6 @@ def validate(config: Config) -> Config:
                 f"env.blocks_action={config.env.blocks_action}: needs a blocks:<push|stack>-<n> "
                 f"env, got {config.env.id!r}; drop it or pick a blocks: task"
             )
-    _check_op3(config)
-    w = config.world_model
-    _check_factored(w)
     if config.env.intervention is not None:
         from envs.interventions import parse_interventions
 
@@ -752,12 +526,9 @@ def validate(config: Config) -> Config:
             parse_interventions(config.env.intervention)
         except ValueError as error:
             raise ConfigError(f"env.intervention: {error}") from error
-    uses_cpc = "cpc" in w.representation or w.greedy_infomax.modules > 0
-    if uses_cpc and w.cpc_horizons >= config.replay.batch_length:
-        raise ConfigError(
-            f"world_model.cpc_horizons ({w.cpc_horizons}) must be below replay.batch_length "
-            f"({config.replay.batch_length}): CPC predicts that many steps ahead in a window"
-        )
+    for entry in registry.entries():
+        if entry.validate is not None:
+            entry.validate(config)
     return config
 
 
@@ -766,20 +537,26 @@ def validate(config: Config) -> Config:
 # --------------------------------------------------------------------------------------
 
 
+def _preset_dirs() -> list[Path]:
+    """Where named presets are looked up: the runtime's, then each registered agent's."""
+    return [PRESET_DIR, *(d for d in registry.preset_dirs() if d != PRESET_DIR)]
+
+
 def available_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    return sorted({p.stem for d in _preset_dirs() for p in d.glob("*.yaml")})
 
 
 def load_preset(name: str) -> dict[str, Any]:
     """The nested dict of one named preset (or a path to a YAML file)."""
     path = Path(name)
     if path.suffix not in (".yaml", ".yml") or not path.exists():
-        path = PRESET_DIR / f"{name}.yaml"
-    if not path.exists():
-        names = available_presets()
-        close = difflib.get_close_matches(name, names, n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
-        raise ConfigError(f"unknown preset '{name}': {hint}available: {', '.join(names)}")
+        found = [d / f"{name}.yaml" for d in _preset_dirs() if (d / f"{name}.yaml").exists()]
+        if not found:
+            names = available_presets()
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ConfigError(f"unknown preset '{name}': {hint}available: {', '.join(names)}")
+        path = found[0]
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"preset '{name}' ({path}) must be a mapping of sections")
@@ -863,31 +640,33 @@ def build_config(
 ) -> Config:
     """Defaults <- ``base`` (e.g. a resumed run's config) <- presets <- overrides.
 
-    ``overrides`` is a list of ``key=value`` strings or an already parsed flat dict.
+    ``overrides`` is a list of ``key=value`` strings or an already parsed flat dict. Without
+    ``preset=`` (and without ``base``) the presets of the agent named on the command line
+    apply, or the default agent's; then that agent's env settings (``AgentEntry.env_settings``)
+    and the command line.
     """
     flat = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
     for key in CLI_KEYS:
         flat.pop(key, None)
-    config = Config()
+    config = config_class()()
     if base:
         _apply(config, base)  # a resumed run's config already holds its presets' values
     presets = flat.pop("preset", None)
-    agent = _agent_override(flat)
+    named = _agent_override(flat)
+    entry = _agent_entry(named) if named is not None else None
     if presets is None and not base:
-        presets = list(AGENT_DEFAULT_PRESETS.get(agent or "", DEFAULT_PRESETS))
+        presets = list(entry.presets) if entry is not None and entry.presets else default_presets()
     if presets is not None:
         names = _coerce("preset", presets, list[str])
         for name in names:
             _apply(config, load_preset(name), prefix="")
         config.preset = names if not base else list(dict.fromkeys([*config.preset, *names]))
     if not base:
-        _agent_env_settings(config, agent or config.agent.name)
+        entry = entry or _agent_entry(config.agent.name)
+        if entry.env_settings is not None:
+            entry.env_settings(config)
     _apply(config, _nest(flat))
     return validate(config)
-
-
-# Presets applied instead of DEFAULT_PRESETS when the command line names an agent but no preset.
-AGENT_DEFAULT_PRESETS: dict[str, tuple[str, ...]] = {"op3": ("op3",)}
 
 
 def _agent_override(flat: dict[str, Any]) -> str | None:
@@ -896,16 +675,11 @@ def _agent_override(flat: dict[str, Any]) -> str | None:
     return name if isinstance(name, str) else None
 
 
-def _agent_env_settings(config: Config, agent: str) -> None:
-    """Env settings an agent cannot work without, applied after the presets and before the
-    command line (which still wins; ``validate`` then names what is missing). ``agent=op3``:
-    pixel observations, the goal image, and no action repeat (a pick-and-place action
-    repeated would only redo the same move)."""
-    if agent == "op3":
-        if config.env.obs == "state":
-            config.env.obs = "pixels"
-        config.env.goal_obs = True
-        config.env.action_repeat = 1
+def _agent_entry(name: str) -> registry.AgentEntry:
+    try:
+        return registry.agent_entry(name)
+    except ValueError as error:
+        raise ConfigError(f"agent={name}: {error}") from error
 
 
 def save_yaml(config: Config, path: str | Path) -> None:
@@ -917,6 +691,107 @@ def load_yaml(path: str | Path) -> Config:
     data = yaml.safe_load(Path(path).read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config sections")
-    config = Config()
+    config = config_class()()
     _apply(config, data)
     return validate(config)
+
+
+# --------------------------------------------------------------------------------------
+# Help: the keys, their types, defaults and docs, read from the config classes themselves
+# --------------------------------------------------------------------------------------
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """``{field: one-line doc}`` of a dataclass and its bases: ``metadata["doc"]`` where set,
+    else the ``#`` comment lines right above the field (or after it on its line), as tyro
+    reads them. Fields without either get the empty string."""
+    import ast
+    import inspect
+    import textwrap
+
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass) or klass is object:
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue  # made at run time (config_class): its fields come from the bases
+        lines = source.splitlines()
+        tree = ast.parse(source)
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for node in body:
+            if not isinstance(node, ast.AnnAssign) or not isinstance(node.target, ast.Name):
+                continue
+            comment: list[str] = []
+            row = node.lineno - 2  # 0-based index of the line above
+            while row >= 0 and lines[row].strip().startswith("#"):
+                comment.insert(0, lines[row].strip().lstrip("#").strip())
+                row -= 1
+            inline = lines[node.end_lineno - 1].split("#", 1)
+            if not comment and len(inline) == 2 and '"' not in inline[1]:
+                comment = [inline[1].strip()]
+            docs[node.target.id] = " ".join(comment)
+    for f in dataclasses.fields(cls):
+        doc = f.metadata.get("doc")
+        if doc:
+            docs[f.name] = doc
+        docs.setdefault(f.name, "")
+    return docs
+
+
+def _one_line(text: str, width: int = 110) -> str:
+    text = " ".join(text.split())
+    if len(text) <= width:
+        return text
+    cut = text[:width].rsplit(" ", 1)[0]
+    return cut + " ..."
+
+
+def _default_text(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("\n...")
+
+
+def describe(section: str | None = None) -> str:
+    """The text of ``train.py --help`` (the sections) or ``--help <section>`` (its keys with
+    type, default and doc; nested sections too). An unknown section raises ``ConfigError``."""
+    config = config_class()()
+    top = {f.name: f for f in dataclasses.fields(config)}
+    sections = [n for n, f in top.items() if dataclasses.is_dataclass(getattr(config, n))]
+    if section is None:
+        rows = ["sections (`--help <section>` lists its keys):"]
+        for name in sections:
+            doc = (type(getattr(config, name)).__doc__ or "").strip().split("\n\n")[0]
+            rows.append(f"  {name:<13} {_one_line(doc, 90)}")
+        plain = [n for n in top if n not in sections]
+        rows.append(f"top-level keys: {', '.join(plain)}")
+        return "\n".join(rows)
+    if section not in sections:
+        close = difflib.get_close_matches(section, sections, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise ConfigError(
+            f"--help {section}: no such section; {hint}sections: {', '.join(sections)}"
+        )
+    rows: list[str] = []
+
+    def walk(node: Any, prefix: str) -> None:
+        docs = field_docs(type(node))
+        hints = typing.get_type_hints(type(node))
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+                continue
+            typed = _type_name(hints[f.name])
+            minimum = f.metadata.get("min")
+            if minimum is not None:
+                typed += f" >= {minimum}"
+            rows.append(f"  {prefix}{f.name} ({typed}) = {_default_text(value)}")
+            if docs.get(f.name):
+                rows.append(f"      {_one_line(docs[f.name])}")
+
+    value = getattr(config, section)
+    doc = (type(value).__doc__ or "").strip()
+    rows.insert(0, f"{section}: {_one_line(doc.split(chr(10) + chr(10))[0], 200)}")
+    walk(value, f"{section}.")
+    return "\n".join(rows)

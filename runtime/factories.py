@@ -6,6 +6,7 @@ The agent factory is not here: ``runtime`` never imports ``agents``; scripts pas
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import gymnasium as gym
 
@@ -13,40 +14,74 @@ from runtime import distributed
 from runtime.config import Config
 from runtime.replay import SequenceReplay
 
+ENV_MODES = ("train", "eval")
 
-def make_env_factory(config: Config, video: bool | None = None):
+
+def _env_settings(config: Config, mode: str, video: bool) -> dict[str, Any]:
+    """``envs.make_env`` keyword arguments of a ``mode`` env of ``config.env``.
+
+    The one mapping of ``config.env`` fields to env settings, shared by vector and single envs
+    so a field added to ``EnvConfig`` reaches every env the loop and the scripts build. Eval
+    envs of state-only tasks render frames (``render_mode="rgb_array"``) when ``video``;
+    ``env.intervention`` applies to training envs only, eval envs run the original task.
+    """
+    if mode not in ENV_MODES:
+        raise ValueError(f"env mode must be one of {', '.join(ENV_MODES)}, got {mode!r}")
+    cfg = config.env
+    render = mode == "eval" and video and cfg.obs == "state"
+    return {
+        "obs": cfg.obs,
+        "size": cfg.size,
+        "action_repeat": cfg.action_repeat,
+        "time_limit": cfg.time_limit,
+        "render_mode": "rgb_array" if render else None,
+        "render_quality": cfg.render_quality,
+        "camera": cfg.camera,
+        "distractors": cfg.distractors,
+        "goal_obs": cfg.goal_obs,
+        "blocks_action": cfg.blocks_action,
+        # Training envs only: each counts its own steps (envs.interventions).
+        "intervention": cfg.intervention if mode == "train" else None,
+    }
+
+
+def make_env_factory(config: Config, video: bool | None = None, **overrides: Any):
     """``(mode, num_envs, seed) -> VectorEnv`` for ``mode`` in {"train", "eval"}.
 
-    Eval envs of state-only tasks render frames (``render_mode="rgb_array"``) for videos.
-    ``env.intervention`` applies to the training envs only; eval envs run the original task.
+    Settings come from ``config.env`` (``_env_settings``; ``video`` defaults to
+    ``run.video``). ``overrides`` are ``envs.make_env`` keyword arguments, or
+    ``asynchronous``, that a caller deliberately sets otherwise than the config, e.g.
+    ``asynchronous=False`` for one throwaway env: the difference stays visible at the call.
     """
     import envs
 
-    cfg = config.env
     want_video = config.run.video if video is None else video
 
     def make(mode: str, num_envs: int, seed: int) -> gym.vector.VectorEnv:
-        render = mode == "eval" and want_video and cfg.obs == "state"
-        return envs.make_vector_env(
-            cfg.id,
-            num_envs,
-            asynchronous=cfg.asynchronous,
-            seed=seed,
-            obs=cfg.obs,
-            size=cfg.size,
-            action_repeat=cfg.action_repeat,
-            time_limit=cfg.time_limit,
-            render_mode="rgb_array" if render else None,
-            render_quality=cfg.render_quality,
-            camera=cfg.camera,
-            distractors=cfg.distractors,
-            goal_obs=cfg.goal_obs,
-            blocks_action=cfg.blocks_action,
-            # Training envs only: each counts its own steps (envs.interventions).
-            intervention=cfg.intervention if mode == "train" else None,
-        )
+        settings = {
+            "asynchronous": config.env.asynchronous,
+            **_env_settings(config, mode, want_video),
+            **overrides,
+        }
+        return envs.make_vector_env(config.env.id, num_envs, seed=seed, **settings)
 
     return make
+
+
+def make_single_env(
+    config: Config, mode: str = "train", seed: int | None = None, **overrides: Any
+) -> gym.Env:
+    """One plain gymnasium env of ``config.env``, without the vector wrapper.
+
+    For scripts that step envs one at a time or reach into ``env.unwrapped`` (simulator
+    state, dm-control specs). The same settings as ``make_env_factory``'s ``mode`` envs (no
+    video frames); ``overrides`` are ``envs.make_env`` keyword arguments a caller deliberately
+    sets otherwise than the config.
+    """
+    import envs
+
+    settings = {**_env_settings(config, mode, video=False), **overrides}
+    return envs.make_env(config.env.id, seed=seed, **settings)
 
 
 def make_replay_factory(config: Config, run_dir: str | Path | None):

@@ -169,6 +169,10 @@ class WandbBackend:
     """
 
     def __init__(self, config: Config, run_dir: str | Path, run_id: str | None = None) -> None:
+        # wandb's Weave integration looks for LLM libraries by module name and takes our
+        # top-level package `agents` for OpenAI's, printing "Detected [agents] in use ... W&B
+        # Weave" at every run; we log no LLM calls, so turn the detection off (unless set).
+        os.environ.setdefault("WANDB_DISABLE_WEAVE", "true")
         import wandb
 
         self.wandb = wandb

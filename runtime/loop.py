@@ -36,6 +36,7 @@ import torch
 
 from runtime import distributed
 from runtime.checkpoint import LoadedCheckpoint, save_checkpoint
+from runtime.collect import AgentPolicy, Collector, EnvStepError
 from runtime.config import Config, to_dict
 from runtime.logging import Logger
 from runtime.replay import SequenceReplay
@@ -133,10 +134,6 @@ class Counters:
     wall_seconds: float = 0.0  # training wall-clock time, summed across resumes
 
 
-def _stack_obs(obs: dict[str, np.ndarray], is_first: np.ndarray) -> dict[str, np.ndarray]:
-    return {**obs, "is_first": is_first.copy()}
-
-
 def _rng_state() -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
@@ -192,58 +189,48 @@ def evaluate_policy(
     seed: int,
     record_video: bool = False,
     on_step: Callable[[dict[str, np.ndarray], dict[str, Any], np.ndarray], None] | None = None,
+    on_record: Callable[[dict[str, np.ndarray]], None] | None = None,
 ) -> tuple[list[float], list[int], np.ndarray | None]:
     """Run ``episodes`` greedy episodes, spread evenly over the vector env's sub-envs.
 
     Each sub-env counts only its first ``quota`` episodes, so short episodes are not
     over-represented. Returns (returns, lengths, video of env 0's first episode or None).
-    ``on_step(obs, info, ended)``, if given, sees every observation with the vector env's
-    ``info`` (after the reset and after each step); ``ended [num_envs]`` marks the sub-envs
-    whose counted episode ended with this observation (e.g. to read ``info["is_success"]``).
+    Steps are recorded by the same ``Collector`` as training, so returns and lengths follow the
+    replay's rule. ``on_step(obs, info, ended)``, if given, sees every observation with the
+    vector env's ``info`` (after the reset and after each step); ``ended [num_envs]`` marks the
+    sub-envs whose counted episode ended with this observation (e.g. to read
+    ``info["is_success"]``). ``on_record(step)``, if given, receives every recorded replay
+    step (e.g. to keep the eval episodes in a replay of their own).
 
     Shapes: video ``[T, H, W, 3]`` uint8.
     """
     num_envs = env.num_envs
     quota = np.array([episodes // num_envs + (i < episodes % num_envs) for i in range(num_envs)])
     finished = np.zeros(num_envs, dtype=int)
-    obs, info = env.reset(seed=seed)
+    collector = Collector(env, AgentPolicy(agent, num_envs, explore=False))
+    info = collector.reset(seed=seed)
     if on_step is not None:
-        on_step(obs, info, np.zeros(num_envs, dtype=bool))
-    is_first = np.ones(num_envs, dtype=bool)
-    done = np.zeros(num_envs, dtype=bool)
-    state = agent.initial_state(num_envs)
-    running = np.zeros(num_envs)
-    lengths_now = np.zeros(num_envs, dtype=int)
+        on_step(collector.observation, info, np.zeros(num_envs, dtype=bool))
     returns: list[float] = []
     lengths: list[int] = []
     frames: list[np.ndarray] = []
     recording = record_video
     while (finished < quota).any():
         if recording:
-            frames.append(_frame(env, obs))
-        action, state = agent.act(_stack_obs(obs, is_first), state, explore=False)
-        obs, reward, terminated, truncated, info = env.step(action)
-        # After a done, NEXT_STEP autoreset ignores the action and returns the reset obs.
-        reward = np.where(done, 0.0, reward)
-        running += reward
-        lengths_now += ~done
-        is_first = done.copy()
-        new_done = (terminated | truncated) & ~done
-        ended = np.zeros(num_envs, dtype=bool)
-        for i in np.flatnonzero(new_done):
-            if finished[i] < quota[i]:
-                returns.append(float(running[i]))
-                lengths.append(int(lengths_now[i]))
-                ended[i] = True
-            finished[i] += 1
-            running[i] = 0.0
-            lengths_now[i] = 0
-            if i == 0 and recording:
-                frames.append(_frame(env, obs))
-                recording = False
+            frames.append(_frame(env, collector.observation))
+        recorded = collector.step()
+        if on_record is not None:
+            on_record(recorded.step)
+        counted = recorded.ended & (finished < quota)
+        for i in np.flatnonzero(counted):
+            returns.append(float(recorded.episode_returns[i]))
+            lengths.append(int(recorded.episode_lengths[i]))
+        if recording and recorded.ended[0]:
+            frames.append(_frame(env, collector.observation))
+            recording = False
+        finished += recorded.ended
         if on_step is not None:
-            on_step(obs, info, ended)
-        done = new_done
+            on_step(collector.observation, recorded.info, counted)
     video = np.stack(frames) if frames else None
     return returns, lengths, video
 
@@ -279,138 +266,242 @@ def _frame(env: gym.vector.VectorEnv, obs: dict[str, np.ndarray]) -> np.ndarray:
     return np.asarray(frame, dtype=np.uint8)
 
 
-def train(
-    config: Config,
-    make_env: EnvFactory,
-    make_agent: AgentFactory,
-    make_replay: ReplayFactory,
-    logger: Logger,
-    run_dir: str | Path,
-    checkpoint: LoadedCheckpoint | None = None,
-) -> dict[str, Any]:
-    """Train until ``config.run.steps`` env steps, or until SIGINT/SIGTERM.
+@dataclass
+class Callback:
+    """A callback on the env-step clock: ``fn()`` runs when ``Counters.env_steps`` reaches
+    ``Counters.<next_field>``, which then advances by ``every`` (stored in checkpoints, so a
+    resumed run keeps the schedule)."""
 
-    Under ``torchrun`` call it on every rank with the same config (checked: a mismatch raises
-    ``DistributedError``); ``make_replay`` builds this rank's shard and ``logger`` is only used
-    on rank 0.
+    name: str
+    next_field: str
+    every: int
+    fn: Callable[[], Any]
 
-    Returns a summary: counters (global), ``local_env_steps`` (this rank's env steps in this
-    call), ``rank``, ``world_size``, last eval metrics, ``interrupted`` and the last checkpoint.
+
+class Schedule:
+    """Callbacks on the env-step clock, run in order after every vector step (like DreamerV3's
+    ``Driver.on_step`` or TorchRL's trainer hooks)."""
+
+    def __init__(self, counters: Counters, callbacks: list[Callback]) -> None:
+        self.counters = counters
+        self.callbacks = callbacks
+
+    def on_step(self) -> None:
+        for callback in self.callbacks:
+            due = getattr(self.counters, callback.next_field)
+            if self.counters.env_steps >= due:
+                setattr(self.counters, callback.next_field, due + callback.every)
+                callback.fn()
+
+
+class Trainer:
+    """One training session: what ``train`` builds, and its parts in the order they run.
+
+    ``collect`` steps the training envs (``runtime.collect.Collector``) and records into
+    replay; ``update`` runs the updates the replay-ratio clock owes; ``log``, ``evaluate`` and
+    ``checkpoint`` are callbacks of the env-step ``Schedule``. ``run`` is the loop: collect,
+    count (one all-reduce under ``torchrun``), update, schedule, until ``run.steps`` or a signal.
     """
-    run_dir = Path(run_dir)
-    run = config.run
-    num_envs = config.env.num_envs
-    steps_per_vector_step = num_envs * config.env.action_repeat
-    ctx = distributed.context()
-    main = ctx.is_main
-    if ctx.enabled:
-        distributed.check_same_config(to_dict(config))
-    seed = distributed.rank_seed(config.seed, ctx.rank)
 
-    envs = make_env("train", num_envs, seed)
-    # Only rank 0 evaluates: the other ranks build no eval envs.
-    eval_envs = make_env("eval", config.env.eval_num_envs, config.seed + 10_000) if main else None
-    agent = make_agent(envs.single_observation_space, envs.single_action_space)
-    replay = make_replay()
-    counters = Counters(next_eval=0 if run.eval_initial else run.eval_every)
-    counters.next_checkpoint = run.checkpoint_every
-    counters.next_log = run.log_every
-    # One update replays a batch on every rank.
-    clock = ReplayRatioClock(run.replay_ratio, config.replay.steps_per_batch * ctx.world_size)
+    def __init__(
+        self,
+        config: Config,
+        make_env: EnvFactory,
+        make_agent: AgentFactory,
+        make_replay: ReplayFactory,
+        logger: Logger,
+        run_dir: str | Path,
+    ) -> None:
+        self.config = config
+        self.run = run = config.run
+        self.logger = logger
+        self.run_dir = Path(run_dir)
+        self.ctx = ctx = distributed.context()
+        if ctx.enabled:
+            distributed.check_same_config(to_dict(config))
+        self.seed = distributed.rank_seed(config.seed, ctx.rank)
+        self.num_envs = config.env.num_envs
+        self.steps_per_vector_step = self.num_envs * config.env.action_repeat
+        self.envs: gym.vector.VectorEnv | None = None
+        self.eval_envs: gym.vector.VectorEnv | None = None
+        try:
+            self.envs = make_env("train", self.num_envs, self.seed)
+            # Only rank 0 evaluates: the other ranks build no eval envs.
+            if ctx.is_main:
+                self.eval_envs = make_env("eval", config.env.eval_num_envs, config.seed + 10_000)
+            spaces = self.envs.single_observation_space, self.envs.single_action_space
+            self.agent = make_agent(*spaces)
+            self.replay = make_replay()
+        except BaseException:
+            self.close()  # what was built before the failure
+            raise
+        self.counters = Counters(
+            next_eval=0 if run.eval_initial else run.eval_every,
+            next_checkpoint=run.checkpoint_every,
+            next_log=run.log_every,
+        )
+        # One update replays a batch on every rank.
+        self.clock = ReplayRatioClock(
+            run.replay_ratio, config.replay.steps_per_batch * ctx.world_size
+        )
+        self.update_metrics = UpdateMetrics()
+        self.last_checkpoint: Path | None = None
+        self.last_eval: dict[str, float] = {}
+        # Env steps of the newest eval and checkpoint, so the end of a run does not repeat them.
+        self.marks = {"eval": -1, "checkpoint": -1}
+        self.episode_returns: list[float] = []
+        self.episode_lengths: list[int] = []
+        self.local_env_steps = 0
+        self.train_seconds = 0.0
+        # Whether every rank's replay can be sampled; once true it stays true.
+        self.all_can_sample = False
 
-    if checkpoint is not None:
-        agent.load_state_dict(checkpoint.agent_state)
+    # -- resume ------------------------------------------------------------------------------
+
+    def restore(self, checkpoint: LoadedCheckpoint) -> None:
+        """Continue from ``checkpoint``: agent, counters, clock, RNG and (rank 0) the replay."""
+        self.agent.load_state_dict(checkpoint.agent_state)
         train_state = checkpoint.train_state
         saved = dict(train_state["counters"])
         # Checkpoints from before data-parallel training: one batch per update.
-        saved.setdefault("replayed_steps", saved["updates"] * config.replay.steps_per_batch)
-        counters = Counters(**saved)
-        clock.replayed_before = counters.replayed_steps
-        if main:
+        saved.setdefault("replayed_steps", saved["updates"] * self.config.replay.steps_per_batch)
+        self.counters = Counters(**saved)
+        self.clock.replayed_before = self.counters.replayed_steps
+        if self.ctx.is_main:
             _set_rng_state(train_state["rng"])
             if checkpoint.replay_path is not None:
-                replay.load(checkpoint.replay_path)
+                self.replay.load(checkpoint.replay_path)
         else:
             # The checkpoint holds rank 0's RNG and replay shard; other ranks draw afresh and
             # refill their shards (learning waits until every shard can be sampled).
-            _seed_rngs(seed + counters.env_steps)
+            _seed_rngs(self.seed + self.counters.env_steps)
+        self.last_checkpoint = checkpoint.path
+        self.marks["checkpoint"] = self.counters.env_steps
 
-    last_checkpoint: Path | None = checkpoint.path if checkpoint is not None else None
-    # Env steps of the newest eval and checkpoint, so the end of a run does not repeat them.
-    marks = {"eval": -1, "checkpoint": counters.env_steps if checkpoint is not None else -1}
-    last_eval: dict[str, float] = {}
-    update_metrics = UpdateMetrics()
-    episode_returns: list[float] = []
-    episode_lengths: list[int] = []
-    local_env_steps = 0
+    # -- the loop ----------------------------------------------------------------------------
 
-    def do_checkpoint() -> Path | None:
-        nonlocal last_checkpoint
-        # No checkpoint after a non-finite loss: the pending metrics are checked first.
-        update_metrics.read(last_checkpoint)
-        marks["checkpoint"] = counters.env_steps
-        counters.wall_seconds = wall_seconds()
-        if not main:
-            return None
-        train_state = {
+    def train(self) -> dict[str, Any]:
+        run, counters = self.run, self.counters
+        schedule = Schedule(
+            counters,
+            [
+                Callback("log", "next_log", run.log_every, self.log),
+                Callback("eval", "next_eval", run.eval_every, self.evaluate_if_episodes),
+                Callback("checkpoint", "next_checkpoint", run.checkpoint_every, self.checkpoint),
+            ],
+        )
+        self.collector = Collector(self.envs, AgentPolicy(self.agent, self.num_envs, explore=True))
+        # Reset seeds differ after a resume so a resumed run does not replay its first episodes.
+        self.collector.reset(seed=self.seed + counters.policy_steps)
+        self.start_time, self.start_steps = time.time(), counters.env_steps
+        self.wall_base = counters.wall_seconds
+        with _StopFlag() as stop:
+            stopping = False  # set on every rank at the same step when any rank got a signal
+            if run.eval_initial and counters.env_steps == 0 and run.eval_episodes > 0:
+                self.evaluate()
+                counters.next_eval = run.eval_every
+            while counters.env_steps < run.steps and not stopping:
+                new_episodes = self.collect()
+                stopping = self.count(new_episodes, stop.signal is not None)
+                self.update()
+                if self.ctx.is_main:
+                    self.logger.progress(counters.env_steps)
+                schedule.on_step()
+            finished = counters.env_steps >= run.steps
+            if finished and run.eval_episodes > 0 and self.marks["eval"] != counters.env_steps:
+                self.evaluate()
+            if self.marks["checkpoint"] != counters.env_steps:
+                self.checkpoint()
+        return {
             "counters": asdict(counters),
-            "rng": _rng_state(),
-            "world_size": ctx.world_size,
+            "local_env_steps": self.local_env_steps,
+            "rank": self.ctx.rank,
+            "world_size": self.ctx.world_size,
+            "eval": self.last_eval,
+            "interrupted": stopping,
+            "signal": stop.signal,
+            "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
         }
-        last_checkpoint = save_checkpoint(
-            run_dir,
-            counters.env_steps,
-            to_dict(config),
-            agent.state_dict(),
-            train_state,
-            replay=replay if config.replay.save else None,
-            keep=run.keep_checkpoints,
-        )
-        return last_checkpoint
 
-    def do_eval() -> None:
-        nonlocal last_eval
-        marks["eval"] = counters.env_steps
-        if not main or eval_envs is None:
-            return  # the other ranks go on to the next step's all-reduce and wait there
-        start = time.time()
-        successes = SuccessCounter()
-        returns, lengths, video = evaluate_policy(
-            agent,
-            eval_envs,
-            run.eval_episodes,
-            seed=config.seed + 10_000 + counters.env_steps,
-            record_video=run.video,
-            on_step=successes,
-        )
-        last_eval = {
-            "eval/return_mean": float(np.mean(returns)),
-            "eval/return_std": float(np.std(returns)),
-            "eval/length_mean": float(np.mean(lengths)),
-            "eval/episodes": float(len(returns)),
-            "perf/eval_seconds": time.time() - start,
-            "perf/wall_seconds": wall_seconds(),
-        }
-        if successes.outcomes:
-            last_eval["eval/success_rate"] = successes.rate
-        logger.log(last_eval, counters.env_steps)
-        if video is not None:
-            logger.video("eval/video", video, counters.env_steps)
-        if replay.can_sample():
-            for name, media in agent.report(replay.sample()).items():
-                logger.media(name, media, counters.env_steps)  # videos, or images [H, W, 3]
+    def collect(self) -> int:
+        """One vector step of the training envs into replay; returns the episodes it ended."""
+        try:
+            recorded = self.collector.step()
+        except EnvStepError as error:
+            path = self.checkpoint()
+            saved = (
+                f"a checkpoint was saved at {path}"
+                if path is not None
+                else f"rank 0's last checkpoint is {self.last_checkpoint}"
+            )
+            rank = f" on rank {self.ctx.rank}" if self.ctx.enabled else ""
+            raise TrainingError(
+                f"env '{self.config.env.id}' crashed at env step {self.counters.env_steps}{rank} "
+                f"({error}); {saved}: resume with `python scripts/train.py resume={self.run_dir}`"
+            ) from error.__cause__
+        # Recorded only once the env accepted the action, so replay and counters agree.
+        self.replay.add(recorded.step)
+        for episode_return, episode_length in recorded.finished_episodes:
+            self.episode_returns.append(episode_return)
+            self.episode_lengths.append(episode_length)
+        self.local_env_steps += self.steps_per_vector_step
+        return int(recorded.ended.sum())
 
-    def log_metrics() -> None:
-        elapsed = max(time.time() - timer["start"], 1e-9)
-        fps = (counters.env_steps - timer["start_steps"]) / elapsed
-        update_metrics.read(last_checkpoint)  # the one device -> host transfer per interval
-        metrics = update_metrics.means()
+    def count(self, new_episodes: int, stop_requested: bool) -> bool:
+        """Add this vector step to the global counters; returns whether any rank must stop.
+
+        Global counts: every rank's steps, episodes, stop requests and replay readiness, in one
+        small all-reduce (a no-op outside ``torchrun``)."""
+        counters = self.counters
+        step_env, step_policy, step_episodes, stops, ready = distributed.all_reduce_sums(
+            [
+                self.steps_per_vector_step,
+                self.num_envs,
+                new_episodes,
+                stop_requested,
+                self.all_can_sample or self.replay.can_sample(),
+            ]
+        )
+        counters.env_steps += int(step_env)
+        counters.policy_steps += int(step_policy)
+        counters.episodes += int(step_episodes)
+        self.all_can_sample = int(ready) == self.ctx.world_size
+        if counters.env_steps > self.run.learning_starts and self.all_can_sample:
+            counters.learn_policy_steps += int(step_policy)
+        return stops > 0
+
+    def update(self) -> None:
+        """The updates the replay-ratio clock owes for the policy steps since learning started."""
+        counters = self.counters
+        if not (counters.env_steps > self.run.learning_starts and self.all_can_sample):
+            return
+        tick = time.time()
+        for _ in range(self.clock.due(counters.learn_policy_steps)):
+            metrics = self.agent.update(self.replay.sample())
+            self.clock.updates_done += 1
+            counters.updates += 1
+            counters.replayed_steps += self.clock.steps_per_update
+            # Device tensors: read (and checked for non-finite losses) at log time.
+            self.update_metrics.add(metrics, counters.updates, counters.env_steps)
+        self.train_seconds += time.time() - tick
+
+    # -- callbacks ---------------------------------------------------------------------------
+
+    def wall_seconds(self) -> float:
+        return self.wall_base + time.time() - self.start_time
+
+    def log(self) -> None:
+        counters, ctx = self.counters, self.ctx
+        elapsed = max(time.time() - self.start_time, 1e-9)
+        fps = (counters.env_steps - self.start_steps) / elapsed
+        self.update_metrics.read(self.last_checkpoint)  # the one device -> host transfer
+        metrics = self.update_metrics.means()
         if counters.updates > 0:
             # Optional in the agent contract (agents.base): duck-typed agents may lack it.
-            metrics.update(getattr(agent, "log_metrics", dict)())
-        metrics.update(replay.stats())
-        episodes = [float(np.sum(episode_returns)), float(np.sum(episode_lengths))]
-        episodes.append(float(len(episode_returns)))
+            metrics.update(getattr(self.agent, "log_metrics", dict)())
+        metrics.update(self.replay.stats())
+        episodes = [float(np.sum(self.episode_returns)), float(np.sum(self.episode_lengths))]
+        episodes.append(float(len(self.episode_returns)))
         if ctx.enabled:
             # Every rank has the same keys (same agent, same number of updates): average them.
             keys = sorted(metrics)
@@ -424,147 +515,109 @@ def train(
                 "train/updates": counters.updates,
                 "train/episodes": counters.episodes,
                 "perf/env_steps_per_s": fps,
-                "perf/wall_seconds": wall_seconds(),
-                "perf/env_time_fraction": timer["env"] / elapsed,
-                "perf/train_time_fraction": timer["train"] / elapsed,
+                "perf/wall_seconds": self.wall_seconds(),
+                "perf/env_time_fraction": self.collector.env_seconds / elapsed,
+                "perf/train_time_fraction": self.train_seconds / elapsed,
             }
         )
         if episodes[2] > 0:
             metrics["train/episode_return"] = episodes[0] / episodes[2]
             metrics["train/episode_length"] = episodes[1] / episodes[2]
-        if main:
-            logger.log(metrics, counters.env_steps)
-        episode_returns.clear()
-        episode_lengths.clear()
+        if ctx.is_main:
+            self.logger.log(metrics, counters.env_steps)
+        self.episode_returns.clear()
+        self.episode_lengths.clear()
 
-    # Reset seeds differ after a resume so a resumed run does not replay its first episodes.
-    obs, _ = envs.reset(seed=seed + counters.policy_steps)
-    state = agent.initial_state(num_envs)
-    is_first = np.ones(num_envs, dtype=bool)
-    is_last = np.zeros(num_envs, dtype=bool)
-    is_terminal = np.zeros(num_envs, dtype=bool)
-    reward = np.zeros(num_envs, dtype=np.float32)
-    running_return = np.zeros(num_envs)
-    running_length = np.zeros(num_envs, dtype=int)
-    timer = {"env": 0.0, "train": 0.0, "start": time.time(), "start_steps": counters.env_steps}
-    wall_base = counters.wall_seconds
-    # Whether every rank's replay can be sampled; once true it stays true.
-    all_can_sample = False
+    def evaluate_if_episodes(self) -> None:
+        if self.run.eval_episodes > 0:
+            self.evaluate()
 
-    def wall_seconds() -> float:
-        return wall_base + time.time() - timer["start"]
+    def evaluate(self) -> None:
+        counters, run, config = self.counters, self.run, self.config
+        self.marks["eval"] = counters.env_steps
+        if not self.ctx.is_main or self.eval_envs is None:
+            return  # the other ranks go on to the next step's all-reduce and wait there
+        start = time.time()
+        successes = SuccessCounter()
+        returns, lengths, video = evaluate_policy(
+            self.agent,
+            self.eval_envs,
+            run.eval_episodes,
+            seed=config.seed + 10_000 + counters.env_steps,
+            record_video=run.video,
+            on_step=successes,
+        )
+        self.last_eval = {
+            "eval/return_mean": float(np.mean(returns)),
+            "eval/return_std": float(np.std(returns)),
+            "eval/length_mean": float(np.mean(lengths)),
+            "eval/episodes": float(len(returns)),
+            "perf/eval_seconds": time.time() - start,
+            "perf/wall_seconds": self.wall_seconds(),
+        }
+        if successes.outcomes:
+            self.last_eval["eval/success_rate"] = successes.rate
+        self.logger.log(self.last_eval, counters.env_steps)
+        if video is not None:
+            self.logger.video("eval/video", video, counters.env_steps)
+        if self.replay.can_sample():
+            for name, media in self.agent.report(self.replay.sample()).items():
+                self.logger.media(name, media, counters.env_steps)  # videos, or images
 
-    with _StopFlag() as stop:
-        stopping = False  # set on every rank at the same step when any rank got a signal
-        if run.eval_initial and counters.env_steps == 0 and run.eval_episodes > 0:
-            do_eval()
-            counters.next_eval = run.eval_every
-        while counters.env_steps < run.steps and not stopping:
-            action, state = agent.act(_stack_obs(obs, is_first), state, explore=True)
-            tick = time.time()
-            try:
-                next_obs, env_reward, terminated, truncated, _ = envs.step(action)
-            except Exception as error:
-                path = do_checkpoint()
-                saved = (
-                    f"a checkpoint was saved at {path}"
-                    if path is not None
-                    else f"rank 0's last checkpoint is {last_checkpoint}"
-                )
-                raise TrainingError(
-                    f"env '{config.env.id}' crashed at env step {counters.env_steps}"
-                    f"{f' on rank {ctx.rank}' if ctx.enabled else ''} "
-                    f"({type(error).__name__}: {error}); {saved}: "
-                    f"resume with `python scripts/train.py resume={run_dir}`"
-                ) from error
-            timer["env"] += time.time() - tick
-            # Recorded only once the env accepted the action, so replay and counters agree.
-            replay.add(
-                {
-                    **obs,
-                    "action": np.asarray(action),
-                    "reward": reward,
-                    "is_first": is_first,
-                    "is_last": is_last,
-                    "is_terminal": is_terminal,
-                }
-            )
-            obs = next_obs
-            # The step after a done is the autoreset: reward 0, a new episode's first obs.
-            was_done = is_last
-            reward = np.where(was_done, 0.0, env_reward).astype(np.float32)
-            is_first = was_done.copy()
-            is_last = (terminated | truncated) & ~was_done
-            is_terminal = terminated & ~was_done
-            running_return += reward
-            running_length += ~was_done
-            new_episodes = 0
-            for i in np.flatnonzero(is_last):
-                episode_returns.append(float(running_return[i]))
-                episode_lengths.append(int(running_length[i]))
-                new_episodes += 1
-                running_return[i] = 0.0
-                running_length[i] = 0
+    def checkpoint(self) -> Path | None:
+        """Save on rank 0 (after checking the pending metrics: never after a bad update)."""
+        counters = self.counters
+        self.update_metrics.read(self.last_checkpoint)
+        self.marks["checkpoint"] = counters.env_steps
+        counters.wall_seconds = self.wall_seconds()
+        if not self.ctx.is_main:
+            return None
+        train_state = {
+            "counters": asdict(counters),
+            "rng": _rng_state(),
+            "world_size": self.ctx.world_size,
+        }
+        self.last_checkpoint = save_checkpoint(
+            self.run_dir,
+            counters.env_steps,
+            to_dict(self.config),
+            self.agent.state_dict(),
+            train_state,
+            replay=self.replay if self.config.replay.save else None,
+            keep=self.run.keep_checkpoints,
+        )
+        return self.last_checkpoint
 
-            local_env_steps += steps_per_vector_step
-            # Global counts: every rank's steps, episodes, stop requests and replay readiness.
-            step_env, step_policy, step_episodes, stops, ready = distributed.all_reduce_sums(
-                [
-                    steps_per_vector_step,
-                    num_envs,
-                    new_episodes,
-                    stop.signal is not None,
-                    all_can_sample or replay.can_sample(),
-                ]
-            )
-            counters.env_steps += int(step_env)
-            counters.policy_steps += int(step_policy)
-            counters.episodes += int(step_episodes)
-            stopping = stops > 0
-            all_can_sample = int(ready) == ctx.world_size
-            if counters.env_steps > run.learning_starts and all_can_sample:
-                counters.learn_policy_steps += int(step_policy)
-                tick = time.time()
-                for _ in range(clock.due(counters.learn_policy_steps)):
-                    metrics = agent.update(replay.sample())
-                    clock.updates_done += 1
-                    counters.updates += 1
-                    counters.replayed_steps += clock.steps_per_update
-                    # Device tensors: read (and checked for non-finite losses) at log time.
-                    update_metrics.add(metrics, counters.updates, counters.env_steps)
-                timer["train"] += time.time() - tick
-            if main:
-                logger.progress(counters.env_steps)
+    def close(self) -> None:
+        for env in (self.envs, self.eval_envs):
+            if env is not None:
+                env.close()
 
-            if counters.env_steps >= counters.next_log:
-                counters.next_log += run.log_every
-                log_metrics()
 
-            if counters.env_steps >= counters.next_eval:
-                counters.next_eval += run.eval_every
-                if run.eval_episodes > 0:
-                    do_eval()
-            if counters.env_steps >= counters.next_checkpoint:
-                counters.next_checkpoint += run.checkpoint_every
-                do_checkpoint()
+def train(
+    config: Config,
+    make_env: EnvFactory,
+    make_agent: AgentFactory,
+    make_replay: ReplayFactory,
+    logger: Logger,
+    run_dir: str | Path,
+    checkpoint: LoadedCheckpoint | None = None,
+) -> dict[str, Any]:
+    """Train until ``config.run.steps`` env steps, or until SIGINT/SIGTERM.
 
-        interrupted = stopping
-        finished = counters.env_steps >= run.steps
-        if finished and run.eval_episodes > 0 and marks["eval"] != counters.env_steps:
-            do_eval()
-        if marks["checkpoint"] != counters.env_steps:
-            do_checkpoint()
+    Under ``torchrun`` call it on every rank with the same config (checked: a mismatch raises
+    ``DistributedError``); ``make_replay`` builds this rank's shard and ``logger`` is only used
+    on rank 0. The envs are closed however the run ends.
 
-    envs.close()
-    if eval_envs is not None:
-        eval_envs.close()
-    return {
-        "counters": asdict(counters),
-        "local_env_steps": local_env_steps,
-        "rank": ctx.rank,
-        "world_size": ctx.world_size,
-        "eval": last_eval,
-        "interrupted": interrupted,
-        "signal": stop.signal,
-        "checkpoint": str(last_checkpoint) if last_checkpoint else None,
-    }
+    Returns a summary: counters (global), ``local_env_steps`` (this rank's env steps in this
+    call), ``rank``, ``world_size``, last eval metrics, ``interrupted`` and the last checkpoint.
+    """
+    trainer = None
+    try:
+        trainer = Trainer(config, make_env, make_agent, make_replay, logger, run_dir)
+        if checkpoint is not None:
+            trainer.restore(checkpoint)
+        return trainer.train()
+    finally:
+        if trainer is not None:
+            trainer.close()

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from runtime.collect import Collector, RandomPolicy
 from runtime.config import ReplayConfig
 
 FORMAT_VERSION = 1
@@ -539,26 +540,15 @@ class SequenceReplay:
 
 
 def fill_with_random_policy(replay: SequenceReplay, env: Any, seed: int) -> SequenceReplay:
-    """Fill ``replay`` to its capacity with uniformly random actions in ``env``.
+    """Fill ``replay`` to its capacity with uniformly random actions (seeded) in ``env``.
 
-    ``env`` is a one-env gymnasium vector env (NEXT_STEP autoreset); its spaces give the shapes.
-    For benchmarks and estimates that need batches with the real env's shapes and value ranges.
-    Returns ``replay``; does not close ``env``.
+    ``env`` is a gymnasium vector env (NEXT_STEP autoreset); its spaces give the shapes. Steps
+    are recorded by ``runtime.collect.StepRecorder``, the rule every producer of replay data
+    follows. For benchmarks and estimates that need batches with the real env's shapes and
+    value ranges. Returns ``replay``; does not close ``env``.
     """
-    obs, _ = env.reset(seed=seed)
-    done = np.zeros(1, dtype=bool)
-    for _ in range(replay.capacity):
-        action = np.stack([env.single_action_space.sample()])
-        next_obs, reward, terminated, truncated, _ = env.step(action)
-        replay.add(
-            {
-                **obs,
-                "action": action,
-                "reward": np.where(done, 0.0, reward).astype(np.float32),
-                "is_first": done.copy(),
-                "is_last": np.zeros(1, dtype=bool),
-                "is_terminal": np.zeros(1, dtype=bool),
-            }
-        )
-        obs, done = next_obs, terminated | truncated
+    collector = Collector(env, RandomPolicy(env.action_space, seed))
+    collector.reset(seed=seed)
+    for _ in range(-(-replay.capacity // env.num_envs)):
+        replay.add(collector.step().step)
     return replay

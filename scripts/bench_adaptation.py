@@ -127,45 +127,32 @@ def model_overrides(kind: str, options: dict[str, Any], total: int) -> dict[str,
 
 def collect(config, spec: str | None, steps: int, seed: int, switch: int | None):
     """``steps`` random-policy steps of one env; returns (steps before the switch, steps from
-    it, the intervention log text). Each step is a dict of ``[1, ...]`` arrays as replay takes."""
-    import numpy as np
+    it, the intervention log text). Each step is a dict of ``[1, ...]`` arrays as replay takes,
+    recorded by ``runtime.collect`` (the rule every producer of replay data follows)."""
+    import copy
 
-    import envs
+    from runtime.collect import Collector, RandomPolicy
+    from runtime.factories import make_env_factory
 
-    env = envs.make_vector_env(
-        config.env.id,
-        1,
-        seed=seed,
-        obs=config.env.obs,
-        size=config.env.size,
-        action_repeat=config.env.action_repeat,
-        time_limit=config.env.time_limit,
-        intervention=spec,
-    )
-    obs, _ = env.reset(seed=seed)
-    done = np.zeros(1, dtype=bool)
+    env_config = copy.deepcopy(config)
+    env_config.env.intervention = spec
+    env = make_env_factory(env_config, video=False)("train", 1, seed)
+    collector = Collector(env, RandomPolicy(env.action_space, seed))
+    collector.reset(seed=seed)
     before, after, message = [], [], None
-    for t in range(steps):
-        action = np.stack([env.single_action_space.sample()])
-        next_obs, reward, terminated, truncated, info = env.step(action)
-        if "intervention" in info:
-            message = str(info["intervention"][0])
-            if switch is not None and t != switch:
-                raise RuntimeError(f"intervention at policy step {t}, expected {switch}")
-        part = before if switch is None or t < switch else after
-        part.append(
-            {
-                **obs,
-                "action": action,
-                "reward": np.where(done, 0.0, reward).astype(np.float32),
-                # A fresh stream starts at the switch: windows never mix the two tasks.
-                "is_first": done.copy() | (not part),
-                "is_last": np.zeros(1, dtype=bool),
-                "is_terminal": np.zeros(1, dtype=bool),
-            }
-        )
-        obs, done = next_obs, terminated | truncated
-    env.close()
+    try:
+        for t in range(steps):
+            if switch is not None and t == switch:
+                # The changed task's data is a replay of its own: its stream starts here.
+                collector.recorder.begin_stream()
+            recorded = collector.step()
+            if "intervention" in recorded.info:
+                message = str(recorded.info["intervention"][0])
+                if switch is not None and t != switch:
+                    raise RuntimeError(f"intervention at policy step {t}, expected {switch}")
+            (before if switch is None or t < switch else after).append(recorded.step)
+    finally:
+        env.close()
     if switch is not None and message is None:
         raise RuntimeError("the intervention never fired; is collect_steps > 0?")
     return before, after, message
@@ -435,15 +422,10 @@ def main(argv: list[str]) -> int:
 
 
 def _spaces(config):
-    import envs
+    from runtime.factories import make_env_factory
 
-    env = envs.make_env(
-        config.env.id,
-        obs=config.env.obs,
-        size=config.env.size,
-        action_repeat=config.env.action_repeat,
-    )
-    spaces = env.observation_space, env.action_space
+    env = make_env_factory(config, video=False)("eval", 1, config.seed)
+    spaces = env.single_observation_space, env.single_action_space
     env.close()
     return spaces
 

@@ -93,22 +93,22 @@ def _parse(argv: list[str]):
     return config, options
 
 
+def _training_env(config, seed: int):
+    """One training env of ``config`` (its ``env`` settings, as ``train.py`` builds them), run
+    in this process: a worker process would only slow a one-env fill."""
+    from runtime.factories import make_env_factory
+
+    return make_env_factory(config, video=False, asynchronous=False)("train", 1, seed)
+
+
 def _agent_and_batches(config, count: int, seed: int):
     """A fresh agent and ``count`` replay batches of random-policy steps of the real env."""
 
     import agents
-    import envs
     from runtime.replay import SequenceReplay, fill_with_random_policy
 
     cfg = config.replay
-    env = envs.make_vector_env(
-        config.env.id,
-        1,
-        seed=seed,
-        obs=config.env.obs,
-        size=config.env.size,
-        action_repeat=config.env.action_repeat,
-    )
+    env = _training_env(config, seed)
     agent = agents.make_agent(config, env.single_observation_space, env.single_action_space)
     replay = SequenceReplay(
         capacity=max(4 * cfg.batch_length, 2000),
@@ -215,11 +215,7 @@ def _time_mode(config, batches: list, options, device) -> dict:
 
 def _spaces(config) -> tuple:
     """The env's (observation space, action space), from one throwaway env."""
-    import envs
-
-    env = envs.make_vector_env(
-        config.env.id, 1, seed=config.seed, obs=config.env.obs, size=config.env.size
-    )
+    env = _training_env(config, config.seed)
     try:
         return env.single_observation_space, env.single_action_space
     finally:

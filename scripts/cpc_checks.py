@@ -141,20 +141,31 @@ def check_mi(args: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------
 
 
+def probe_env_config(args: dict[str, Any]):
+    """The config of the probe's env: ``env=`` observed as 64x64 pixels and state, with this
+    script's ``action_repeat``, ``time_limit`` and ``distractors`` (checked like ``train.py``'s
+    ``env.`` keys)."""
+    from runtime.config import build_config
+
+    return build_config(
+        {
+            "env": args["env"],
+            "env.obs": "both",
+            "env.size": 64,
+            "env.action_repeat": args["action_repeat"],
+            "env.time_limit": args["time_limit"] or None,
+            "env.distractors": args["distractors"],
+        }
+    )
+
+
 def collect(args: dict[str, Any]) -> tuple[list[dict[str, np.ndarray]], list[str]]:
     """Random-action episodes (pixels uint8 [T, 3, 64, 64], state [T, S], action [T, A]) and
     the name of every state dimension (``<observation key>.<i>``)."""
-    import envs
+    from runtime.factories import make_single_env
 
-    env = envs.make_env(
-        args["env"],
-        obs="both",
-        size=64,
-        action_repeat=args["action_repeat"],
-        time_limit=args["time_limit"] or None,
-        seed=args["seed"],
-        distractors=args["distractors"],
-    )
+    # A plain env: the state names come from its dm-control observation spec.
+    env = make_single_env(probe_env_config(args), seed=args["seed"])
     spec = env.unwrapped._env.observation_spec()
     names = [f"{k}.{i}" for k, v in spec.items() for i in range(int(np.prod(v.shape)))]
     rng = np.random.default_rng(args["seed"])
@@ -346,6 +357,8 @@ def main(argv: list[str]) -> int:
         args = parse_script_args(argv, DEFAULTS)
         if args["check"] not in ("mi", "probe"):
             raise ConfigError(f"check: expected 'mi' or 'probe', got {args['check']!r}")
+        if args["check"] == "probe":
+            probe_env_config(args)  # a bad env setting fails here, before any work
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

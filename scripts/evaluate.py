@@ -13,7 +13,8 @@ on envs with ground-truth ``info["masks"]`` add ``ari``: the foreground adjusted
 the slot masks (argmax over slots) against the true object masks, over the first
 ``ari_frames`` evaluated frames (default 256), and ``ari_frames``.
 
-Other keys: ``seed=`` (default 12345), ``num_envs=`` (default 1), ``accelerator=``.
+Other keys: ``seed=`` (default 12345), ``num_envs=`` (default 1), ``accelerator=`` (default: the
+checkpoint's); see ``DEFAULTS``. An unknown key or a value of the wrong type is a one-line error.
 """
 
 from __future__ import annotations
@@ -22,47 +23,39 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-KEYS = (
-    "checkpoint",
-    "episodes",
-    "video",
-    "json",
-    "video_path",
-    "seed",
-    "num_envs",
-    "accelerator",
-    "ari_frames",
-)
+DEFAULTS: dict[str, Any] = {
+    "checkpoint": None,  # required
+    "episodes": 10,
+    "video": False,
+    "json": None,
+    "video_path": None,  # default <run>/videos/evaluate_step_<N>.mp4
+    "seed": 12345,
+    "num_envs": 1,
+    "accelerator": None,  # default: the checkpoint's
+    "ari_frames": 256,
+}
 
 
 def main(argv: list[str]) -> int:
-    import difflib
-
     from runtime.checkpoint import CheckpointError, load_checkpoint
-    from runtime.config import ConfigError, build_config, parse_overrides
+    from runtime.config import ConfigError, build_config, parse_script_args
 
     try:
-        args = parse_overrides(argv)
-        for key in args:
-            if key not in KEYS:
-                close = difflib.get_close_matches(key, KEYS, n=1)
-                hint = f"did you mean '{close[0]}'? " if close else ""
-                raise ConfigError(f"unknown argument '{key}': {hint}valid: {', '.join(KEYS)}")
-        if "checkpoint" not in args:
+        args = parse_script_args(argv, DEFAULTS)
+        if args["checkpoint"] is None:
             raise ConfigError("missing checkpoint=<checkpoint dir or run dir>")
-        episodes = int(args.get("episodes", 10))
-        num_envs = int(args.get("num_envs", 1))
-        if episodes < 1 or num_envs < 1:
-            raise ConfigError("episodes and num_envs must be >= 1")
-        video = bool(args.get("video", False))
-        seed = int(args.get("seed", 12345))
-        ari_frames = int(args.get("ari_frames", 256))
+        for key in ("episodes", "num_envs"):
+            if args[key] < 1:
+                raise ConfigError(f"{key} must be >= 1, got {args[key]}")
+        episodes, num_envs, seed = args["episodes"], args["num_envs"], args["seed"]
+        video, ari_frames = args["video"], args["ari_frames"]
         loaded = load_checkpoint(Path(str(args["checkpoint"])))
         overrides = {"env.eval_num_envs": num_envs, "run.video": video}
-        if "accelerator" in args:
+        if args["accelerator"] is not None:
             overrides["accelerator"] = args["accelerator"]
         config = build_config(overrides, base=loaded.config)
     except (ConfigError, CheckpointError, ValueError) as error:
@@ -124,7 +117,7 @@ def main(argv: list[str]) -> int:
     if video and frames is not None:
         run_dir = loaded.path.parent.parent
         default = run_dir / "videos" / f"evaluate_step_{loaded.step}.mp4"
-        path = write_video(args.get("video_path", default), frames, config.logging.video_fps)
+        path = write_video(args["video_path"] or default, frames, config.logging.video_fps)
         result["video"] = str(path)
         print(f"video: {path}")
     extra = "".join(
@@ -135,7 +128,7 @@ def main(argv: list[str]) -> int:
         f"{result['return_mean']:.1f} +- {result['return_std']:.1f} over {len(returns)} episodes"
         f"{extra}"
     )
-    if "json" in args:
+    if args["json"] is not None:
         out = Path(str(args["json"]))
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))

@@ -132,24 +132,20 @@ def main(argv: list[str]) -> int:
 
 
 def _dreamer_report(config, updates: int) -> dict:
-
+    """The estimate of ``updates`` Dreamer updates on batches of random-policy steps of one
+    training env of ``config`` (its ``env`` settings, as ``train.py`` builds them)."""
     import agents
     import envs
     from runtime.accelerator import configure_threads, seed_everything
+    from runtime.factories import make_env_factory
     from runtime.replay import SequenceReplay, fill_with_random_policy
 
     envs.check_env_id(config.env.id)
     configure_threads(config.accelerator)
     seed_everything(config.seed)
     cfg = config.replay
-    env = envs.make_vector_env(
-        config.env.id,
-        1,
-        seed=config.seed,
-        obs=config.env.obs,
-        size=config.env.size,
-        action_repeat=config.env.action_repeat,
-    )
+    # In this process: a worker process would only slow a one-env fill.
+    env = make_env_factory(config, video=False, asynchronous=False)("train", 1, config.seed)
     agent = agents.make_agent(config, env.single_observation_space, env.single_action_space)
     replay = SequenceReplay(
         capacity=4 * cfg.batch_length, batch_size=cfg.batch_size, batch_length=cfg.batch_length

@@ -77,17 +77,11 @@ def _config(args: dict[str, Any], overrides: list[str]):
 
 
 def _env(config, seed: int):
-    import envs
+    """One plain env of ``config.env`` as evaluation builds it (the original task, no
+    intervention), observing pixels and the goal image only: the checks read nothing else."""
+    from runtime.factories import make_single_env
 
-    return envs.make_env(
-        config.env.id,
-        obs="pixels",
-        size=config.env.size,
-        goal_obs=True,
-        blocks_action=config.env.blocks_action,
-        time_limit=config.env.time_limit,
-        seed=seed,
-    )
+    return make_single_env(config, mode="eval", seed=seed, obs="pixels")
 
 
 def _agent(config, env, loaded=None):
@@ -205,15 +199,10 @@ def check_ari(args: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
 
 
 def _save(agent, config, run_dir: str, updates: int) -> Path:
-    from dataclasses import asdict
+    """The trained weights as a checkpoint ``train.py init=`` and ``evaluate.py`` accept."""
+    from runtime.checkpoint import save_weights
 
-    from runtime.checkpoint import save_checkpoint
-    from runtime.config import to_dict
-    from runtime.loop import Counters, _rng_state
-
-    counters = asdict(Counters(updates=updates))
-    train_state = {"counters": counters, "rng": _rng_state(), "world_size": 1}
-    return save_checkpoint(run_dir, 0, to_dict(config), agent.state_dict(), train_state)
+    return save_weights(run_dir, config, agent.state_dict())
 
 
 # --------------------------------------------------------------------------------------

@@ -3,19 +3,18 @@
 Examples::
 
     python scripts/train.py                                  # the default short run
-    python scripts/train.py env=dmc:walker-walk agent=random preset=debug run.steps=5000 \
-        seed=1 run.dir=runs/x
+    python scripts/train.py env=dmc:walker-walk preset=xs run.steps=5000 run.dir=runs/x
     python scripts/train.py resume=runs/x                    # continue where it stopped
     python scripts/train.py resume=runs/x run.steps=20000    # ...and train longer
-    python scripts/train.py agent=op3 init=runs/pre run.dir=runs/z
+    python scripts/train.py agent=<name> init=runs/pre run.dir=runs/z
                                                              # a new run from runs/pre's weights
-    python scripts/train.py preset=op3,op3_dynamics init=runs/pre run.dir=runs/z
-                                                             # ...training only its dynamics
     torchrun --standalone --nproc_per_node=2 scripts/train.py preset=debug run.dir=runs/y
                                                              # data parallel, 2 processes
 
 Writes ``config.yaml``, ``metrics.jsonl``, ``checkpoints/step_<N>/``, ``videos/`` and wandb
 files (offline by default) under ``run.dir``. SIGINT/SIGTERM save a checkpoint before exit.
+
+``--help`` lists the config sections, ``--help <section>`` that section's keys.
 """
 
 from __future__ import annotations
@@ -31,15 +30,33 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 
 def main(argv: list[str]) -> int:
-    from runtime.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+    import agents  # registers the built-in agents (runtime.registry)
+    from runtime import registry
+    from runtime.checkpoint import (
+        CheckpointError,
+        is_weights_only,
+        list_checkpoints,
+        load_checkpoint,
+    )
     from runtime.config import (
         ConfigError,
         build_config,
+        describe,
         load_yaml,
         parse_overrides,
         to_dict,
     )
 
+    if argv and argv[0] in ("-h", "--help"):
+        # The sections, or one section's keys with type, default and doc (from the config
+        # classes themselves; agents' sections included).
+        try:
+            print(__doc__ if len(argv) == 1 else "")
+            print(describe(argv[1] if len(argv) > 1 else None))
+        except ConfigError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        return 0
     try:
         overrides = parse_overrides(argv)
         resume = overrides.pop("resume", None)
@@ -59,6 +76,11 @@ def main(argv: list[str]) -> int:
                     f"(the run.dir of the run to continue)"
                 )
             checkpoint = load_checkpoint(run_dir)
+            if is_weights_only(checkpoint):
+                raise CheckpointError(
+                    f"resume={run_dir}: {checkpoint.path} holds weights only (no counters, RNG "
+                    f"or replay to continue); start a new run from it with init={run_dir}"
+                )
             base = to_dict(load_yaml(config_path))
             config = build_config(overrides, base=base)
             config.run.dir = str(run_dir)
@@ -79,17 +101,14 @@ def main(argv: list[str]) -> int:
                         f"trains agent={config.agent.name}"
                     )
                 init_weights = loaded.agent_state["weights"]
-            elif config.agent.name == "op3" and config.op3.freeze_perception:
-                raise ConfigError(
-                    "op3.freeze_perception=true trains only the dynamics, on slots from a "
-                    "frozen perception: start from a trained one with init=<run dir> (e.g. "
-                    "from `scripts/op3_checks.py check=ari save=<run dir>`; see README)"
-                )
+            # What a new run of this agent needs (its registry entry says).
+            entry = registry.agent_entry(config.agent.name)
+            if entry.check_new_run is not None:
+                entry.check_new_run(config, init_weights is not None)
     except (ConfigError, CheckpointError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    import agents
     from runtime import distributed
     from runtime.accelerator import resolve_device
 

@@ -34,7 +34,7 @@ Usage::
 This package imports only torch, numpy and the standard library.
 """
 
-from .config import SparseConfig
+from .config import SparseConfig, SparseSettings
 from .distribution import LayerBudget, allocate_units, closed_form_densities, erk_score
 from .kernels import (
     BALANCED_BMM,
@@ -51,6 +51,7 @@ __all__ = [
     "LayerBudget",
     "MaskParametrization",
     "SparseConfig",
+    "SparseSettings",
     "Sparsifier",
     "allocate_units",
     "balanced_block_linear",

@@ -13,7 +13,9 @@ from torch import nn
 from agents.registry import make_agent
 from runtime.accelerator import (
     Accelerator,
+    accelerator_names,
     make_accelerator,
+    register_accelerator,
     resolve_device,
     resolve_precision,
 )
@@ -125,6 +127,22 @@ def test_make_accelerator_kinds():
     assert type(cpu) is Accelerator and cpu.name == "cpu"
     sim = make_accelerator(build_config(["accelerator=ipu-sim", "preset=debug"]))
     assert sim.name == "ipu-sim" and sim.device.type == "cpu"
+
+
+def test_accelerators_are_looked_up_by_name(monkeypatch):
+    import runtime.accelerator as registry
+
+    assert accelerator_names() == ("auto", "cpu", "cuda", "ipu-sim")
+    monkeypatch.setattr(registry, "_FACTORIES", dict(registry._FACTORIES))
+    config = build_config(["accelerator=cpu", "preset=debug"])
+    config.accelerator.name = "tpu"
+    with pytest.raises(ConfigError, match="unknown accelerator 'tpu'; use one of auto, cpu, cuda"):
+        make_accelerator(config)
+    built = []
+    register_accelerator("tpu", lambda cfg, updates: built.append(updates) or Accelerator())
+    assert type(make_accelerator(config, 7)) is Accelerator and built == [7]
+    with pytest.raises(ValueError, match="'tpu' is already registered"):
+        register_accelerator("tpu", lambda cfg, updates: Accelerator())
 
 
 # --------------------------------------------------------------------------------------

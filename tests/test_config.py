@@ -120,16 +120,6 @@ def test_parse_overrides_keeps_env_ids_as_text():
     assert parse_overrides(["x=1:30"]) == {"x": "1:30"}
 
 
-def test_all_packages_import():
-    import agents
-    import envs
-    import runtime
-    import sparse
-    import worldmodels
-
-    assert all(m.__file__ for m in (agents, envs, runtime, sparse, worldmodels))
-
-
 def test_script_args_follow_the_train_grammar():
     from runtime.config import parse_script_args
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -337,3 +338,46 @@ def test_world_model_loss_falls_on_a_fixed_batch():
     assert last < 0.9 * first, (first, last)
     assert history[-1]["loss/reconstruction"] < 0.8 * history[0]["loss/reconstruction"]
     assert agent.updates == 30
+
+
+# Trainable parameters (world model + actor + critic, DreamerAgent.num_parameters()) of the size
+# presets, as README.md publishes them ("Size presets mirror DreamerV3's table") and xs.yaml
+# lists them: a 5-d state with 1 continuous action (dmc:cartpole-balance, as in the README's
+# training-step speed table) and 64x64 pixels with 6 discrete actions.
+STATE_TASK = ({"state": STATE}, gym.spaces.Box(-1.0, 1.0, (1,), np.float32))
+PIXEL_TASK = ({"pixels": PIXELS}, gym.spaces.Discrete(6))
+PUBLISHED_PARAMETERS = {
+    # preset: (state task, pixel task); None where nothing is published
+    "xs": (3_129_350, 8_230_824),
+    "s": (9_607_686, 17_798_024),
+    "m": (19_100_678, 35_348_936),
+    "dreamer_tiny": (548_230, None),
+}
+
+
+def _readme_sizes() -> str:
+    """The README's size-preset sentence, whitespace collapsed (it wraps across lines)."""
+    text = " ".join((Path(__file__).parent.parent / "README.md").read_text().split())
+    start = text.index("Size presets mirror DreamerV3's table")
+    return text[start : text.index("`dreamer_debug`", start)]
+
+
+def _millions(count: int) -> str:
+    return f"{count / 1e6:.2f}M" if count < 1e6 else f"{count / 1e6:.1f}M"
+
+
+@pytest.mark.parametrize("preset", list(PUBLISHED_PARAMETERS))
+def test_size_presets_have_the_published_parameter_counts(preset):
+    """Building is fast (modules only, no update): M takes about 2 s on one CPU thread."""
+    config = build_config(["agent=dreamer", "accelerator=cpu", f"preset={preset}"])
+    counts = []
+    for (obs, action_space), published in zip(
+        (STATE_TASK, PIXEL_TASK), PUBLISHED_PARAMETERS[preset]
+    ):
+        if published is None:
+            continue
+        parts = make_agent(config, gym.spaces.Dict(obs), action_space).num_parameters()
+        assert parts["total"] == published, (preset, sorted(obs), parts)
+        counts.append(_millions(published))
+    # The README rounds them: `xs` (3.1M / 8.2M), `dreamer_tiny` (0.55M, ...).
+    assert f"`{preset}` ({' / '.join(counts)}" in _readme_sizes()

@@ -116,6 +116,26 @@ def test_evaluate_json_and_video(trained_run, tmp_path):
     assert video.exists() and video.stat().st_size > 0
 
 
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ([], "missing checkpoint="),
+        (["checkpoint=x", "episode=2"], "unknown argument 'episode': did you mean 'episodes'?"),
+        (["checkpoint=x", "episodes=0"], "episodes must be >= 1, got 0"),
+        (["checkpoint=x", "num_envs=0"], "num_envs must be >= 1, got 0"),
+        (["checkpoint=x", "episodes=two"], "episodes: expected int"),
+        (["checkpoint=x", "video=often"], "video: expected bool"),
+        (["checkpoint=/nonexistent/run"], "/nonexistent/run"),
+    ],
+)
+def test_evaluate_bad_argument_one_line_error(args, expected):
+    result = run_script("evaluate.py", *args, check=False)
+    assert result.returncode == 2
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 def test_plot_writes_png(trained_run, tmp_path):
     out = tmp_path / "curve.png"
     run_script("plot.py", str(trained_run), f"out={out}")

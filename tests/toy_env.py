@@ -9,7 +9,8 @@ import numpy as np
 class CountingEnv(gym.Env):
     """Observation ``state = [t, episode_id, env_seed]``; terminates after ``length`` steps.
 
-    Reward is the first action component, so a test can tell which action was applied.
+    Reward is the first action component, so a test can tell which action was applied
+    (``reward="count"``: ``100 * episode + t`` after the step, the same for every policy).
     ``crash_at`` raises inside ``step`` at that global step to simulate an env crash.
     """
 
@@ -21,11 +22,13 @@ class CountingEnv(gym.Env):
         render_mode: str | None = None,
         crash_at: int | None = None,
         truncate: bool = False,
+        reward: str = "action",
     ) -> None:
         self.length = length
         self.render_mode = render_mode
         self.crash_at = crash_at
         self.truncate = truncate
+        self.reward = reward
         self.observation_space = gym.spaces.Dict(
             {"state": gym.spaces.Box(-np.inf, np.inf, (3,), np.float32)}
         )
@@ -54,7 +57,11 @@ class CountingEnv(gym.Env):
         done = self.t >= self.length
         terminated = done and not self.truncate
         truncated = done and self.truncate
-        return self._obs(), float(np.asarray(action)[0]), terminated, truncated, {}
+        if self.reward == "count":
+            reward = float(100 * self.episode + self.t)
+        else:
+            reward = float(np.asarray(action)[0])
+        return self._obs(), reward, terminated, truncated, {}
 
     def render(self):
         frame = np.zeros((16, 16, 3), dtype=np.uint8)

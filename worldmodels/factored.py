@@ -39,7 +39,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -56,28 +57,42 @@ EDGE_THRESHOLD = 0.05
 
 
 @dataclass
-class FactoredSpec:
-    """Factored dynamics settings (``world_model.factored.*`` in the run config).
+class FactoredSettings:
+    """Factored dynamics settings a user chooses: the ``world_model.factored`` section of the
+    run config is this class (one definition). ``metadata["min"]`` is the lower bound the run
+    config checks.
 
-    groups:        G, groups of the latent state; 0 = off (the plain RSSM).
-    graph:         ``fixed`` | ``dynamic`` | ``l1`` (see the module docstring).
+    groups:        G, groups of the latent state; 0 = off (the plain RSSM). deter, hidden and
+                   stoch must divide by G.
+    graph:         fixed: a random graph of ``in_degree`` parents a group (itself included);
+                   dynamic: rewired RigL-style on the G x G block grid; l1: all edges, gated,
+                   with an L1 penalty on the gates.
     in_degree:     parents per group, itself included (fixed and dynamic graphs), 1..G.
-    l1_scale:      weight of the gate penalty (``l1`` graph).
-    update_every:  optimizer steps between rewirings (``dynamic``).
+    l1_scale:      l1 graph: loss/graph = l1_scale * sum of |gate| over the G (G - 1) non-self
+                   edges.
+    update_every:  dynamic graph: world-model updates between rewirings.
     drop_fraction: fraction of each group's non-self edges replaced at a rewiring (at the
                    start; cosine-decayed).
-    stop_fraction: no rewiring after this fraction of ``total_steps``.
-    total_steps:   optimizer steps of the run (the agent sets it).
+    stop_fraction: no rewiring after this fraction of the run's updates.
+    """
+
+    groups: int = field(default=0, metadata={"min": 0})
+    graph: Literal["fixed", "dynamic", "l1"] = "fixed"
+    in_degree: int = field(default=2, metadata={"min": 1})
+    l1_scale: float = field(default=0.01, metadata={"min": 0})
+    update_every: int = field(default=100, metadata={"min": 1})
+    drop_fraction: float = field(default=0.3, metadata={"min": 0})
+    stop_fraction: float = field(default=0.75, metadata={"min": 0})
+
+
+@dataclass
+class FactoredSpec(FactoredSettings):
+    """``FactoredSettings`` plus what the agent derives from its run.
+
+    total_steps:   optimizer steps of the run (for the rewiring schedule).
     seed:          seeds the initial graph.
     """
 
-    groups: int = 0
-    graph: str = "fixed"
-    in_degree: int = 2
-    l1_scale: float = 0.01
-    update_every: int = 100
-    drop_fraction: float = 0.3
-    stop_fraction: float = 0.75
     total_steps: int = 100_000
     seed: int = 0
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,18 +43,33 @@ State = dict[str, torch.Tensor]
 
 
 @dataclass
-class RSSMConfig:
-    deter: int = 512
-    hidden: int = 512
+class RSSMSettings:
+    """The RSSM's sizes and choices a user sets. The Dreamer's ``world_model`` config section
+    extends this class (``agents.dreamer_config.WorldModelConfig``), so each field is defined
+    once, here; ``metadata["min"]`` is the lower bound the run config checks."""
+
+    # GRU state size and hidden width.
+    deter: int = field(default=512, metadata={"min": 1})
+    hidden: int = field(default=512, metadata={"min": 1})
     # Categorical: ``stoch`` groups of ``classes`` classes. Gaussian: ``stoch`` dimensions.
-    stoch: int = 32
-    classes: int = 32
-    latent: str = "categorical"  # "categorical" | "gaussian"
-    unimix: float = 0.01
-    blocks: int = 8
-    prior_layers: int = 2
-    post_layers: int = 1
-    initial: str = "learned"  # "learned" | "zero"
+    stoch: int = field(default=32, metadata={"min": 1})
+    classes: int = field(default=32, metadata={"min": 1})
+    latent: Literal["categorical", "gaussian"] = "categorical"
+    # Share of the uniform distribution mixed into the categorical latent (DreamerV3's 1%).
+    unimix: float = field(default=0.01, metadata={"min": 0})
+    # Blocks of the block-diagonal GRU (deter must divide by it).
+    blocks: int = field(default=8, metadata={"min": 1})
+    prior_layers: int = field(default=2, metadata={"min": 1})
+    post_layers: int = field(default=1, metadata={"min": 1})
+    # The initial state: learned (DreamerV3) or zeros.
+    initial: Literal["learned", "zero"] = "learned"
+
+
+@dataclass
+class RSSMConfig(RSSMSettings):
+    """``RSSMSettings`` plus what the agent decides: the Gaussian latent's floor and the
+    factored dynamics (with its run-derived schedule)."""
+
     min_std: float = 0.1  # Gaussian latent only
     # groups > 0: the factored transition and prior (worldmodels.factored); `blocks` unused.
     factored: FactoredSpec = field(default_factory=FactoredSpec)

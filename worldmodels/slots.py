@@ -57,7 +57,8 @@ which keeps the prior -> posterior -> dynamics-target loop from running away.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -77,38 +78,50 @@ INFERENCE_MODES = ("fresh", "filter")
 
 @dataclass
 class SlotSpec:
-    """Architecture of a ``SlotWorldModel`` (plain values; the agent maps ``op3.*`` onto it)."""
+    """Architecture of a ``SlotWorldModel``. The ``op3`` section of the run config extends this
+    class (``agents.op3_config.OP3Config``), so each field is defined once, here;
+    ``metadata["min"]`` is the lower bound the run config checks."""
 
-    slots: int = 4
-    slot_dim: int = 64
-    iterations: int = 3
+    # K slots of slot_dim features (plus a 4-d position/scale frame each), slot-attention
+    # iterations per frame.
+    slots: int = field(default=5, metadata={"min": 1})
+    slot_dim: int = field(default=64, metadata={"min": 1})
+    iterations: int = field(default=3, metadata={"min": 1})
     # How first frames start (later frames start from the dynamics' prediction): farthest:
     # from the K most distinct tokens of the frame (farthest-point sampling, see
     # ``farthest_tokens``), so slots start on different regions and no symmetric plateau has
     # to be escaped; learned: K learned vectors (BO-QSA style); gaussian: i.i.d. samples from
     # a learned Gaussian (the original slot attention).
-    slot_init: str = "farthest"
+    slot_init: Literal["farthest", "learned", "gaussian"] = "farthest"
+    # Implicit differentiation of slot attention (the last iteration alone carries gradient).
     implicit: bool = True
-    cnn_depth: int = 32  # encoder channels
-    decoder_depth: int = 32  # decoder channels (the full-resolution layer gets half)
-    broadcast: int = 8  # side of the decoder's broadcast grid
-    hidden: int = 128  # MLP width (slot attention, dynamics)
-    interaction_topk: int = 0  # partners per slot in the interaction graph; 0 = all
+    cnn_depth: int = field(default=32, metadata={"min": 1})  # encoder channels
+    # Decoder channels (the full-resolution layer gets half).
+    decoder_depth: int = field(default=32, metadata={"min": 8})
+    broadcast: int = field(default=8, metadata={"min": 1})  # side of the broadcast grid
+    hidden: int = field(default=128, metadata={"min": 1})  # MLP width (slot attention, dynamics)
+    # Sparse interaction graph: each slot hears only its interaction_topk strongest partners
+    # (0 = all K - 1 others).
+    interaction_topk: int = field(default=0, metadata={"min": 0})
     # Side of the frames the model sees and reconstructs (frames are area-downsampled to it;
-    # ``segment`` upsamples the mask logits back); 0 = the env's image size.
-    resolution: int = 0
+    # ``segment`` upsamples the mask logits back); 0 = the env's image size. It must divide
+    # the image size and be 8 x a power of 2.
+    resolution: int = field(default=32, metadata={"min": 0})
     # A learned static background layer (RGB and mask logit per pixel) behind the slots, as
     # one more mixture component: with a fixed camera it can explain the table and the walls,
     # leaving the slots for what moves (slower to train on CPU; see README).
     background: bool = False
     # Weight of the frame centres (y, x) in ``loss/dynamics`` relative to the features (whose
     # squared error is averaged per dimension of unit-RMS features): centres are in image
-    # units, so unweighted they would be a negligible part of the loss.
-    position_loss_scale: float = 25.0
+    # units, so unweighted they would be a negligible part of the loss (the planner's cost
+    # rests on them).
+    position_loss_scale: float = field(default=25.0, metadata={"min": 0})
     # How each frame's posterior slots are inferred (see the module docstring): fresh: from
     # the frame alone (colour-seeded start), the dynamics trained toward them after a
-    # Hungarian matching; filter: refined from the dynamics' prediction (OP3's filtering).
-    inference: str = "fresh"
+    # Hungarian matching; filter: refined from the dynamics' prediction (OP3's filtering;
+    # measured on blocks: the slots settle into fixed regions that the refinement never moves,
+    # and the dynamics learns to ignore the action; see README).
+    inference: Literal["fresh", "filter"] = "fresh"
     # Whether loss/dynamics also trains the perception through the dynamics' input (the
     # previous posterior). Off: the dynamics learns on the slots the perception gives it and
     # only the reconstruction shapes those slots (trained jointly, the dynamics' gradient
@@ -636,14 +649,6 @@ class SlotWorldModel(nn.Module):
     def transition(self, slots: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """Slots after ``action``: ``[N, K, S]``, ``[N, A]`` -> ``[N, K, S]``."""
         return normalize_slots(self.dynamics(slots, action)[0], self.spec.slot_dim)
-
-    def attention_masks(self, attention: torch.Tensor) -> torch.Tensor:
-        """Slot attention ``[N, M, K]`` (M tokens on the encoder's grid) -> masks ``[N, K, h,
-        w]`` at the model's resolution (bilinear; they still sum to one over slots)."""
-        side = self.model_shape[-1]
-        grid = side // 2
-        maps = attention.transpose(1, 2).unflatten(-1, (grid, grid))
-        return F.interpolate(maps, size=(side, side), mode="bilinear")
 
     @torch.no_grad()
     def segment(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from runtime.accelerator import Accelerator
+from runtime.accelerator_base import Accelerator
 from runtime.config import Config, IPUConfig
 
 from .constraints import (

@@ -1,0 +1,161 @@
+"""The Dreamer agent's configuration and its registry entry (``agent=dreamer``).
+
+Its keys: ``agent.*`` (actor, critic, returns, optimizers; ``DreamerAgentConfig``) and the
+``world_model`` section (``WorldModelConfig``). ``agents.dreamer`` registers them with the
+agent, its presets (``agents/presets``) and its checks, in one registry entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from runtime.config import ConfigError, at_least
+from worldmodels.factored import FactoredSettings
+from worldmodels.rssm import RSSMSettings
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+@dataclass
+class DreamerAgentConfig:
+    """``agent.*`` keys of ``agent=dreamer``: the actor-critic learned in imagination
+    (DreamerV3 defaults). Merged with the shared ``runtime.config.AgentConfig``."""
+
+    # Imagined rollout length from every replayed posterior state.
+    horizon: int = field(default=15, metadata=at_least(1))
+    # Imagined rollouts start from this many posterior states of the batch, drawn at random
+    # (0 = all of them, as DreamerV3); fewer starts pay for a longer horizon at equal cost.
+    imagine_starts: int = field(default=0, metadata=at_least(0))
+    # DreamerV3's replay value loss: the critic also regresses lambda-returns of the replayed
+    # sequence itself (real rewards, bootstrapped with the imagined returns), weight 0.3.
+    replay_critic_scale: float = field(default=0.3, metadata=at_least(0))
+    discount: float = 0.997
+    return_lambda: float = 0.95
+    # Actor and critic MLPs (see presets xs/s/m for the DreamerV3 size table).
+    units: int = field(default=512, metadata=at_least(1))
+    layers: int = field(default=2, metadata=at_least(1))
+    actor_lr: float = field(default=3e-5, metadata=at_least(0))
+    critic_lr: float = field(default=3e-5, metadata=at_least(0))
+    actor_eps: float = field(default=1e-5, metadata=at_least(0))
+    critic_eps: float = field(default=1e-5, metadata=at_least(0))
+    # Global gradient-norm clipping per optimizer.
+    actor_grad_clip: float = field(default=100.0, metadata=at_least(0))
+    critic_grad_clip: float = field(default=100.0, metadata=at_least(0))
+    actor_entropy: float = field(default=3e-4, metadata=at_least(0))
+    # auto: REINFORCE for discrete actions, backprop through the dynamics for continuous ones.
+    actor_grad: Literal["auto", "reinforce", "dynamics"] = "auto"
+    actor_unimix: float = field(default=0.01, metadata=at_least(0))
+    actor_min_std: float = field(default=0.1, metadata=at_least(0))
+    actor_max_std: float = field(default=1.0, metadata=at_least(0))
+    critic_bins: int = field(default=255, metadata=at_least(2))
+    # Slow (EMA) critic: mixed in with this fraction every `slow_critic_every` updates; the
+    # critic is regularised toward its predictions with weight `slow_critic_reg`.
+    slow_critic_fraction: float = field(default=0.02, metadata=at_least(0))
+    slow_critic_every: int = field(default=1, metadata=at_least(1))
+    slow_critic_reg: float = field(default=1.0, metadata=at_least(0))
+    # Returns are divided by max(limit, EMA(P_high) - EMA(P_low)) for the actor.
+    return_norm_decay: float = field(default=0.99, metadata=at_least(0))
+    return_norm_limit: float = field(default=1.0, metadata=at_least(0))
+    return_norm_low: float = field(default=5.0, metadata=at_least(0))
+    return_norm_high: float = field(default=95.0, metadata=at_least(0))
+    actor_scale: float = field(default=1.0, metadata=at_least(0))
+    critic_scale: float = field(default=1.0, metadata=at_least(0))
+
+
+@dataclass
+class GreedyInfoMaxConfig:
+    """Greedy InfoMax encoder (``world_model.greedy_infomax.*``; see ``worldmodels/cpc.py``)."""
+
+    # Encoder modules, each trained by its own CPC loss and optimizer with no gradient across
+    # module boundaries; 0 = off (the encoder learns end-to-end from the world-model losses).
+    modules: int = field(default=0, metadata=at_least(0))
+    # Learning rate of the module optimizers; null = world_model.lr.
+    lr: float | None = field(default=None, metadata=at_least(0))
+
+
+@dataclass
+class WorldModelConfig(RSSMSettings):
+    """The ``world_model`` section: the world model's architecture and losses. The RSSM keys
+    (``deter``, ``hidden``, ``stoch``, ``classes``, ``latent``, ``unimix``, ``blocks``,
+    ``prior_layers``, ``post_layers``, ``initial``) are ``worldmodels.rssm.RSSMSettings``'s."""
+
+    # How the latent state learns about observations: reconstruction (decoder), reconstruction
+    # plus the CPC loss as a regulariser, or cpc alone (no decoder is built).
+    representation: Literal["reconstruction", "reconstruction+cpc", "cpc"] = "reconstruction"
+    # CPC (InfoNCE): the posterior state at t, with the actions in between, picks the encoder
+    # embedding at t+k (k = 1..cpc_horizons) among the batch's other positions; projections of
+    # cpc_dim units compared by cosine similarity / cpc_temperature; weighted by cpc_scale.
+    cpc_scale: float = field(default=1.0, metadata=at_least(0))
+    cpc_horizons: int = field(default=3, metadata=at_least(1))
+    cpc_dim: int = field(default=64, metadata=at_least(1))
+    cpc_temperature: float = field(default=0.1, metadata=at_least(1e-6))
+    cpc_actions: bool = True
+    greedy_infomax: GreedyInfoMaxConfig = field(default_factory=GreedyInfoMaxConfig)
+    factored: FactoredSettings = field(default_factory=FactoredSettings)
+    # Encoder/decoder MLPs (vector obs), reward/continue heads, CNN depth multiplier.
+    units: int = field(default=512, metadata=at_least(1))
+    mlp_layers: int = field(default=2, metadata=at_least(1))
+    head_layers: int = field(default=1, metadata=at_least(0))
+    cnn_depth: int = field(default=32, metadata=at_least(1))
+    # LayerNorm (DreamerV3 paper) has a fused CPU kernel; rms (current DreamerV3 code) is
+    # composite in torch and ~25% slower at small sizes on CPU.
+    norm: Literal["layer", "rms"] = "layer"
+    act: Literal["silu", "elu", "relu", "gelu"] = "silu"
+    reward_bins: int = field(default=255, metadata=at_least(2))
+    # KL balancing: free bits (nats) and the loss scales the agent sums the terms with.
+    free_nats: float = field(default=1.0, metadata=at_least(0))
+    dyn_scale: float = field(default=0.5, metadata=at_least(0))
+    rep_scale: float = field(default=0.1, metadata=at_least(0))
+    rec_scale: float = field(default=1.0, metadata=at_least(0))
+    reward_scale: float = field(default=1.0, metadata=at_least(0))
+    continue_scale: float = field(default=1.0, metadata=at_least(0))
+    lr: float = field(default=1e-4, metadata=at_least(0))
+    eps: float = field(default=1e-8, metadata=at_least(0))
+    grad_clip: float = field(default=1000.0, metadata=at_least(0))
+
+
+# The layers kept dense when ``sparse.skip`` is null: the first layer of each encoder, the
+# action input of the RSSM, and the output layers of the decoder and the reward/continue heads
+# (LayerFactory names; module paths work too, see ``agents.dreamer.sparse_skip``).
+SPARSE_SKIP_DEFAULT = (
+    "wm.encoder.mlp.0",
+    "wm.encoder.cnn.0",
+    "wm.rssm.in.action",
+    "wm.decoder.mlp.out",
+    "wm.decoder.cnn.out",
+    "wm.reward.out",
+    "wm.continue.out",
+)
+
+
+def _check_factored(w: WorldModelConfig) -> None:
+    groups = w.factored.groups
+    if not groups:
+        return
+    for key in ("deter", "hidden", "stoch"):
+        if getattr(w, key) % groups:
+            raise ConfigError(
+                f"world_model.{key} ({getattr(w, key)}) must be divisible by "
+                f"world_model.factored.groups ({groups}); pick groups that divide it"
+            )
+    if w.factored.in_degree > groups:
+        raise ConfigError(
+            f"world_model.factored.in_degree ({w.factored.in_degree}) exceeds "
+            f"world_model.factored.groups ({groups}): a group has at most {groups} parents"
+        )
+    if w.factored.drop_fraction > 1 or w.factored.stop_fraction > 1:
+        raise ConfigError("world_model.factored.drop_fraction and stop_fraction must be <= 1")
+
+
+def validate(config) -> None:
+    """The ``world_model`` section's rules (every config holds it)."""
+    w = config.world_model
+    _check_factored(w)
+    uses_cpc = "cpc" in w.representation or w.greedy_infomax.modules > 0
+    if uses_cpc and w.cpc_horizons >= config.replay.batch_length:
+        raise ConfigError(
+            f"world_model.cpc_horizons ({w.cpc_horizons}) must be below replay.batch_length "
+            f"({config.replay.batch_length}): CPC predicts that many steps ahead in a window"
+        )

@@ -150,9 +150,28 @@ def _check_factored(w: WorldModelConfig) -> None:
 
 
 def validate(config) -> None:
-    """The ``world_model`` section's rules (every config holds it)."""
+    """The ``world_model`` section's rules (every config holds it), and what ``agent=dreamer``
+    needs from the env: the checks a model build would otherwise fail on with a traceback."""
     w = config.world_model
     _check_factored(w)
+    if not w.factored.groups and w.deter % w.blocks:
+        raise ConfigError(
+            f"world_model.deter ({w.deter}) must be divisible by world_model.blocks "
+            f"({w.blocks}): the GRU is block-diagonal; pick blocks that divide deter"
+        )
+    if w.latent == "categorical" and w.classes < 2:
+        raise ConfigError(
+            f"world_model.classes: a categorical latent needs >= 2 classes, got {w.classes}"
+        )
+    if config.agent.name == "dreamer" and config.env.obs != "state":
+        from worldmodels.networks import image_sizes
+
+        sizes = image_sizes()
+        if config.env.size not in sizes:
+            raise ConfigError(
+                f"env.size: the Dreamer's CNN takes square images of side 4 x a power of 2 "
+                f"({', '.join(map(str, sizes))}), got {config.env.size}"
+            )
     uses_cpc = "cpc" in w.representation or w.greedy_infomax.modules > 0
     if uses_cpc and w.cpc_horizons >= config.replay.batch_length:
         raise ConfigError(

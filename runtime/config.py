@@ -312,7 +312,7 @@ def config_class() -> type[Config]:
 # `section=value` sets this field of the section.
 SHORTHANDS: dict[str, str] = {"env": "id", "agent": "name", "accelerator": "name"}
 # Top-level keys handled by the CLI rather than stored in Config.
-CLI_KEYS = ("resume",)
+CLI_KEYS = ("resume", "resume.replay")
 
 
 # --------------------------------------------------------------------------------------
@@ -542,6 +542,17 @@ def _preset_dirs() -> list[Path]:
     return [PRESET_DIR, *(d for d in registry.preset_dirs() if d != PRESET_DIR)]
 
 
+def _read_yaml(path: Path, what: str) -> Any:
+    """The parsed file; invalid YAML is a one-line ``ConfigError`` with the line and column."""
+    try:
+        return yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or type(error).__name__
+        raise ConfigError(f"{what} is not valid YAML{where}: {problem}; fix the file") from None
+
+
 def available_presets() -> list[str]:
     return sorted({p.stem for d in _preset_dirs() for p in d.glob("*.yaml")})
 
@@ -557,7 +568,7 @@ def load_preset(name: str) -> dict[str, Any]:
             hint = f"did you mean '{close[0]}'? " if close else ""
             raise ConfigError(f"unknown preset '{name}': {hint}available: {', '.join(names)}")
         path = found[0]
-    data = yaml.safe_load(path.read_text()) or {}
+    data = _read_yaml(path, f"preset '{name}' ({path})")
     if not isinstance(data, dict):
         raise ConfigError(f"preset '{name}' ({path}) must be a mapping of sections")
     return data
@@ -588,14 +599,26 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
 
 
 def parse_script_args(
-    argv: list[str], defaults: dict[str, Any], aliases: dict[str, str] | None = None
+    argv: list[str],
+    defaults: dict[str, Any],
+    aliases: dict[str, str] | None = None,
+    doc: str | None = None,
 ) -> dict[str, Any]:
     """``key=value`` arguments of a benchmark/research script, typed like ``defaults``.
+
+    ``-h``/``--help`` prints ``doc`` (the script's docstring) and the keys with their defaults,
+    then exits with status 0.
 
     The same grammar as ``train.py`` (``parse_overrides``); each value is coerced to the type
     of its default (a list default takes ``a,b`` or ``[a, b]`` or one scalar; a ``None``
     default keeps the parsed value). Unknown keys raise ``ConfigError`` with a close match.
     """
+    if any(arg in ("-h", "--help") for arg in argv):
+        print((doc or "").rstrip())
+        print("\nkeys (default):")
+        for key, default in defaults.items():
+            print(f"  {key}={_default_text(default)}")
+        raise SystemExit(0)
     args = dict(defaults)
     for key, value in parse_overrides(argv).items():
         key = (aliases or {}).get(key, key)
@@ -688,7 +711,7 @@ def save_yaml(config: Config, path: str | Path) -> None:
 
 def load_yaml(path: str | Path) -> Config:
     """A config written by ``save_yaml`` (a run's ``config.yaml``), validated."""
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    data = _read_yaml(Path(path), str(path))
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config sections")
     config = config_class()()

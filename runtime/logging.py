@@ -80,12 +80,47 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-class JsonlBackend:
-    """Appends one JSON object per call to ``metrics.jsonl``: ``{"step": N, "key": value, ...}``."""
+def drop_rows_after(path: Path, step: int) -> int:
+    """Remove the rows of a ``metrics.jsonl`` logged after env step ``step`` (and lines cut by
+    a crash), atomically; returns how many were dropped. A run resumed from the checkpoint at
+    ``step`` logs those steps again, so every step appears once."""
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row_step = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            dropped += 1
+            continue
+        if row_step > step:
+            dropped += 1
+        else:
+            kept.append(line)
+    if dropped:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return dropped
 
-    def __init__(self, run_dir: str | Path) -> None:
+
+class JsonlBackend:
+    """Appends one JSON object per call to ``metrics.jsonl``: ``{"step": N, "key": value, ...}``.
+
+    ``resume_step``: the env step of the checkpoint a resumed run continues from; rows logged
+    after it (by the killed session) are dropped first (``drop_rows_after``)."""
+
+    def __init__(self, run_dir: str | Path, resume_step: int | None = None) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            dropped = drop_rows_after(self.path, resume_step)
+            if dropped:
+                warnings.warn(
+                    f"{self.path}: dropped {dropped} rows logged after the checkpoint at env "
+                    f"step {resume_step} (the run stopped after it); they are logged again",
+                    stacklevel=2,
+                )
         self.file = self.path.open("a", encoding="utf-8")
 
     def write(self, metrics: dict[str, float], step: int) -> None:
@@ -310,10 +345,16 @@ class Logger:
             backend.close()
 
 
-def make_logger(config: Config, run_dir: str | Path, wandb_run_id: str | None = None) -> Logger:
-    """Backends from ``config.logging``; ``metrics.jsonl`` is always on."""
+def make_logger(
+    config: Config,
+    run_dir: str | Path,
+    wandb_run_id: str | None = None,
+    resume_step: int | None = None,
+) -> Logger:
+    """Backends from ``config.logging``; ``metrics.jsonl`` is always on. ``resume_step``: a
+    resumed run's checkpoint step (rows logged after it are dropped, see ``JsonlBackend``)."""
     os.makedirs(run_dir, exist_ok=True)
-    backends: list[Backend] = [JsonlBackend(run_dir)]
+    backends: list[Backend] = [JsonlBackend(run_dir, resume_step=resume_step)]
     if config.logging.console:
         backends.append(ConsoleBackend(config.run.steps))
     if config.logging.wandb and config.logging.mode != "disabled":

@@ -39,7 +39,7 @@ from runtime.checkpoint import LoadedCheckpoint, save_checkpoint
 from runtime.collect import AgentPolicy, Collector, EnvStepError
 from runtime.config import Config, to_dict
 from runtime.logging import Logger
-from runtime.replay import SequenceReplay
+from runtime.replay import ReplayError, SequenceReplay
 
 EnvFactory = Callable[[str, int, int], gym.vector.VectorEnv]  # (mode, num_envs, seed)
 AgentFactory = Callable[[gym.spaces.Dict, gym.Space], Any]  # (obs space, action space)
@@ -370,7 +370,14 @@ class Trainer:
         if self.ctx.is_main:
             _set_rng_state(train_state["rng"])
             if checkpoint.replay_path is not None:
-                self.replay.load(checkpoint.replay_path)
+                try:
+                    self.replay.load(checkpoint.replay_path)
+                except ReplayError as error:
+                    raise TrainingError(
+                        f"cannot restore the replay of {checkpoint.path} ({error}); to go on "
+                        "with its weights, optimizers and counters and an empty replay, resume "
+                        f"with `python scripts/train.py resume={self.run_dir} resume.replay=fresh`"
+                    ) from error
         else:
             # The checkpoint holds rank 0's RNG and replay shard; other ranks draw afresh and
             # refill their shards (learning waits until every shard can be sampled).

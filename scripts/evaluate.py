@@ -45,7 +45,7 @@ def main(argv: list[str]) -> int:
     from runtime.config import ConfigError, build_config, parse_script_args
 
     try:
-        args = parse_script_args(argv, DEFAULTS)
+        args = parse_script_args(argv, DEFAULTS, doc=__doc__)
         if args["checkpoint"] is None:
             raise ConfigError("missing checkpoint=<checkpoint dir or run dir>")
         for key in ("episodes", "num_envs"):
@@ -72,9 +72,24 @@ def main(argv: list[str]) -> int:
 
     configure_threads(config.accelerator)
     seed_everything(seed)
-    env = make_env_factory(config, video=video)("eval", num_envs, seed)
-    agent = agents.make_agent(config, env.single_observation_space, env.single_action_space)
-    agent.load_state_dict(loaded.agent_state)
+    try:
+        env = make_env_factory(config, video=video)("eval", num_envs, seed)
+    except ValueError as error:  # a setting the env build rejects (task, camera, size)
+        print(f"error: env '{config.env.id}' cannot be built: {error}", file=sys.stderr)
+        return 2
+    try:
+        agent = agents.make_agent(config, env.single_observation_space, env.single_action_space)
+        agent.load_state_dict(loaded.agent_state)
+    except (ValueError, TypeError, RuntimeError) as error:
+        # Sizes or spaces the model cannot be built with, or weights that do not fit it
+        # (load_state_dict raises RuntimeError naming the mismatched tensors).
+        env.close()
+        print(
+            f"error: checkpoint {loaded.path}: agent={config.agent.name} cannot be rebuilt "
+            f"for it: {str(error).splitlines()[0]}",
+            file=sys.stderr,
+        )
+        return 2
     successes = SuccessCounter()
     segment = getattr(agent, "segment", None)
     seg_pixels: list[np.ndarray] = []

@@ -19,7 +19,10 @@ ANCHORS = Path(__file__).resolve().parent.parent.parent / "shared" / "anchors" /
 
 
 def read_curve(run_dir: Path, metric: str) -> tuple[list[int], list[float]]:
-    steps, values = [], []
+    """``metric`` by env step. A step logged twice (files from before resumes dropped the
+    rows a killed session logged after its last checkpoint) keeps its last value: the one of
+    the session that went on."""
+    by_step: dict[int, float] = {}
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: pass run directories written by train.py")
@@ -29,9 +32,9 @@ def read_curve(run_dir: Path, metric: str) -> tuple[list[int], list[float]]:
         except json.JSONDecodeError:
             continue  # a line cut by a crash: skip it, keep the rest
         if row.get(metric) is not None:
-            steps.append(int(row["step"]))
-            values.append(float(row[metric]))
-    return steps, values
+            by_step[int(row["step"])] = float(row[metric])
+    steps = sorted(by_step)
+    return steps, [by_step[step] for step in steps]
 
 
 def run_info(run_dir: Path) -> dict:
@@ -57,6 +60,9 @@ def anchors_for(env_id: str, obs: str) -> dict[str, list[tuple[int, float]]]:
 
 
 def main(argv: list[str]) -> int:
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(__doc__)
+        return 0
     import matplotlib
 
     matplotlib.use("Agg")

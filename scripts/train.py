@@ -60,8 +60,14 @@ def main(argv: list[str]) -> int:
     try:
         overrides = parse_overrides(argv)
         resume = overrides.pop("resume", None)
+        resume_replay = overrides.pop("resume.replay", None)
         init = overrides.pop("init", None)
         checkpoint = init_weights = None
+        if resume_replay is not None and (resume is None or resume_replay != "fresh"):
+            raise ConfigError(
+                f"resume.replay={resume_replay}: the only choice is resume.replay=fresh, with "
+                "resume=<run dir> (keep the weights, optimizers and counters, empty replay)"
+            )
         if init is not None and resume is not None:
             raise ConfigError(
                 "init= starts a new run from another run's weights and resume= continues a "
@@ -81,12 +87,17 @@ def main(argv: list[str]) -> int:
                     f"resume={run_dir}: {checkpoint.path} holds weights only (no counters, RNG "
                     f"or replay to continue); start a new run from it with init={run_dir}"
                 )
+            _check_resume_overrides(overrides, run_dir)
             base = to_dict(load_yaml(config_path))
             config = build_config(overrides, base=base)
             config.run.dir = str(run_dir)
         else:
             config = build_config(overrides)
             run_dir = Path(config.run.dir)
+            if run_dir.exists() and not run_dir.is_dir():
+                raise ConfigError(
+                    f"run.dir={run_dir} is an existing file, not a directory; pick another run.dir"
+                )
             if list_checkpoints(run_dir):
                 raise ConfigError(
                     f"run.dir={run_dir} already holds checkpoints: continue it with "
@@ -121,6 +132,8 @@ def main(argv: list[str]) -> int:
     except (ConfigError, distributed.DistributedError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if resume_replay == "fresh" and ctx.is_main:
+        _fresh_replay(run_dir, checkpoint)
     try:
         code = _train(config, run_dir, checkpoint, ctx, agents, init_weights)
     except BaseException as error:
@@ -169,6 +182,81 @@ def _lock_run_dir(run_dir: Path):
     return handle
 
 
+# What may change when a run goes on (resume=): how long it runs, how it logs, evaluates and
+# checkpoints, and host threads. Anything else (env, agent, model sizes, replay layout, seed)
+# would change what was trained, or could not load the checkpoint.
+RESUME_OVERRIDABLE = (
+    "run.steps",
+    "run.eval_every",
+    "run.eval_episodes",
+    "run.video",
+    "run.log_every",
+    "run.checkpoint_every",
+    "run.keep_checkpoints",
+    "logging.*",
+    "accelerator.threads",
+    "distributed.*",
+)
+
+
+def _check_resume_overrides(overrides: dict, run_dir: Path) -> None:
+    """Refuse, in one line, an override that ``resume=`` cannot apply safely."""
+    from runtime.config import ConfigError
+
+    def allowed(key: str) -> bool:
+        return any(
+            key == pattern or (pattern.endswith(".*") and key.startswith(pattern[:-1]))
+            for pattern in RESUME_OVERRIDABLE
+        )
+
+    refused = [key for key in overrides if not allowed(key)]
+    if refused:
+        raise ConfigError(
+            f"resume={run_dir}: {', '.join(refused)} cannot change when a run goes on (it "
+            f"changes what was trained); allowed: {', '.join(RESUME_OVERRIDABLE)}; for other "
+            f"settings start a new run from its weights with init={run_dir}"
+        )
+
+
+def _fresh_replay(run_dir: Path, checkpoint) -> None:
+    """``resume.replay=fresh``: the checkpoint's replay is not restored; its files are moved
+    aside (``replay.unused-<time>/``, nothing deleted) so the new replay starts clean."""
+    import datetime
+    import warnings
+
+    checkpoint.replay_path = None
+    replay_dir = run_dir / "replay"
+    moved = ""
+    if replay_dir.exists():
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        target = run_dir / f"replay.unused-{stamp}"
+        replay_dir.rename(target)
+        moved = f"; the old replay files are kept in {target}"
+    warnings.warn(
+        f"resume.replay=fresh: continuing {run_dir} from env step {checkpoint.step} with its "
+        f"weights, optimizers and counters and an empty replay; learning waits until it holds "
+        f"a batch{moved}",
+        stacklevel=2,
+    )
+
+
+def _one_line_env_errors(make_env, config):
+    """The env factory, with the errors an env build reports for a setting (``ValueError``:
+    an unknown task, camera, size, intervention target) as one-line ``TrainingError``s."""
+    from runtime.loop import TrainingError
+
+    def make(mode: str, num_envs: int, seed: int):
+        try:
+            return make_env(mode, num_envs, seed)
+        except ValueError as error:
+            raise TrainingError(
+                f"env '{config.env.id}' cannot be built with these env.* settings: "
+                f"{str(error).splitlines()[0]}"
+            ) from error
+
+    return make
+
+
 def _train(config, run_dir: Path, checkpoint, ctx, agents, init_weights=None) -> int:
     """Everything after the config: seed, logger, ``runtime.loop.train``, the final report.
     Under torchrun every rank runs it; only rank 0 writes files and prints. ``init_weights``
@@ -198,7 +286,7 @@ def _train(config, run_dir: Path, checkpoint, ctx, agents, init_weights=None) ->
     run_id = id_file.read_text().strip() if id_file.exists() else None
     try:
         # Validate the env id before the logger starts a wandb run.
-        make_env = make_env_factory(config)
+        make_env = _one_line_env_errors(make_env_factory(config), config)
         import envs
 
         envs.check_env_id(config.env.id)
@@ -207,8 +295,13 @@ def _train(config, run_dir: Path, checkpoint, ctx, agents, init_weights=None) ->
             # env is built: build one now so a typo is a one-line error, not a traceback.
             make_env("train", 1, config.seed).close()
         # Only rank 0 logs (its metrics are averaged over ranks by the loop).
-        logger = make_logger(config, run_dir, wandb_run_id=run_id) if main else Logger(run_dir, [])
-    except (ValueError, ImportError) as error:
+        resume_step = checkpoint.step if checkpoint is not None else None
+        logger = (
+            make_logger(config, run_dir, wandb_run_id=run_id, resume_step=resume_step)
+            if main
+            else Logger(run_dir, [])
+        )
+    except (ValueError, ImportError, TrainingError) as error:
         print(f"error: {where}{error}", file=sys.stderr)
         return 2
     if main and logger.wandb_run_id:
@@ -217,7 +310,15 @@ def _train(config, run_dir: Path, checkpoint, ctx, agents, init_weights=None) ->
     built = {}  # the agent, for its accelerator's report at the end
 
     def make_agent(obs_space, action_space):
-        built["agent"] = agents.make_agent(config, obs_space, action_space)
+        try:
+            built["agent"] = agents.make_agent(config, obs_space, action_space)
+        except (ValueError, TypeError) as error:
+            # Models raise ValueError/TypeError for settings they cannot be built with (sizes,
+            # spaces) and name the setting; other exceptions are bugs and keep the traceback.
+            raise TrainingError(
+                f"agent={config.agent.name} cannot be built for env '{config.env.id}' "
+                f"({config.env.obs}): {str(error).splitlines()[0]}"
+            ) from error
         if init_weights is not None:
             try:
                 built["agent"].load_weights(init_weights)

@@ -29,6 +29,15 @@ def split_keys(shapes: Shapes) -> tuple[list[str], list[str]]:
     return images, vectors
 
 
+def image_sizes(minres: int = 4, largest: int = 256) -> list[int]:
+    """The image sides the CNN encoder and decoder take: ``minres`` times a power of 2, >= 2x."""
+    sizes, size = [], 2 * minres
+    while size <= largest:
+        sizes.append(size)
+        size *= 2
+    return sizes
+
+
 def _stages(size: int, minres: int) -> int:
     stages = int(round(math.log2(size / minres)))
     if size != minres * 2**stages or stages < 1:

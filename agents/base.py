@@ -27,6 +27,18 @@ An agent acts in a batch of parallel environments and learns from replayed seque
     term and stops the run on a non-finite one, naming the last good checkpoint (it checks
     before writing each checkpoint too, so that one is never written after a bad update).
 
+``replay_latents() -> dict[str, Tensor] | None`` (optional)
+    With ``replay.context=1`` the replay's batches also hold ``replay_index`` (int64 ``[B, 2]``:
+    stream and start of each window), ``context_valid`` (float32 ``[B]``: 1 where the step
+    before the window has a stored latent) and, once latents were stored, ``context/<key>``
+    (float32 ``[B, ...]``: the stored latent of that step). An agent that uses them starts each
+    window from the stored latent where valid (``is_first`` at the window's first step still
+    resets) and, after ``update(batch)``, returns from ``replay_latents()`` the latents of every
+    step of that batch, ``{key: Tensor [B, T, ...]}`` detached float32, which the loop hands to
+    ``replay.update_latents(batch["replay_index"], ...)``; every call must bring the same keys
+    and shapes. None (the default) when the agent stores nothing. Extra batch keys never reach
+    an agent's model as observations.
+
 ``log_metrics() -> dict[str, float]`` (optional)
     Scalars read once per log interval after some updates ran, where host syncs are allowed:
     statistics that are costly to read per update (sparse densities, measured step times).
@@ -75,6 +87,11 @@ class Agent(abc.ABC):
     def log_metrics(self) -> dict[str, float]:
         """Once-per-log-interval scalars (may sync the device); see the module docstring."""
         return {}
+
+    def replay_latents(self) -> dict[str, torch.Tensor] | None:
+        """The last update's per-step latents for the replay context (``[B, T, ...]`` float32,
+        detached), or None; see the module docstring."""
+        return None
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Start from another run's trained weights (``state_dict()["weights"]`` of the same

@@ -2,8 +2,20 @@
 
 Each ``update`` does one world-model step on the replayed batch, then one actor and one critic
 step on rollouts of ``agent.horizon`` imagined steps started from every posterior state of the
-batch. The actor's loss never updates world-model weights: its gradient is taken with respect
-to the actor's parameters only (``torch.autograd.grad``) and each part has its own optimizer.
+batch. The actor's loss never updates world-model weights: the world model's parameters are
+frozen while the behaviour losses are built, and each part has its own Adam optimizer.
+
+``agent.optimizer=laprop`` (current DreamerV3): one ``runtime.optimizers.LaProp`` over world
+model, actor and critic, and one step per update on the gradient of all losses together, the
+behaviour losses computed on the world model before its step (``_train_joint``; per-tensor
+adaptive gradient clipping instead of the global-norm clips). ``agent.replay_critic_grad_wm``
+lets the replay value loss reach the world model through the posterior (DreamerV3's
+``repval_grad``); with Adam it also takes that one joint gradient, then steps each part.
+
+Replay context (``replay.context``): the world model observes each window from the stored
+posterior of the step before it (``context/<key>`` where ``context_valid``; the initial state
+elsewhere, and ``is_first`` still resets), and ``replay_latents()`` hands the update's
+posteriors back for the replay to store.
 
 Config mapping: ``world_model.*`` -> ``worldmodels.WorldModelSpec``/``RSSMConfig``,
 ``agent.*`` -> the actor, critic, returns and optimizers here. See ``runtime/presets/{xs,s,m,
@@ -47,6 +59,7 @@ from agents.dreamer_config import SPARSE_SKIP_DEFAULT
 from runtime import distributed
 from runtime.accelerator import make_accelerator
 from runtime.config import Config
+from runtime.optimizers import LaProp
 from runtime.registry import AgentEntry, register_agent
 from worldmodels import (
     Actor,
@@ -125,6 +138,14 @@ def planned_updates(config: Config, world_size: int | None = None) -> int:
     return max(1, math.floor(policy_steps * ratio / (config.replay.steps_per_batch * world)))
 
 
+def _grad_norm(params, device: torch.device) -> torch.Tensor:
+    """The global L2 norm of the parameters' gradients (0-d, on the device; no host sync)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=device)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
 def _matches(patterns: list[str], names: list[str]) -> bool:
     """fnmatch or full-match regex, as ``sparse`` matches ``skip``/``include``."""
     for pattern in patterns:
@@ -182,6 +203,11 @@ class DreamerAgent(Agent):
                 "sparse.enabled=true and world_model.greedy_infomax.modules>0 cannot be combined "
                 "(the sparse masks follow the world-model optimizer only); turn one off"
             )
+        # replay.context: the world model's observe starts from the stored posterior of the
+        # step before each window (batch["context/<key>"] where batch["context_valid"]); the
+        # update's posteriors are kept for the write-back (replay_latents).
+        self.context = getattr(config.replay, "context", 0) > 0
+        self._latents: dict[str, torch.Tensor] | None = None
         if a.actor_grad == "auto":
             self.dynamics_grad = not self.discrete
         else:
@@ -241,11 +267,35 @@ class DreamerAgent(Agent):
                 greedy_ids |= {id(p) for p in params}
                 self.greedy_opts.append(adam(params, lr, w.eps))
         wm_params = [p for p in self.wm.parameters() if id(p) not in greedy_ids]
-        self.wm_opt = adam(wm_params, w.lr, w.eps)
-        self.actor_opt = adam(self.actor.parameters(), a.actor_lr, a.actor_eps)
-        self.critic_opt = adam(self.critic.parameters(), a.critic_lr, a.critic_eps)
+        # agent.optimizer=laprop: one optimizer over world model, actor and critic (current
+        # DreamerV3); adam: one per part. `joint`: one gradient of all losses, then the steps.
+        self.laprop = a.optimizer == "laprop"
+        self.joint = self.laprop or a.replay_critic_grad_wm
+        self.opt: LaProp | None = None
+        self.wm_opt: torch.optim.Optimizer | None = None
+        self.actor_opt: torch.optim.Optimizer | None = None
+        self.critic_opt: torch.optim.Optimizer | None = None
+        if self.laprop:
+            if self.greedy_opts:
+                raise ValueError(
+                    "agent.optimizer=laprop cannot train world_model.greedy_infomax.modules>0 "
+                    "(their optimizers step inside the forward pass); use agent.optimizer=adam"
+                )
+            self.opt = LaProp(
+                [*wm_params, *self.actor.parameters(), *self.critic.parameters()],
+                lr=a.lr,
+                agc=a.agc,
+                beta1=a.beta1,
+                beta2=a.beta2,
+                eps=a.opt_eps,
+                warmup=a.warmup,
+            )
+        else:
+            self.wm_opt = adam(wm_params, w.lr, w.eps)
+            self.actor_opt = adam(self.actor.parameters(), a.actor_lr, a.actor_eps)
+            self.critic_opt = adam(self.critic.parameters(), a.critic_lr, a.critic_eps)
         if self.sparsifier is not None:
-            self.sparsifier.attach(self.wm_opt)  # re-mask after every step
+            self.sparsifier.attach(self._wm_optimizer())  # re-mask after every step
         # ipu-sim: placement, block-sparse limits and the memory budget are checked here.
         self.accelerator.prepare(
             {k: m for k, m in self._modules().items() if k != "return_norm"}, self._optimizers()
@@ -325,10 +375,25 @@ class DreamerAgent(Agent):
         at every access; only valid while no optimizer step happens inside."""
         return parametrize.cached() if self.sparsifier is not None else contextlib.nullcontext()
 
+    def _main_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """The optimizers of world model, actor and critic: ``all`` (laprop) or one each."""
+        if self.opt is not None:
+            return {"all": self.opt}
+        assert self.wm_opt is not None and self.actor_opt is not None
+        assert self.critic_opt is not None
+        return {"world_model": self.wm_opt, "actor": self.actor_opt, "critic": self.critic_opt}
+
     def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        opts = {"world_model": self.wm_opt, "actor": self.actor_opt, "critic": self.critic_opt}
+        opts = self._main_optimizers()
         opts.update({f"greedy_{i}": opt for i, opt in enumerate(self.greedy_opts)})
         return opts
+
+    def _wm_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer that steps the world model (sparse masks and factored graphs
+        follow its steps and fix up its state)."""
+        opt = self.opt if self.opt is not None else self.wm_opt
+        assert opt is not None
+        return opt
 
     def _autocast(self):
         return self.accelerator.autocast()
@@ -344,7 +409,11 @@ class DreamerAgent(Agent):
         return action.float().reshape(*lead, self.action_dim)
 
     def preprocess(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Replay batch ``[B, T, ...]`` -> device tensors the world model consumes."""
+        """Replay batch ``[B, T, ...]`` -> device tensors the world model consumes.
+
+        With ``replay.context`` also ``context_valid`` ``[B]`` and ``context/<key>``
+        ``[B, ...]`` for every ``_context_shapes`` key (zeros where the batch has none yet).
+        ``replay_index`` and other extra keys never reach the model."""
         dev = self.device
         data = preprocess_obs(
             {k: batch[k].to(dev, non_blocking=True) for k in self.obs_shapes}, self.wm.image_keys
@@ -352,7 +421,56 @@ class DreamerAgent(Agent):
         data["action"] = self._encode_action(batch["action"].to(dev, non_blocking=True))
         for key in ("reward", "is_first", "is_terminal"):
             data[key] = batch[key].to(dev, non_blocking=True).float()
+        if self.context:
+            for key, value in self._with_context(batch).items():
+                if key == "context_valid" or key.startswith("context/"):
+                    data[key] = value.to(dev, non_blocking=True).float()
         return data
+
+    def _context_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-step shapes of the latents written back to the replay (``replay_latents``):
+        the RSSM state and the model action taken at the step (the next step's input)."""
+        c = self.wm.rssm.config
+        return {"deter": (c.deter,), "stoch": tuple(c.stoch_shape), "action": (self.action_dim,)}
+
+    def _with_context(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``batch`` with ``context_valid`` and every ``context/<key>`` present: zeros (on the
+        batch's device) where the replay has none yet (before its first write-back), so every
+        update sees the same inputs (no recompile, a static ipu-sim signature).
+
+        Shapes: ``context_valid`` ``[B]``, ``context/<key>`` ``[B, *_context_shapes()[key]]``.
+        """
+        ref = batch["is_first"]
+        B = ref.shape[0]
+        out = dict(batch)
+        if "context_valid" not in out:
+            out["context_valid"] = torch.zeros(B, device=ref.device)
+        for key, shape in self._context_shapes().items():
+            name = f"context/{key}"
+            if name not in out:
+                out[name] = torch.zeros(B, *shape, device=ref.device)
+        return out
+
+    def _start_state(self, data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """The observe's start state: the stored context where ``context_valid``, else the
+        RSSM's initial state and a zero action (None without ``replay.context``: observe then
+        starts from the initial state itself). ``is_first`` at the window's first step still
+        resets inside observe.
+
+        Shapes: ``deter`` ``[B, D]``, ``stoch`` ``[B, *stoch_shape]``, ``action`` ``[B, A]``.
+        """
+        if not self.context:
+            return None
+        B = data["is_first"].shape[0]
+        init = self.wm.rssm.initial(B, data["is_first"].device)
+        init = {**init, "action": torch.zeros(B, self.action_dim, device=init["deter"].device)}
+        valid = data["context_valid"] > 0.5  # [B]
+        state = {}
+        for key, base in init.items():
+            stored = data[f"context/{key}"].to(base.dtype)
+            mask = valid.reshape(B, *([1] * (base.dim() - 1)))
+            state[key] = torch.where(mask, stored, base)
+        return state
 
     # ---------------------------------------------------------------------------------
     # Training
@@ -363,7 +481,41 @@ class DreamerAgent(Agent):
         """One world-model optimizer step; returns (detached posterior states, metrics).
 
         With Greedy InfoMax the encoder modules step first (each on its own loss); the world
-        model then learns on their detached output."""
+        model then learns on their detached output. Separate Adam steps only: with
+        ``agent.optimizer=laprop`` or ``agent.replay_critic_grad_wm`` the update takes one
+        gradient of all losses (``_train_joint``)."""
+        if self.joint:
+            raise RuntimeError(
+                "train_world_model steps the world model alone; with agent.optimizer=laprop or "
+                "agent.replay_critic_grad_wm=true the update is one step of all losses (update)"
+            )
+        assert self.wm_opt is not None
+        total, metrics, post = self._world_model_forward(data)
+        norm = self.accelerator.backward(total, self.wm_opt, clip=self.config.world_model.grad_clip)
+        self.accelerator.step(self.wm_opt)
+        self._after_world_model_step()
+        self.wm_opt.zero_grad(set_to_none=True)
+        metrics["train/grad_norm_world_model"] = norm
+        return post, metrics
+
+    def _after_world_model_step(self) -> None:
+        """Sparse masks and the factored graph follow each step of the world model."""
+        opt = self._wm_optimizer()
+        if self.sparsifier is not None:
+            self.sparsifier.step(opt)  # re-mask, scheduled drop/regrow, RigL arming
+        graph = self.wm.rssm.graph
+        if graph is not None:  # factored dynamics: absent edges stay zero, scheduled rewiring
+            graph.step(opt)
+
+    def _world_model_forward(
+        self, data: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Greedy InfoMax's module steps (if any), then the world-model losses with the main
+        optimizers' gradients cleared: ``(total loss, metrics, post)``.
+
+        ``post`` holds ``deter``/``stoch`` ``[B, T, ...]``, detached unless
+        ``agent.replay_critic_grad_wm``. With ``replay.context`` the posteriors are kept for
+        ``replay_latents``."""
         embed, greedy_metrics = None, {}
         if self.wm.greedy is not None:
 
@@ -380,35 +532,49 @@ class DreamerAgent(Agent):
                     self.greedy_opts,
                     update=greedy_update,
                 )
-        self.wm_opt.zero_grad(set_to_none=True)
+        for opt in self._main_optimizers().values():
+            opt.zero_grad(set_to_none=True)
         if embed is None:
             total, losses, metrics, post = self._world_model_losses(data)
         else:
             total, losses, metrics, post = self._world_model_losses_impl(data, embed)
-        norm = self.accelerator.backward(total, self.wm_opt, clip=self.config.world_model.grad_clip)
-        self.accelerator.step(self.wm_opt)
-        if self.sparsifier is not None:
-            self.sparsifier.step(self.wm_opt)  # re-mask, scheduled drop/regrow, RigL arming
-        graph = self.wm.rssm.graph
-        if graph is not None:  # factored dynamics: absent edges stay zero, scheduled rewiring
-            graph.step(self.wm_opt)
-        self.wm_opt.zero_grad(set_to_none=True)
         metrics = {**metrics, **{k: v.detach() for k, v in losses.items()}}
         metrics.update({f"world_model/{k}": v for k, v in greedy_metrics.items()})
         metrics["loss/world_model"] = total.detach()
-        metrics["train/grad_norm_world_model"] = norm
-        return post, metrics
+        if self.context:
+            latents = {k: post[k].detach().float() for k in ("deter", "stoch")}
+            latents["action"] = data["action"].detach().float()
+            if self.compiled and self.device.type == "cuda":  # CUDA-graph outputs get reused
+                latents = {k: v.clone() for k, v in latents.items()}
+            self._latents = latents
+        return total, metrics, post
+
+    def replay_latents(self) -> dict[str, torch.Tensor] | None:
+        """The last update's latents for the replay's write-back (``replay.context``), else
+        None: ``deter``, ``stoch`` (the posterior states) and ``action`` (the model action
+        taken at each step), each float32 ``[B, T, ...]``, detached, on the agent's device.
+        The replay hands the step before a window back as ``context/<key>`` ``[B, ...]``.
+
+        Shapes: ``deter`` ``[B, T, D]``, ``stoch`` ``[B, T, *stoch_shape]``, ``action``
+        ``[B, T, A]``.
+        """
+        return self._latents if self.context else None
 
     def _world_model_losses_impl(
         self, data: dict[str, torch.Tensor], embed: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict, dict, dict]:
         """The world-model forward over the batch: ``(total, losses, metrics, post)`` with
-        ``post`` the detached posterior ``deter``/``stoch`` ``[B, T, ...]``. One graph under
-        ``agent.compile`` (its backward is compiled with it)."""
+        ``post`` the posterior ``deter``/``stoch`` ``[B, T, ...]`` (detached unless
+        ``agent.replay_critic_grad_wm``), observed from ``_start_state`` (the replay context).
+        One graph under ``agent.compile`` (its backward is compiled with it)."""
         with self._autocast(), self._cached():
-            losses, metrics, post = self.wm.loss_and_states(data, embed=embed)
+            state = self._start_state(data)
+            losses, metrics, post = self.wm.loss_and_states(data, state, embed=embed)
         total = sum(self.loss_scales[k] * losses[k] for k in losses)
-        post = {k: post[k].detach() for k in ("deter", "stoch")}
+        if self.config.agent.replay_critic_grad_wm:
+            post = {k: post[k] for k in ("deter", "stoch")}
+        else:
+            post = {k: post[k].detach() for k in ("deter", "stoch")}
         return total, losses, metrics, post
 
     def _behaviour_losses_impl(
@@ -429,9 +595,11 @@ class DreamerAgent(Agent):
         Shapes: ``post`` ``[B, T, ...]``, ``data`` ``[B, T]`` flags, ``pick`` ``[N]`` or None.
         """
         a = self.config.agent
+        # Imagination starts from the posterior as constants (no path into the world model);
+        # only the replay value loss may read it with gradient (agent.replay_critic_grad_wm).
         start = {
-            "deter": post["deter"].reshape(-1, post["deter"].shape[-1]),
-            "stoch": post["stoch"].flatten(0, 1),
+            "deter": post["deter"].detach().reshape(-1, post["deter"].shape[-1]),
+            "stoch": post["stoch"].detach().flatten(0, 1),
         }
         start_continue = 1.0 - data["is_terminal"].reshape(-1)
         if pick is not None:
@@ -481,9 +649,7 @@ class DreamerAgent(Agent):
         # at s_0 go unused: the start's own continue flag is known).
         feat = self.wm.feat(traj)  # [N, H+1, F]; only differentiable for dynamics backprop
         reward = self.wm.reward(feat)
-        with torch.no_grad():  # the discount is not a path for the actor's gradient
-            cont = self.wm.continue_prob(feat)
-        cont = torch.cat([start_continue[:, None], cont[:, 1:]], 1)
+        cont = self._imagined_continue(feat, start_continue)
         discount = a.discount * cont
         # The critic's own loss sees the features detached (it must not train the actor), and
         # its logits serve the returns too unless the actor differentiates them.
@@ -535,6 +701,21 @@ class DreamerAgent(Agent):
         metrics["bootstrap"] = ret[:, 0].detach()  # R_0 of every start, for the replay loss
         return a.actor_scale * actor_loss, a.critic_scale * critic_loss, metrics
 
+    def _imagined_continue(self, feat: torch.Tensor, start_continue: torch.Tensor) -> torch.Tensor:
+        """Continue probabilities of the imagined states, no gradient (the discount is not a
+        path for the actor's gradient): the continue head's at steps ``1..H``; at step 0 the
+        replayed step's own flag ``start_continue``, or the head's prediction there with
+        ``agent.imagine_start_continue`` (current DreamerV3: its weight of step 0 is the
+        predicted continue of the start state).
+
+        Shapes: ``feat`` ``[N, H+1, F]``, ``start_continue`` ``[N]`` -> ``[N, H+1]``.
+        """
+        with torch.no_grad():
+            cont = self.wm.continue_prob(feat)
+        if self.config.agent.imagine_start_continue:
+            return cont
+        return torch.cat([start_continue[:, None], cont[:, 1:]], 1)
+
     def _replay_critic_loss(
         self, post: dict[str, torch.Tensor], data: dict[str, torch.Tensor], boot: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -545,12 +726,18 @@ class DreamerAgent(Agent):
         (``boot``, or the critic's own value when imagination started from a subset). A step
         whose successor begins a new episode falls back to its bootstrap.
 
+        With ``agent.replay_critic_grad_wm`` the loss also backpropagates into the world model
+        through ``post`` (when ``post`` carries its graph), as DreamerV3's ``repval_grad``: the
+        targets (returns and the slow critic) stay constants either way.
+
         Shapes: ``post`` ``[B, T, ...]``, ``data`` ``[B, T]`` flags, ``boot`` ``[B * T]`` or
         empty; returns a 0-d loss.
         """
         a = self.config.agent
         B, T = data["reward"].shape
-        feat = self.wm.feat(post).detach()
+        feat = self.wm.feat(post)
+        if not a.replay_critic_grad_wm:
+            feat = feat.detach()
         logits = self.critic(feat)  # [B, T, bins]
         if boot.numel() == B * T:
             boot = boot.reshape(B, T)
@@ -561,7 +748,7 @@ class DreamerAgent(Agent):
             data["reward"], discount, boot, data["is_first"], a.return_lambda
         )  # [B, T - 1]
         with torch.no_grad():
-            slow = self.slow_critic.value(feat)[:, :-1]
+            slow = self.slow_critic.value(feat.detach())[:, :-1]
         nll = -self.critic.twohot.log_prob(logits[:, :-1], target)
         reg = -self.critic.twohot.log_prob(logits[:, :-1], slow)
         loss = (nll + a.slow_critic_reg * reg).mean()
@@ -570,23 +757,37 @@ class DreamerAgent(Agent):
             "train/replay_return": target.mean().detach(),
         }
 
-    def train_behaviour(self, post: dict[str, torch.Tensor], data: dict[str, torch.Tensor]):
-        """One actor and one critic step on imagination from every posterior state."""
+    def _behaviour_forward(
+        self, post: dict[str, torch.Tensor], data: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The summed actor and critic losses from imagination (and the replay value loss):
+        ``(loss, metrics)``. The world model's weights get no gradient from the imagination
+        (their .grad stays untouched): frozen while the graph is built, so no pass computes
+        them. Only the replay value loss reaches them, through ``post``, when ``post`` carries
+        the world model's graph (``agent.replay_critic_grad_wm``).
+
+        Shapes: ``post`` ``[B, T, ...]``, ``data`` ``[B, T]`` flags.
+        """
         a = self.config.agent
         pick = None
         starts = data["is_terminal"].numel()
         if 0 < a.imagine_starts < starts:
             pick = torch.randperm(starts, device=self.device)[: a.imagine_starts]
-        # The world model's weights get no gradient from these losses (their .grad stays
-        # untouched): frozen while the graph is built, so no pass computes them.
         frozen = [p for p in self.wm.parameters() if p.requires_grad]
         for p in frozen:
             p.requires_grad_(False)
         try:
-            loss, metrics = self._behaviour_losses(post, data, pick)
+            return self._behaviour_losses(post, data, pick)
         finally:
             for p in frozen:
                 p.requires_grad_(True)
+
+    def train_behaviour(self, post: dict[str, torch.Tensor], data: dict[str, torch.Tensor]):
+        """One actor and one critic step on imagination from every posterior state (separate
+        Adam steps; see ``train_world_model``)."""
+        a = self.config.agent
+        assert self.actor_opt is not None and self.critic_opt is not None
+        loss, metrics = self._behaviour_forward(post, data)
         actor_norm, critic_norm = self.accelerator.backward_groups(
             loss, [(self.actor_opt, a.actor_grad_clip), (self.critic_opt, a.critic_grad_clip)]
         )
@@ -597,6 +798,55 @@ class DreamerAgent(Agent):
             opt.zero_grad(set_to_none=True)
         if self.updates % a.slow_critic_every == 0:
             self._update_slow_critic(a.slow_critic_fraction)
+        return metrics
+
+    def _train_joint(self, data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One gradient of the world-model and the behaviour losses, then the steps (current
+        DreamerV3): the behaviour losses see the same, not yet stepped, world model.
+
+        ``agent.optimizer=laprop``: one backward pass of the summed losses and one step of the
+        single optimizer over all parameters (its per-tensor AGC replaces the global-norm
+        clips). ``adam`` (with ``agent.replay_critic_grad_wm``): the same pass, then each part's
+        gradients clipped to its own norm and its Adam stepped. One backward pass rather than
+        one per loss: the accelerator then averages (torchrun) and unscales (fp16) each
+        gradient once, and the replay value loss can reach the world model's graph.
+
+        Shapes: ``data`` ``[B, T, ...]`` (see ``preprocess``); returns 0-d metrics.
+        """
+        a, w = self.config.agent, self.config.world_model
+        total, metrics, post = self._world_model_forward(data)
+        behaviour, behaviour_metrics = self._behaviour_forward(post, data)
+        loss = total + behaviour
+        opts = list(self._main_optimizers().values())
+        if self.opt is not None:
+            (norm,) = self.accelerator.backward_groups(loss, [(self.opt, None)])
+            metrics["train/grad_norm"] = norm
+            parts = {"world_model": self.wm, "actor": self.actor, "critic": self.critic}
+            for name, module in parts.items():
+                metrics[f"train/grad_norm_{name}"] = _grad_norm(module.parameters(), self.device)
+        else:
+            assert self.wm_opt is not None and self.actor_opt is not None
+            assert self.critic_opt is not None
+            norms = self.accelerator.backward_groups(
+                loss,
+                [
+                    (self.wm_opt, w.grad_clip),
+                    (self.actor_opt, a.actor_grad_clip),
+                    (self.critic_opt, a.critic_grad_clip),
+                ],
+            )
+            for name, norm in zip(("world_model", "actor", "critic"), norms):
+                metrics[f"train/grad_norm_{name}"] = norm
+        for opt in opts:
+            self.accelerator.step(opt)
+        self._after_world_model_step()
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        if self.opt is not None:
+            metrics["train/lr"] = self.opt.scheduled_lr()
+        if self.updates % a.slow_critic_every == 0:
+            self._update_slow_critic(a.slow_critic_fraction)
+        metrics.update(behaviour_metrics)
         return metrics
 
     @torch.no_grad()
@@ -618,10 +868,15 @@ class DreamerAgent(Agent):
             # A new iteration of the CUDA-graph replays: the last update's outputs may be reused.
             torch.compiler.cudagraph_mark_step_begin()
         # One accelerator step (ipu-sim: static-signature check, cost estimate, limits).
+        if self.context:  # the same inputs every update, stored states or not yet
+            batch = self._with_context(batch)
         with self.accelerator.train_step(batch):
             data = self.preprocess(batch)
-            post, metrics = self.train_world_model(data)
-            metrics.update(self.train_behaviour(post, data))
+            if self.joint:
+                metrics = self._train_joint(data)
+            else:
+                post, metrics = self.train_world_model(data)
+                metrics.update(self.train_behaviour(post, data))
         self.updates += 1  # (the loop reports train/updates itself)
         # One stacked copy: CUDA-graph replays overwrite their outputs, the loop keeps these.
         keys = list(metrics)
@@ -712,6 +967,13 @@ class DreamerAgent(Agent):
             module.load_state_dict(own, strict=True)
         if self.sparsifier is not None:
             self.sparsifier.load_state_dict(state["sparse"])  # checks the masks, re-arms RigL
+        saved = set(state["optimizers"])
+        if saved != set(self._optimizers()):
+            was = "laprop" if "all" in saved else "adam"
+            raise ValueError(
+                f"checkpoint was saved with agent.optimizer={was} (optimizers {sorted(saved)}), "
+                f"this agent has {sorted(self._optimizers())}: load it with agent.optimizer={was}"
+            )
         for name, opt in self._optimizers().items():
             opt.load_state_dict(state["optimizers"][name])
         self.updates = int(state["updates"])

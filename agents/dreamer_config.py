@@ -62,6 +62,35 @@ class DreamerAgentConfig:
     return_norm_high: float = field(default=95.0, metadata=at_least(0))
     actor_scale: float = field(default=1.0, metadata=at_least(0))
     critic_scale: float = field(default=1.0, metadata=at_least(0))
+    # Weight of imagined step 0 in the actor and critic losses: the continue head's prediction
+    # at the start state (current DreamerV3) instead of the replayed step's own flag (1 - its
+    # is_terminal). The later steps' weights multiply on from it either way.
+    imagine_start_continue: bool = False
+    # Let the replay value loss (replay_critic_scale) backpropagate into the world model's
+    # posterior states, as current DreamerV3's repval_grad does; its targets stay constants.
+    # The world-model loss and the behaviour losses then make one gradient on the world model
+    # before any step (the world model's step comes after the behaviour losses).
+    replay_critic_grad_wm: bool = False
+    # adam (one Adam per part, the DreamerV3 paper) or laprop (current DreamerV3: one optimizer
+    # over world model, actor and critic). adam: each part has its own lr, eps and global-norm
+    # clip, and the world model steps before the behaviour losses. laprop: one step on the sum
+    # of all losses (runtime.optimizers.LaProp: per-tensor adaptive gradient clipping agc, RMS
+    # scaling, momentum, warm-up); world_model.lr/eps/grad_clip and agent.actor_*/critic_*
+    # lr, eps and grad_clip do not apply.
+    optimizer: Literal["adam", "laprop"] = "adam"
+    # laprop: the learning rate of every module (reached after `warmup` steps).
+    lr: float = field(default=4e-5, metadata=at_least(0))
+    # laprop: each gradient tensor is scaled down to at most agc x max(1e-3, |parameter|)
+    # (Frobenius norms); 0 turns the clipping off.
+    agc: float = field(default=0.3, metadata=at_least(0))
+    # laprop: linear learning-rate warm-up from 0 over this many optimizer steps (0 = none).
+    warmup: int = field(default=1000, metadata=at_least(0))
+    # laprop: added to the RMS denominator, outside the square root.
+    opt_eps: float = field(default=1e-20, metadata=at_least(0))
+    # laprop: decay of the momentum of the RMS-scaled updates (below 1).
+    beta1: float = field(default=0.9, metadata=at_least(0))
+    # laprop: decay of the gradients' second moment, the RMS scale (below 1).
+    beta2: float = field(default=0.999, metadata=at_least(0))
 
 
 @dataclass
@@ -149,6 +178,21 @@ def _check_factored(w: WorldModelConfig) -> None:
         raise ConfigError("world_model.factored.drop_fraction and stop_fraction must be <= 1")
 
 
+def _check_optimizer(config) -> None:
+    a = config.agent
+    if config.agent.name != "dreamer":
+        return
+    for key in ("beta1", "beta2"):
+        if getattr(a, key) >= 1:
+            raise ConfigError(f"agent.{key} must be below 1, got {getattr(a, key)}")
+    if a.optimizer == "laprop" and config.world_model.greedy_infomax.modules:
+        raise ConfigError(
+            "agent.optimizer=laprop cannot train world_model.greedy_infomax.modules>0: the "
+            "encoder modules step their own optimizers inside the forward pass, outside the "
+            "one optimizer over all modules; use agent.optimizer=adam"
+        )
+
+
 def validate(config) -> None:
     """The ``world_model`` section's rules (every config holds it), and what ``agent=dreamer``
     needs from the env: the checks a model build would otherwise fail on with a traceback."""
@@ -172,6 +216,7 @@ def validate(config) -> None:
                 f"env.size: the Dreamer's CNN takes square images of side 4 x a power of 2 "
                 f"({', '.join(map(str, sizes))}), got {config.env.size}"
             )
+    _check_optimizer(config)
     uses_cpc = "cpc" in w.representation or w.greedy_infomax.modules > 0
     if uses_cpc and w.cpc_horizons >= config.replay.batch_length:
         raise ConfigError(

@@ -107,6 +107,24 @@ class AgentConfig:
 
 
 @dataclass
+class ReplayFractions:
+    """How each sampled batch is drawn (DreamerV3's ``replay.fracs`` and ``replay.online``);
+    the three shares must sum to 1. The default, all uniform, is the plain uniform replay."""
+
+    # Share of windows drawn uniformly over every (stream, start) pair.
+    uniform: float = field(default=1.0, metadata=at_least(0))
+    # Share drawn by recency: a window of age a (in windows, newest 0) with probability
+    # proportional to 1 / (a + 1), as DreamerV3's recency selector (recexp 1).
+    recency: float = field(default=0.0, metadata=at_least(0))
+    # Share taken from the online queue: consecutive non-overlapping windows of new data, each
+    # handed out once in the order written, before any other draw. What the queue cannot fill
+    # (no new window yet) is drawn like the rest: uniform and recency in proportion, or uniform
+    # when both are 0. online=1 with the others 0 is DreamerV3's `replay.online: True` with
+    # `fracs.uniform: 1`.
+    online: float = field(default=0.0, metadata=at_least(0))
+
+
+@dataclass
 class ReplayConfig:
     """Sequence replay: capacity in steps, sampled windows of ``batch_size x batch_length``."""
 
@@ -117,6 +135,14 @@ class ReplayConfig:
     chunk_size: int = field(default=1024, metadata=at_least(1))
     # Keep the replay on disk with the checkpoints so a resume restores it exactly.
     save: bool = True
+    # Which windows each batch holds: uniform, recency and online shares (sum 1).
+    fractions: ReplayFractions = field(default_factory=ReplayFractions)
+    # 1: DreamerV3's replay context. Windows start at least one step into a stream's kept
+    # range, batches carry the stored latent of the step before each window (context/<key>,
+    # context_valid), and every update's latents are written back (replay.update_latents).
+    # Memory: capacity x (floats of one step's latents) x 4 bytes, allocated at the first
+    # write, e.g. 1M steps x (512 deter + 32 x 16 stoch floats) = 4.1 GB. 0: off.
+    context: int = field(default=0, metadata=at_least(0))
 
     @property
     def steps_per_batch(self) -> int:
@@ -486,6 +512,28 @@ def _check_agent(config: Config) -> registry.AgentEntry:
         raise ConfigError(f"agent.name: {error}") from error
 
 
+def _check_replay(replay: ReplayConfig) -> None:
+    if replay.context > 1:
+        raise ConfigError(
+            f"replay.context: must be 0 (off) or 1 (start each window from the stored latent of "
+            f"the step before it), got {replay.context}"
+        )
+    if replay.batch_length + replay.context > replay.capacity:
+        what = "replay.batch_length" + (" + replay.context" if replay.context else "")
+        raise ConfigError(
+            f"{what} ({replay.batch_length + replay.context}) exceeds replay.capacity "
+            f"({replay.capacity}); raise the capacity or shorten the windows"
+        )
+    shares = replay.fractions
+    total = shares.uniform + shares.recency + shares.online
+    if abs(total - 1.0) > 1e-6:
+        raise ConfigError(
+            f"replay.fractions: uniform + recency + online must sum to 1, got {shares.uniform} "
+            f"+ {shares.recency} + {shares.online} = {total:g}; e.g. set "
+            f"replay.fractions.uniform={max(0.0, 1.0 - shares.recency - shares.online):g}"
+        )
+
+
 def validate(config: Config) -> Config:
     """Range checks and cross-field rules, the shared ones here and each registered agent's
     own (``AgentEntry.validate``). Returns the config for chaining."""
@@ -496,11 +544,7 @@ def validate(config: Config) -> Config:
     except ValueError as error:
         raise ConfigError(str(error)) from error
     _check_accelerator(config)
-    if config.replay.batch_length > config.replay.capacity:
-        raise ConfigError(
-            f"replay.batch_length ({config.replay.batch_length}) exceeds replay.capacity "
-            f"({config.replay.capacity}); raise the capacity or shorten the windows"
-        )
+    _check_replay(config.replay)
     if config.env.obs != "state" and config.env.size < 8:
         raise ConfigError(f"env.size: must be >= 8 for pixel observations, got {config.env.size}")
     if config.env.distractors and not config.env.id.startswith("dmc:"):

@@ -299,7 +299,7 @@ class Trainer:
 
     ``collect`` steps the training envs (``runtime.collect.Collector``) and records into
     replay; ``update`` runs the updates the replay-ratio clock owes; ``log``, ``evaluate`` and
-    ``checkpoint`` are callbacks of the env-step ``Schedule``. ``run`` is the loop: collect,
+    ``checkpoint`` are callbacks of the env-step ``Schedule``. ``train`` is the loop: collect,
     count (one all-reduce under ``torchrun``), update, schedule, until ``run.steps`` or a signal.
     """
 
@@ -484,7 +484,15 @@ class Trainer:
             return
         tick = time.time()
         for _ in range(self.clock.due(counters.learn_policy_steps)):
-            metrics = self.agent.update(self.replay.sample())
+            batch = self.replay.sample()
+            metrics = self.agent.update(batch)
+            if "replay_index" in batch:
+                # replay.context: the window's posterior states go back into the replay, where
+                # later windows start from them (DreamerV3's replay context). The copy to the
+                # host is the one transfer per update this costs.
+                latents = getattr(self.agent, "replay_latents", lambda: None)()
+                if latents:
+                    self.replay.update_latents(batch["replay_index"], latents)
             self.clock.updates_done += 1
             counters.updates += 1
             counters.replayed_steps += self.clock.steps_per_update
@@ -568,7 +576,8 @@ class Trainer:
         if video is not None:
             self.logger.video("eval/video", video, counters.env_steps)
         if self.replay.can_sample():
-            for name, media in self.agent.report(self.replay.sample()).items():
+            # online=False: a report's batch does not use up the online queue of new windows.
+            for name, media in self.agent.report(self.replay.sample(online=False)).items():
                 self.logger.media(name, media, counters.env_steps)  # videos, or images
 
     def checkpoint(self) -> Path | None:

@@ -5,16 +5,42 @@ stream) used as a ring: the step at per-stream time ``t`` lives in slot ``t % C`
 writes one step of all ``N`` streams, so all streams hold the same times ``[start, written)``.
 Memory is allocated once, at the first ``add`` (when shapes are known), and never grows.
 
-Windows. A window is ``T`` consecutive steps of one stream, starting uniformly among all valid
-starts. Episodes are stored back to back and each one starts with ``is_first``; the agent resets
-its state there, so a window may span an episode boundary (always at an ``is_first`` step).
+Windows. A window is ``T`` consecutive steps of one stream. Episodes are stored back to back and
+each one starts with ``is_first``; the agent resets its state there, so a window may span an
+episode boundary (always at an ``is_first`` step).
+
+Fractions (``replay.fractions``, DreamerV3's ``replay.fracs`` and ``replay.online``). Each batch
+is a mix of three kinds of windows, by share of the batch:
+
+- ``uniform``: uniform over every valid (stream, start) pair (the default, all of the batch);
+- ``recency``: the window of age ``a`` (counted in windows over all streams, newest 0) with
+  probability proportional to ``1 / (a + 1)`` over the ages a full replay holds; while the replay
+  is not full, the drawn age is scaled down to the windows held (DreamerV3's recency selector);
+- ``online``: a queue of the new data, cut into consecutive non-overlapping windows of
+  ``batch_length`` steps per stream and handed out once each, in the order written (stream 0 to
+  N-1 for each time block), before anything else. Windows evicted before their turn are skipped.
+  What the queue cannot fill (no complete new window yet) is drawn like the other windows.
+
+The online share is rounded stochastically to whole windows; the other windows pick recency
+with probability ``recency / (uniform + recency)`` each (uniform when both are 0). With the
+default fractions the draws are exactly those of the plain uniform replay.
+
+Context (``replay.context=1``, DreamerV3's ``replay_context``). Windows start at least one step
+into each stream's kept range, so the step before every window is stored too. Agents write the
+latent state of every step of an updated batch back with ``update_latents``; the next batch that
+holds a window carries the stored latent of the step before it (``context/<key>``) and whether
+it was ever written (``context_valid``), so the agent can start the window from it. A step's
+latent is cleared when its slot is overwritten by a new step.
 
 Persistence (npz only, never pickle). Time is cut into chunks of ``chunk_size`` steps. With a
 ``directory``, each full chunk of each stream is written once, as soon as it is complete, to
 ``directory/stream{s:03d}_chunk{c:08d}.npz``; ``save(path)`` then writes only the partial tail
 per stream, the counters and the RNG state, so saving at every checkpoint stays cheap.
 ``load(path)`` restores the exact content (same steps in the same slots, same counters, same RNG
-state), so the samples after a resume are identical.
+state and online-queue position), so the samples after a resume are identical. Stored latents
+(context) are saved for the steps the state file holds: all of them without a ``directory``,
+the partial tail with one. Chunk files never hold latents, so after a load the steps that came
+from chunk files have no latent (``context_valid`` 0) until an update writes them again.
 
 Chunk files are deleted once they are more than ``C + 2 * chunk_size`` steps behind the newest
 step. Loading a checkpoint much older than that after the run went on restores the steps still on
@@ -35,10 +61,13 @@ import numpy as np
 import torch
 
 from runtime.collect import Collector, RandomPolicy
-from runtime.config import ReplayConfig
+from runtime.config import ReplayConfig, ReplayFractions
 
 FORMAT_VERSION = 1
 _FLAG_KEYS = ("is_first", "is_last", "is_terminal")
+_SHARES = ("uniform", "recency", "online")
+# DreamerV3's replay.recexp: recency weight of a window of age a is 1 / (a + 1) ** exponent.
+RECENCY_EXPONENT = 1.0
 
 
 class ReplayError(RuntimeError):
@@ -93,15 +122,56 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _check_fractions(fractions: ReplayFractions | dict[str, float] | None) -> dict[str, float]:
+    if fractions is None:
+        return {"uniform": 1.0, "recency": 0.0, "online": 0.0}
+    if isinstance(fractions, ReplayFractions):
+        fractions = {key: getattr(fractions, key) for key in _SHARES}
+    if set(fractions) - set(_SHARES):
+        raise ValueError(
+            f"replay fractions: unknown keys {sorted(set(fractions) - set(_SHARES))}; "
+            f"use {', '.join(_SHARES)}"
+        )
+    shares = {key: float(fractions.get(key, 0.0)) for key in _SHARES}
+    if (
+        any(not np.isfinite(v) or v < 0 for v in shares.values())
+        or abs(sum(shares.values()) - 1.0) > 1e-6
+    ):
+        raise ValueError(
+            f"replay fractions must be >= 0 and sum to 1, got {shares}; fix replay.fractions"
+        )
+    return shares
+
+
+def _as_numpy(value: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach()
+        if value.is_floating_point():
+            value = value.float()
+        return value.cpu().numpy()
+    return np.asarray(value)
+
+
+def _shape_text(shapes: dict[str, tuple[int, ...]]) -> str:
+    return "{" + ", ".join(f"{k}: {list(s)}" for k, s in shapes.items()) + "}"
+
+
 class SequenceReplay:
     """FIFO replay of ``N`` env streams; samples windows of consecutive steps of one stream.
 
     ``capacity`` is in steps over all streams: each stream keeps its newest ``capacity // N``
     steps. ``chunk_size`` is clamped to that per-stream capacity.
 
+    ``fractions`` (``{"uniform", "recency", "online"}`` shares summing to 1, or a
+    ``ReplayFractions``) and ``context`` (0 or 1) are described in the module docstring.
+
     Shapes:
         add:    every value ``[N, ...]`` (one step of each stream); ``is_first`` required.
         sample: every value ``[B, T, ...]``; ``is_*`` and ``reward`` float32, others as stored.
+            With ``context=1`` also ``replay_index`` int64 ``[B, 2]`` (stream, start time),
+            ``context_valid`` float32 ``[B]`` and, once latents were written, ``context/<key>``
+            float32 ``[B, ...]``.
+        update_latents: ``index`` int ``[B, 2]``, every latent ``[B, T, ...]``.
     """
 
     def __init__(
@@ -112,6 +182,8 @@ class SequenceReplay:
         chunk_size: int = 1024,
         seed: int = 0,
         directory: str | Path | None = None,
+        fractions: ReplayFractions | dict[str, float] | None = None,
+        context: int = 0,
     ) -> None:
         for name, value in [
             ("capacity", capacity),
@@ -121,12 +193,17 @@ class SequenceReplay:
         ]:
             if int(value) < 1:
                 raise ValueError(f"replay {name} must be >= 1, got {value}")
+        if context not in (0, 1):
+            raise ValueError(f"replay context must be 0 or 1, got {context!r}")
         self.capacity = int(capacity)
         self.batch_size = int(batch_size)
         self.batch_length = int(batch_length)
         self.chunk_size = int(chunk_size)
+        self.context = int(context)
+        self.fractions = _check_fractions(fractions)
         self.directory = Path(directory) if directory is not None else None
         self._rng = np.random.default_rng(seed)
+        self._recency_cdf = np.zeros(0)  # cumulative recency weights over ages, cached
         self._reset()
 
     @classmethod
@@ -141,6 +218,8 @@ class SequenceReplay:
             chunk_size=cfg.chunk_size,
             seed=seed,
             directory=directory if cfg.save else None,
+            fractions=cfg.fractions,
+            context=cfg.context,
         )
 
     def _reset(self) -> None:
@@ -157,6 +236,12 @@ class SequenceReplay:
         # Times [_disk_first, _disk_end) are in chunk files written by this lineage, no gaps.
         self._disk_first = 0
         self._disk_end = 0
+        # The online queue: the next window handed out starts at this time, in this stream.
+        self._online_time = self.context
+        self._online_stream = 0
+        # Latents written by update_latents: key -> float32 [N, C, ...], and which steps hold one.
+        self._latents: dict[str, np.ndarray] = {}
+        self._latent_valid = np.zeros((0, 0), dtype=bool)
 
     # ---------------------------------------------------------------------------------
     # Adding
@@ -254,6 +339,10 @@ class SequenceReplay:
         slot = self._written % self._slots
         for key, buffer in self._data.items():
             buffer[:, slot] = arrays[key]
+        if self._latents:  # the slot's old step is gone, and its latent with it
+            self._latent_valid[:, slot] = False
+            for buffer in self._latents.values():
+                buffer[:, slot] = 0.0
         self._written += 1
         self._start = max(self._start, self._written - self._slots)
         if self.directory is not None and self._written % self._chunk == 0:
@@ -316,35 +405,45 @@ class SequenceReplay:
     # ---------------------------------------------------------------------------------
 
     def can_sample(self, batch_length: int | None = None) -> bool:
-        """Whether every stream holds at least one window of ``batch_length`` steps."""
+        """Whether every stream holds at least one window of ``batch_length`` steps (plus the
+        step before it with ``context=1``)."""
         length = self.batch_length if batch_length is None else batch_length
-        return self._num_streams > 0 and self._written - self._start >= length
+        return self._num_streams > 0 and self._written - self._start >= length + self.context
 
     def sample(
-        self, batch_size: int | None = None, batch_length: int | None = None
+        self,
+        batch_size: int | None = None,
+        batch_length: int | None = None,
+        *,
+        online: bool = True,
     ) -> dict[str, torch.Tensor]:
-        """``B`` windows of ``T`` consecutive steps, uniform over (stream, start) pairs.
+        """``B`` windows of ``T`` consecutive steps, drawn by ``fractions`` (module docstring).
+
+        The online queue serves only windows of the configured ``batch_length``: a sample of
+        another length, or with ``online=False`` (reports, evals), leaves the queue untouched
+        and draws its online share like the other windows.
 
         Shapes: every value ``[B, T, ...]``; ``is_*`` and ``reward`` float32, pixels uint8,
-        actions as stored.
+        actions as stored. With ``context=1`` also ``replay_index`` int64 ``[B, 2]`` (stream,
+        start time of each window), ``context_valid`` float32 ``[B]`` (1 where the step before
+        the window has a latent written by ``update_latents``) and, for every latent key
+        written so far, ``context/<key>`` float32 ``[B, ...]``: that step's latent (0 where not
+        valid). Before any latent was written there are no ``context/*`` keys.
         """
         b = self.batch_size if batch_size is None else int(batch_size)
         t = self.batch_length if batch_length is None else int(batch_length)
-        if self._num_streams and t > self._slots:
+        if self._num_streams and t + self.context > self._slots:
+            what = f"batch_length {t}" + (" + context 1" if self.context else "")
             raise ValueError(
-                f"replay.sample: batch_length {t} exceeds the {self._slots} steps each stream "
+                f"replay.sample: {what} exceeds the {self._slots} steps each stream "
                 f"keeps (capacity {self.capacity} / {self._num_streams} streams); raise capacity"
             )
         if not self.can_sample(t):
             raise ValueError(
                 f"replay.sample: each stream holds {self._written - self._start} steps, windows "
-                f"need {t}; collect more steps first (check can_sample())"
+                f"need {t + self.context}; collect more steps first (check can_sample())"
             )
-        starts_per_stream = self._written - self._start - t + 1
-        # One draw over all (stream, start) pairs: every stream holds the same times.
-        pick = self._rng.integers(0, self._num_streams * starts_per_stream, size=b)
-        stream = pick // starts_per_stream
-        start = self._start + pick % starts_per_stream
+        stream, start = self._pick(b, t, online and t == self.batch_length)
         slots = (start[:, None] + np.arange(t)) % self._slots
         index = stream[:, None] * self._slots + slots  # [B, T] into the flattened [N*C, ...]
         batch = {}
@@ -355,7 +454,162 @@ class SequenceReplay:
             if key in _FLAG_KEYS:
                 window = window.astype(np.float32)
             batch[key] = torch.from_numpy(window)
+        if self.context:
+            batch["replay_index"] = torch.from_numpy(np.stack([stream, start], 1).astype(np.int64))
+            before = stream * self._slots + (start - 1) % self._slots  # [B]
+            if self._latents:
+                for key, buffer in self._latents.items():
+                    flat = buffer.reshape(-1, *buffer.shape[2:])
+                    batch[f"context/{key}"] = torch.from_numpy(np.take(flat, before, axis=0))
+                valid = self._latent_valid.reshape(-1)[before].astype(np.float32)
+            else:
+                valid = np.zeros(b, dtype=np.float32)
+            batch["context_valid"] = torch.from_numpy(valid)
         return batch
+
+    def _pick(self, b: int, t: int, use_queue: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Streams and start times ``[b]`` of the windows of one batch (online ones first)."""
+        first = self._start + self.context  # the oldest start with a stored step before it
+        starts_per_stream = self._written - first - t + 1
+        total = self._num_streams * starts_per_stream
+        shares = self.fractions
+        parts: list[tuple[np.ndarray, np.ndarray]] = []
+        rest = b
+        if shares["online"] > 0:
+            wanted = shares["online"] * b
+            count = int(wanted)
+            if wanted > count and self._rng.random() < wanted - count:
+                count += 1  # stochastic rounding: `online * b` windows on average
+            if use_queue and count:
+                parts.append(self._take_online(count, t, first))
+                rest -= len(parts[0][0])
+        if rest:
+            if shares["recency"] == 0:
+                # One draw over all (stream, start) pairs: every stream holds the same times.
+                pick = self._rng.integers(0, total, size=rest)
+                stream, offset = pick // starts_per_stream, pick % starts_per_stream
+            elif shares["uniform"] == 0:
+                stream, offset = self._recency(rest, total, t)
+            else:
+                recent = self._rng.random(rest) < shares["recency"] / (
+                    shares["recency"] + shares["uniform"]
+                )
+                pick = self._rng.integers(0, total, size=rest)
+                stream, offset = pick // starts_per_stream, pick % starts_per_stream
+                r_stream, r_offset = self._recency(rest, total, t)
+                stream = np.where(recent, r_stream, stream)
+                offset = np.where(recent, r_offset, offset)
+            parts.append((stream, first + offset))
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def _take_online(self, count: int, t: int, first: int) -> tuple[np.ndarray, np.ndarray]:
+        """Up to ``count`` windows from the online queue (fewer when it holds fewer)."""
+        n = self._num_streams
+        if self._online_time < first:  # evicted before its turn: go on from the oldest kept
+            self._online_time, self._online_stream = first, 0
+        blocks = max(0, self._written - self._online_time) // t  # complete windows per stream
+        taken = min(count, max(0, blocks * n - self._online_stream))
+        j = self._online_stream + np.arange(taken)
+        stream, start = j % n, self._online_time + (j // n) * t
+        end = self._online_stream + taken
+        self._online_time += (end // n) * t
+        self._online_stream = end % n
+        return stream, start
+
+    def _recency(self, count: int, total: int, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """``count`` windows of ``t`` steps by recency: streams and start offsets from the
+        oldest start, among the ``total`` windows held.
+
+        Windows are ordered by start time, then stream; age 0 is the newest. Ages are drawn
+        over the windows of a full replay and scaled to the ``total`` held (DreamerV3's rule).
+        """
+        n = self._num_streams
+        full = n * (self._slots - self.context - t + 1)  # windows of a full replay
+        if len(self._recency_cdf) != full:
+            weights = 1.0 / np.arange(1, full + 1, dtype=np.float64) ** RECENCY_EXPONENT
+            self._recency_cdf = np.cumsum(weights)
+        cdf = self._recency_cdf
+        age = np.searchsorted(cdf, self._rng.random(count) * cdf[-1], side="right")
+        age = np.minimum(age, full - 1)
+        if total < full:
+            age = age * total // full
+        item = total - 1 - age
+        return item % n, item // n
+
+    # ---------------------------------------------------------------------------------
+    # Latents (replay context)
+    # ---------------------------------------------------------------------------------
+
+    def update_latents(
+        self, index: np.ndarray | torch.Tensor, latents: dict[str, np.ndarray | torch.Tensor]
+    ) -> None:
+        """Store the latents of every step of sampled windows, for later windows' context.
+
+        ``index`` is a batch's ``replay_index`` (stream, start time per window); ``latents``
+        holds per key the latent of each of the ``T`` steps of each window. Buffers of float32
+        ``[N, C, ...]`` per key are allocated at the first call (memory: capacity x latent size
+        x 4 bytes); later calls must bring the same keys and shapes. Steps evicted since the
+        sample (the ring wrapped past them) are skipped. Where windows of one call overlap,
+        one of them is kept.
+
+        Shapes: ``index`` int ``[B, 2]``; every latent ``[B, T, ...]`` (cast to float32).
+        """
+        index = _as_numpy(index)
+        arrays = {
+            key: _as_numpy(value).astype(np.float32, copy=False) for key, value in latents.items()
+        }
+        if index.ndim != 2 or index.shape[1] != 2 or index.dtype.kind not in "iu":
+            raise ValueError(
+                f"replay.update_latents: index must be int [B, 2] (stream, start), got "
+                f"{index.dtype}{list(index.shape)}; pass the batch's replay_index"
+            )
+        b = index.shape[0]
+        if not arrays or any(a.ndim < 2 or a.shape[0] != b for a in arrays.values()):
+            shapes = {k: list(a.shape) for k, a in arrays.items()}
+            raise ValueError(
+                f"replay.update_latents: every latent must be [B={b}, T, ...], got {shapes}"
+            )
+        t = next(iter(arrays.values())).shape[1]
+        shapes = {key: a.shape[2:] for key, a in arrays.items()}
+        if any(a.shape[1] != t for a in arrays.values()):
+            raise ValueError(
+                f"replay.update_latents: latents disagree on T: "
+                f"{ {k: a.shape[1] for k, a in arrays.items()} }; pass whole windows"
+            )
+        if self._latents:
+            expected = {key: buffer.shape[2:] for key, buffer in self._latents.items()}
+            if shapes != expected:
+                raise ValueError(
+                    f"replay.update_latents: latents {_shape_text(shapes)} differ from the first "
+                    f"call's {_shape_text(expected)}; write the same keys and shapes every time"
+                )
+        stream, start = index[:, 0].astype(np.int64), index[:, 1].astype(np.int64)
+        n = self._num_streams
+        if (
+            n == 0
+            or (stream < 0).any()
+            or (stream >= n).any()
+            or (start < 0).any()
+            or ((start + t > self._written).any())
+        ):
+            raise ValueError(
+                f"replay.update_latents: index holds windows this replay never sampled (streams "
+                f"0..{n - 1}, times < {self._written}, T={t}); pass the batch's replay_index"
+            )
+        if not self._latents:
+            self._latents = {
+                key: np.zeros((n, self._slots, *shape), dtype=np.float32)
+                for key, shape in shapes.items()
+            }
+            self._latent_valid = np.zeros((n, self._slots), dtype=bool)
+        times = start[:, None] + np.arange(t)  # [B, T]
+        kept = times >= self._start  # overwritten steps belong to newer data now
+        flat_index = (stream[:, None] * self._slots + times % self._slots)[kept]
+        for key, buffer in self._latents.items():
+            buffer.reshape(-1, *buffer.shape[2:])[flat_index] = arrays[key][kept]
+        self._latent_valid.reshape(-1)[flat_index] = True
 
     def stats(self) -> dict[str, float]:
         """Replay metrics for the logger's ``train/`` namespace."""
@@ -366,8 +620,12 @@ class SequenceReplay:
         }
 
     def memory_bytes(self) -> int:
-        """Bytes of the preallocated step storage (fixed after the first add)."""
-        return int(sum(buffer.nbytes for buffer in self._data.values()))
+        """Bytes of the preallocated step storage (fixed after the first add), plus the latent
+        buffers (fixed after the first ``update_latents``)."""
+        latents = sum(buffer.nbytes for buffer in self._latents.values())
+        if self._latents:
+            latents += self._latent_valid.nbytes
+        return int(sum(buffer.nbytes for buffer in self._data.values()) + latents)
 
     # ---------------------------------------------------------------------------------
     # Persistence
@@ -378,9 +636,11 @@ class SequenceReplay:
         return [[k, d.str, list(s)] for k, (d, s) in self._specs.items()]
 
     def save(self, path: str | Path) -> Path:
-        """Write the state not already in chunk files (tail, counters, RNG) to the file ``path``.
+        """Write the state not already in chunk files (tail, counters, RNG, online-queue
+        position, and the latents of the tail's steps) to the file ``path``.
 
-        Without a ``directory`` every stored step goes into ``path``. Returns ``path``.
+        Without a ``directory`` every stored step and its latent goes into ``path``. Returns
+        ``path``.
         """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -414,11 +674,17 @@ class SequenceReplay:
                 if (c + 1) * self._chunk > self._start
             },
             "rng": self._rng.bit_generator.state,
+            "online": [self._online_time, self._online_stream],
+            "latent_keys": [[k, list(b.shape[2:])] for k, b in self._latents.items()],
         }
         arrays = {"meta": _encode_json(meta)}
         slots = self._times_to_slots(on_disk_until, self._written) if self._slots else None
         for i, buffer in enumerate(self._data.values()):
             arrays[f"tail_{i}"] = buffer[:, slots]
+        if self._latents:  # the latents of the same steps as the tail (module docstring)
+            for i, buffer in enumerate(self._latents.values()):
+                arrays[f"latent_{i}"] = buffer[:, slots]
+            arrays["latent_valid"] = self._latent_valid[:, slots]
         _write_npz(path, arrays, fsync=True)
         return path
 
@@ -427,7 +693,8 @@ class SequenceReplay:
 
         Replaces everything this replay holds. Chunks deleted meanwhile (the run went on far
         past this checkpoint) are skipped with a warning; any other missing or corrupt file
-        raises ``ReplayError`` naming it.
+        raises ``ReplayError`` naming it. Latents come back for the steps the state file holds;
+        steps restored from chunk files have none (``context_valid`` 0) until written again.
         """
         path = Path(path)
         state = _read_npz(path, "replay state")
@@ -457,6 +724,8 @@ class SequenceReplay:
         self._reset()
         self._rng = rng
         if meta["keys"] is None:  # saved before the first add
+            if "online" in meta:
+                self._online_time, self._online_stream = (int(v) for v in meta["online"])
             return
         specs = {k: (np.dtype(d), tuple(s)) for k, d, s in meta["keys"]}
         self._allocate(specs, int(meta["num_streams"]))
@@ -489,6 +758,34 @@ class SequenceReplay:
         self._disk_first = first_kept // self._chunk * self._chunk
         self._disk_end = tail_from
         self._chunk_uids = {c: u for c, u in uids.items() if (c + 1) * self._chunk > first_kept}
+        # States from before the online queue: only steps added from now on are online.
+        self._online_time, self._online_stream = (int(v) for v in meta.get("online", [written, 0]))
+        self._load_latents(path, state, meta.get("latent_keys") or [], slots, written - tail_from)
+
+    def _load_latents(
+        self,
+        path: Path,
+        state: dict[str, np.ndarray],
+        keys: list[list[Any]],
+        slots: np.ndarray,
+        steps: int,
+    ) -> None:
+        """Restore the latents ``save`` wrote for the tail's ``steps`` (in ``slots``)."""
+        if not keys:
+            return
+        n = self._num_streams
+        latents = {k: np.zeros((n, self._slots, *s), dtype=np.float32) for k, s in keys}
+        valid = np.zeros((n, self._slots), dtype=bool)
+        saved_valid = state.get("latent_valid")
+        if saved_valid is None or saved_valid.shape != (n, steps) or saved_valid.dtype != bool:
+            raise ReplayError(f"replay state {path} lacks valid latent flags; it is corrupt")
+        valid[:, slots] = saved_valid
+        for i, (key, buffer) in enumerate(latents.items()):
+            saved = state.get(f"latent_{i}")
+            if saved is None or saved.shape != (n, steps, *buffer.shape[2:]):
+                raise ReplayError(f"replay state {path} lacks a valid latent '{key}'; corrupt")
+            buffer[:, slots] = saved
+        self._latents, self._latent_valid = latents, valid
 
     def _load_chunks(
         self,

@@ -47,12 +47,15 @@ def main(argv: list[str]) -> int:
         to_dict,
     )
 
-    if argv and argv[0] in ("-h", "--help"):
+    flags = [i for i, arg in enumerate(argv) if arg in ("-h", "--help")]
+    if flags:
         # The sections, or one section's keys with type, default and doc (from the config
-        # classes themselves; agents' sections included).
+        # classes themselves; agents' sections included): `--help [section]`, anywhere.
+        after = argv[flags[0] + 1 : flags[0] + 2]
+        section = after[0] if after and "=" not in after[0] else None
         try:
-            print(__doc__ if len(argv) == 1 else "")
-            print(describe(argv[1] if len(argv) > 1 else None))
+            print(__doc__ if section is None else "")
+            print(describe(section))
         except ConfigError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2

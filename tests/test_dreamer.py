@@ -381,3 +381,288 @@ def test_size_presets_have_the_published_parameter_counts(preset):
         counts.append(_millions(published))
     # The README rounds them: `xs` (3.1M / 8.2M), `dreamer_tiny` (0.55M, ...).
     assert f"`{preset}` ({' / '.join(counts)}" in _readme_sizes()
+
+
+# ----------------------------------------------------------------------------------------
+# Current DreamerV3 options: agent.optimizer=laprop, agent.imagine_start_continue,
+# agent.replay_critic_grad_wm, replay.context
+# ----------------------------------------------------------------------------------------
+def _parts(agent: DreamerAgent) -> dict[str, nn.Module]:
+    return {"world_model": agent.wm, "actor": agent.actor, "critic": agent.critic}
+
+
+def _snapshot(agent: DreamerAgent) -> dict[str, dict[str, torch.Tensor]]:
+    return {
+        name: {k: p.detach().clone() for k, p in module.named_parameters()}
+        for name, module in _parts(agent).items()
+    }
+
+
+def _changed(agent: DreamerAgent, before) -> dict[str, bool]:
+    return {
+        name: any(not torch.equal(p, before[name][k]) for k, p in module.named_parameters())
+        for name, module in _parts(agent).items()
+    }
+
+
+def _save_load(state: dict) -> dict:
+    """What the checkpointer does: weights as tensors, the rest through weights_only."""
+    buffer = io.BytesIO()
+    torch.save({k: v for k, v in state.items() if k != "weights"}, buffer)
+    buffer.seek(0)
+    return {"weights": state["weights"], **torch.load(buffer, weights_only=True)}
+
+
+@pytest.mark.parametrize("action_space", [BOX, DISCRETE], ids=["box", "discrete"])
+def test_laprop_is_one_step_of_one_optimizer_after_all_losses(action_space):
+    """agent.optimizer=laprop: one LaProp over world model, actor and critic; the behaviour
+    losses are built on the world model before its step; one step per update trains all three;
+    its state round-trips through a checkpoint and an Adam agent refuses it."""
+    obs = {"state": STATE}
+    agent = make(obs, action_space, "agent.optimizer=laprop", "agent.warmup=0")
+    assert agent.opt is not None and agent.wm_opt is None and agent.actor_opt is None
+    held = {id(p) for group in agent.opt.param_groups for p in group["params"]}
+    assert held == {id(p) for m in _parts(agent).values() for p in m.parameters()}
+    events = []
+    agent.opt.register_step_pre_hook(lambda *_: events.append("step"))
+    behaviour_forward = agent._behaviour_forward
+
+    def recording(post, data):
+        events.append("behaviour")
+        wm_now = {k: p.detach().clone() for k, p in agent.wm.named_parameters()}
+        assert all(torch.equal(p, before["world_model"][k]) for k, p in wm_now.items())
+        return behaviour_forward(post, data)
+
+    agent._behaviour_forward = recording
+    before = _snapshot(agent)
+    batch = make_batch(obs, action_space)
+    metrics = agent.update(batch)
+    assert events == ["behaviour", "step"]
+    assert _changed(agent, before) == {"world_model": True, "actor": True, "critic": True}
+    assert all(math.isfinite(float(v)) for v in metrics.values())
+    for key in ("train/grad_norm", "train/grad_norm_world_model", "train/grad_norm_actor"):
+        assert float(metrics[key]) > 0, key
+    assert float(metrics["train/lr"]) == pytest.approx(4e-5)
+    del agent._behaviour_forward
+
+    state = agent.state_dict()
+    assert set(state["optimizers"]) == {"all"}
+    other = make(obs, action_space, "agent.optimizer=laprop", "agent.warmup=0", seed=7)
+    other.load_state_dict(_save_load(state))
+    torch.manual_seed(3)
+    m1 = agent.update(batch)
+    torch.manual_seed(3)
+    m2 = other.update(batch)
+    assert m1 == m2
+    for key, value in other.state_dict()["weights"].items():
+        assert torch.equal(value, agent.state_dict()["weights"][key]), key
+    with pytest.raises(ValueError, match="agent.optimizer=laprop"):
+        make(obs, action_space).load_state_dict(_save_load(state))
+
+
+def test_laprop_warmup_starts_from_a_zero_learning_rate():
+    """DreamerV3's warm-up reads the schedule at the count before the step: the first update
+    fills the moments and moves nothing, the second moves every part by lr / warmup."""
+    obs = {"state": STATE}
+    agent = make(obs, BOX, "agent.optimizer=laprop", "agent.warmup=10")
+    before = _snapshot(agent)
+    metrics = agent.update(make_batch(obs, BOX))
+    assert float(metrics["train/lr"]) == 0.0
+    assert _changed(agent, before) == {"world_model": False, "actor": False, "critic": False}
+    metrics = agent.update(make_batch(obs, BOX, seed=1))
+    assert float(metrics["train/lr"]) == pytest.approx(4e-6)
+    assert all(_changed(agent, before).values())
+
+
+def test_laprop_rejects_greedy_infomax():
+    from runtime.config import ConfigError
+
+    with pytest.raises(ConfigError, match="agent.optimizer=laprop cannot train"):
+        build_config(
+            [
+                "agent=dreamer",
+                "preset=dreamer_debug",
+                "agent.optimizer=laprop",
+                "world_model.greedy_infomax.modules=2",
+            ]
+        )
+
+
+def test_laprop_keeps_sparse_masks():
+    """Sparse masks follow the single optimizer: pruned weights and their moments stay 0."""
+    obs = {"state": STATE}
+    agent = make(
+        obs,
+        BOX,
+        "agent.optimizer=laprop",
+        "agent.warmup=0",
+        "sparse.enabled=true",
+        "sparse.density=0.2",
+        "sparse.method=rigl",
+        "sparse.update_every=1",
+    )
+    batch = make_batch(obs, BOX)
+    for _ in range(2):
+        metrics = agent.update(batch)
+    assert all(math.isfinite(float(v)) for v in metrics.values())
+    assert agent.sparsifier.step_count == 2
+    for la in agent.sparsifier.sparse_layers:
+        pruned = la.p.mask == 0
+        state = agent.opt.state[la.original]
+        assert not la.original.detach()[pruned].any(), la.name
+        assert not state["exp_avg"][pruned].any() and not state["exp_avg_sq"][pruned].any()
+
+
+def test_imagine_start_continue_weights_step_zero_by_the_continue_head():
+    obs = {"state": STATE}
+    on = make(obs, BOX, "agent.imagine_start_continue=true")
+    off = make(obs, BOX)  # same seed, same weights
+    feat = torch.randn(4, 3, on.wm.feat_size)
+    start = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    predicted = on.wm.continue_prob(feat)
+    assert torch.equal(on._imagined_continue(feat, start), predicted)
+    default = off._imagined_continue(feat, start)
+    assert torch.equal(default[:, 0], start) and torch.equal(default[:, 1:], predicted[:, 1:])
+    metrics = on.update(make_batch(obs, BOX))
+    assert all(math.isfinite(float(v)) for v in metrics.values())
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "laprop"])
+def test_replay_critic_grad_reaches_the_world_model(optimizer):
+    """agent.replay_critic_grad_wm: the replay value loss backpropagates through the posterior
+    into the world model (DreamerV3's repval_grad) and the critic, never into the actor; the
+    imagination still leaves the world model alone."""
+    obs = {"state": STATE}
+    extra = (f"agent.optimizer={optimizer}", "agent.warmup=0")
+    agent = make(obs, BOX, "agent.replay_critic_grad_wm=true", *extra)
+    with torch.no_grad():  # a zero-initialised output layer passes no gradient to its input
+        agent.critic.net.out.weight.normal_(0, 0.1)
+    data = agent.preprocess(make_batch(obs, BOX))
+    _, _, post = agent._world_model_forward(data)
+    assert post["deter"].requires_grad
+    boot = torch.randn(data["reward"].numel())
+    loss, _ = agent._replay_critic_loss(post, data, boot)
+    groups = {name: list(m.parameters()) for name, m in _parts(agent).items()}
+    flat = [p for group in groups.values() for p in group]
+    grads = dict(zip(map(id, flat), torch.autograd.grad(loss, flat, allow_unused=True)))
+    for name, group in groups.items():
+        reached = any(grads[id(p)] is not None and grads[id(p)].abs().sum() > 0 for p in group)
+        assert reached == (name != "actor"), name
+    encoder = list(agent.wm.encoder.parameters())
+    assert any(grads[id(p)] is not None and grads[id(p)].abs().sum() > 0 for p in encoder)
+
+    # Without the replay value loss the behaviour losses do not reach the world model.
+    quiet = make(obs, BOX, "agent.replay_critic_grad_wm=true", "agent.replay_critic_scale=0")
+    data = quiet.preprocess(make_batch(obs, BOX))
+    _, _, post = quiet._world_model_forward(data)
+    behaviour, _ = quiet._behaviour_forward(post, data)
+    wm = list(quiet.wm.parameters())
+    assert all(g is None for g in torch.autograd.grad(behaviour, wm, allow_unused=True))
+
+    before = _snapshot(agent)
+    metrics = agent.update(make_batch(obs, BOX, seed=1))
+    assert all(math.isfinite(float(v)) for v in metrics.values())
+    assert all(_changed(agent, before).values())
+    assert "train/grad_norm_world_model" in metrics and "train/grad_norm_critic" in metrics
+
+
+def _context_batch(agent: DreamerAgent, B: int = 3, T: int = 10):
+    """A state-task batch as the replay hands it with replay.context=1: windows mid-episode
+    (row 2 starts an episode), stored states for rows 0 and 2, none for row 1."""
+    batch = make_batch({"state": STATE}, BOX, B=B, T=T)
+    batch["is_first"][:, 0] = 0
+    batch["is_first"][2, 0] = 1
+    c = agent.wm.rssm.config
+    gen = torch.Generator().manual_seed(5)
+    classes = torch.randint(0, c.classes, (B, c.stoch), generator=gen)
+    context = {
+        "deter": torch.randn(B, c.deter, generator=gen).tanh(),
+        "stoch": torch.nn.functional.one_hot(classes, c.classes).float(),
+        "action": torch.rand(B, 2, generator=gen) * 2 - 1,
+    }
+    batch.update({f"context/{k}": v for k, v in context.items()})
+    batch["context_valid"] = torch.tensor([1.0, 0.0, 1.0])
+    batch["replay_index"] = torch.tensor([[0, 5], [1, 7], [0, 40]])
+    return batch, context
+
+
+def test_replay_context_starts_observe_from_the_stored_state():
+    agent = make({"state": STATE}, BOX, "replay.context=1")
+    assert agent.context and agent.replay_latents() is None
+    batch, context = _context_batch(agent)
+    rssm = agent.wm.rssm
+    with torch.no_grad():
+        init = {k: v.clone() for k, v in rssm.initial(3).items()}
+        # Step 0 of rows 0 and 1 (no reset there): h_0 = GRU(h_-1, z_-1, a_-1) is sampling-free.
+        action_0 = torch.stack([context["action"][0], torch.zeros(2)])
+        expected_deter = rssm.core(
+            torch.stack([context["deter"][0], init["deter"][1]]),
+            torch.stack([context["stoch"][0], init["stoch"][1]]),
+            rssm.action_features(action_0),
+        )
+    seen = []
+    observe = rssm.observe
+
+    def recording(embed, action, is_first, state=None, sample=True):
+        post, prior = observe(embed, action, is_first, state, sample)
+        seen.append(({k: v.detach().clone() for k, v in state.items()}, post))
+        return post, prior
+
+    rssm.observe = recording
+    metrics = agent.update(batch)
+    del rssm.observe
+    assert all(math.isfinite(float(v)) for v in metrics.values())
+    ((state, post),) = seen
+    for key in ("deter", "stoch", "action"):
+        base = init[key] if key != "action" else torch.zeros(3, 2)
+        for row, valid in enumerate((True, False, True)):
+            want = context[key][row] if valid else base[row]
+            assert torch.equal(state[key][row], want), (key, row)
+    torch.testing.assert_close(post["deter"][:2, 0], expected_deter)
+
+    latents = agent.replay_latents()
+    c = rssm.config
+    assert latents["deter"].shape == (3, 10, c.deter)
+    assert latents["stoch"].shape == (3, 10, c.stoch, c.classes)
+    assert latents["action"].shape == (3, 10, 2)
+    assert all(v.dtype == torch.float32 and not v.requires_grad for v in latents.values())
+    assert torch.equal(latents["deter"], post["deter"].detach())
+    assert torch.equal(latents["stoch"], post["stoch"].detach())
+    assert torch.equal(latents["action"], batch["action"])
+
+
+def test_replay_context_before_the_first_write_and_off():
+    """Before the replay stored any latent its batches carry no context/<key>: the update
+    starts from the initial state, with the same inputs as later updates."""
+    obs = {"state": STATE}
+    agent = make(obs, BOX, "replay.context=1", "agent.optimizer=laprop")
+    batch = make_batch(obs, BOX)
+    batch["context_valid"] = torch.zeros(3)
+    batch["replay_index"] = torch.zeros(3, 2, dtype=torch.long)
+    agent.update(batch)
+    latents = agent.replay_latents()
+    assert set(latents) == {"deter", "stoch", "action"}
+    full, _ = _context_batch(agent)
+    assert all(math.isfinite(float(v)) for v in agent.update(full).values())
+    assert make(obs, BOX).replay_latents() is None
+
+
+# DreamerV3's size presets (agents/presets/size*.yaml; table in size1m.yaml) on the same two
+# tasks, for the sizes whose build takes under 5 s on one CPU thread (size50m about 4 s; larger
+# ones are listed in size1m.yaml only).
+DREAMERV3_SIZE_PARAMETERS = {
+    "size1m": (639_238, 959_160),
+    "size12m": (9_731_590, 14_857_416),
+    "size25m": (21_773_318, 33_308_200),
+    "size50m": (38_599_174, 59_107_208),
+}
+
+
+@pytest.mark.parametrize("preset", list(DREAMERV3_SIZE_PARAMETERS))
+def test_dreamerv3_size_presets_parameter_counts(preset):
+    config = build_config(["agent=dreamer", "accelerator=cpu", f"preset={preset}"])
+    for (obs, action_space), expected in zip(
+        (STATE_TASK, PIXEL_TASK), DREAMERV3_SIZE_PARAMETERS[preset]
+    ):
+        parts = make_agent(config, gym.spaces.Dict(obs), action_space).num_parameters()
+        assert parts["total"] == expected, (preset, sorted(obs), parts)

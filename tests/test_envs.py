@@ -44,14 +44,18 @@ def _assert_obs_equal(a: dict, b: dict) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def test_mujoco_below_4() -> None:
+def test_mujoco_and_dm_control_versions_fit_together() -> None:
+    """mujoco 4 renamed model fields that dm-control before 1.0.52 reads ('MjModel' object
+    has no attribute 'flex_vertedge'); pyproject.toml asks for both at once."""
+    from importlib.metadata import version
+
     import mujoco
     from packaging.version import Version
 
-    assert Version(mujoco.__version__) < Version("4"), (
-        "dm-control 1.0.50 breaks with mujoco 4 ('MjModel' object has no attribute "
-        "'flex_vertedge'); keep the mujoco<4 pin in pyproject.toml"
-    )
+    if Version(mujoco.__version__) >= Version("4"):
+        assert Version(version("dm-control")) >= Version("1.0.52"), (
+            "mujoco >= 4 needs dm-control >= 1.0.52: pip install 'dm-control>=1.0.52'"
+        )
 
 
 def test_import_sets_mujoco_gl_when_unset() -> None:

@@ -366,3 +366,335 @@ def test_fill_with_random_policy_fills_to_capacity():
     batch = replay.sample()
     assert batch["state"].shape == (2, 5, 3) and batch["action"].shape == (2, 5, 1)
     assert batch["is_first"].dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------
+# Fractions: uniform, recency and the online queue
+# ---------------------------------------------------------------------------------------
+
+
+def starts_of(batch: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+    """(stream, start time) of every window, read from the stored ``state``."""
+    state = batch["state"].numpy()
+    return state[:, 0, 2].astype(int), state[:, 0, 1].astype(int)
+
+
+def test_default_fractions_draw_exactly_the_uniform_replay():
+    """The default (all uniform) makes the draws of the replay before fractions existed: one
+    ``integers`` call over every (stream, start) pair, so old seeds and resumes are unchanged."""
+    replays = [
+        make(capacity=60, batch_size=16, batch_length=5, seed=4),
+        make(capacity=60, batch_size=16, batch_length=5, seed=4, fractions={"uniform": 1.0}),
+        SequenceReplay.from_config(
+            ReplayConfig(capacity=60, batch_size=16, batch_length=5, save=False), seed=4
+        ),
+    ]
+    for replay in replays:
+        fill(replay, Streams(3, seed=2), 47)  # 20 slots per stream: times 27..46
+    rng = np.random.default_rng(4)
+    for _ in range(3):
+        pick = rng.integers(0, 3 * 16, size=16)  # 16 starts per stream
+        expected = (pick // 16, 27 + pick % 16)
+        for replay in replays:
+            stream, start = starts_of(replay.sample())
+            np.testing.assert_array_equal(stream, expected[0])
+            np.testing.assert_array_equal(start, expected[1])
+
+
+def test_online_queue_hands_out_new_windows_once_in_order():
+    replay = make(capacity=200, batch_size=3, batch_length=4, fractions={"online": 1.0})
+    streams = Streams(2)
+    fill(replay, streams, 10)  # complete blocks [0, 4) and [4, 8) of both streams
+    stream, start = starts_of(replay.sample())
+    assert list(zip(stream, start)) == [(0, 0), (1, 0), (0, 4)]
+    stream, start = starts_of(replay.sample())
+    assert (stream[0], start[0]) == (1, 4)  # the last queued window, then uniform draws
+    check_windows(replay.sample(), 0, 9)  # queue empty: all uniform, nothing beyond time 9
+    fill(replay, streams, 5)  # block [8, 12) is complete, [12, 16) not yet
+    stream, start = starts_of(replay.sample())
+    assert list(zip(stream[:2], start[:2])) == [(0, 8), (1, 8)]
+    # Reports (another length, or online=False) leave the queue alone.
+    fill(replay, streams, 4)
+    replay.sample(batch_length=3)
+    replay.sample(online=False)
+    stream, start = starts_of(replay.sample())
+    assert list(zip(stream[:2], start[:2])) == [(0, 12), (1, 12)]
+    assert start[2] <= 19 - 4  # [16, 20) is not complete: the third window is a uniform one
+
+
+def test_online_queue_skips_evicted_windows_and_respects_context():
+    replay = make(capacity=40, batch_size=4, batch_length=5, context=1, fractions={"online": 1})
+    fill(replay, Streams(2), 60)  # 20 slots: times 40..59; windows need a kept step before
+    stream, start = starts_of(replay.sample())
+    # The queue's old blocks (from time 1) were evicted: it goes on from the oldest valid start.
+    assert list(zip(stream, start)) == [(0, 41), (1, 41), (0, 46), (1, 46)]
+
+
+def test_online_share_is_rounded_stochastically():
+    replay = make(capacity=2000, batch_size=3, batch_length=2)
+    replay.fractions = {"uniform": 0.5, "recency": 0.0, "online": 0.5}
+    fill(replay, Streams(1), 1000)  # 500 queued windows: more than the samples take
+    taken = []
+    for _ in range(200):
+        before = replay._online_time
+        replay.sample()
+        taken.append((replay._online_time - before) // 2)
+    assert set(taken) == {1, 2} and abs(np.mean(taken) - 1.5) < 0.2
+
+
+def recency_ages(replay: SequenceReplay, samples: int) -> np.ndarray:
+    """Ages in windows (newest 0, ordered by start time then stream) of sampled windows."""
+    stream, start = starts_of(replay.sample(batch_size=samples))
+    n = replay.num_streams
+    newest = (replay._written - replay.batch_length) * n + n - 1
+    return newest - (start * n + stream)
+
+
+def test_recency_follows_dreamerv3s_distribution():
+    replay = make(capacity=1000, batch_length=4, fractions={"recency": 1.0})
+    fill(replay, Streams(2), 700)  # full: 500 slots per stream, 497 starts each
+    ages = recency_ages(replay, 40_000)
+    full = 2 * 497
+    weights = 1.0 / np.arange(1, full + 1)
+    expected = weights / weights.sum()
+    assert ages.min() >= 0 and ages.max() < full
+    for age in (0, 1, 5):
+        assert abs(np.mean(ages == age) - expected[age]) < 0.25 * expected[age] + 0.002
+    assert abs(np.mean(ages < 100) - expected[:100].sum()) < 0.02
+    # Half full: the same ages, scaled to the windows held.
+    half = make(capacity=1000, batch_length=4, fractions={"recency": 1.0})
+    fill(half, Streams(2), 250)
+    held = 2 * 247
+    ages = recency_ages(half, 40_000)
+    assert ages.max() < held
+    scaled = np.bincount(np.arange(full) * held // full, weights=expected, minlength=held)
+    assert abs(np.mean(ages == 0) - scaled[0]) < 0.25 * scaled[0]
+
+
+def test_recency_favours_new_windows_and_mixes_with_uniform():
+    mean_start = {}
+    for name, shares in {
+        "uniform": {"uniform": 1.0},
+        "mix": {"uniform": 0.5, "recency": 0.5},
+        "recency": {"recency": 1.0},
+    }.items():
+        replay = make(capacity=400, batch_size=4000, batch_length=4, fractions=shares)
+        fill(replay, Streams(2), 300)  # times 100..299
+        check_windows(replay.sample(), 100, 299)
+        mean_start[name] = starts_of(replay.sample())[1].mean()
+    assert mean_start["uniform"] == pytest.approx(100 + 196 / 2, abs=4)
+    assert mean_start["uniform"] + 30 < mean_start["mix"] < mean_start["recency"] - 30
+
+
+def test_fractions_are_checked():
+    for shares, match in [
+        ({"uniform": 0.5}, "sum to 1"),
+        ({"uniform": 1.5, "recency": -0.5}, ">= 0"),
+        ({"uniform": 0.5, "newest": 0.5}, "unknown keys"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            make(fractions=shares)
+    with pytest.raises(ValueError, match="context must be 0 or 1"):
+        make(context=2)
+
+
+def test_fractions_and_context_config_keys():
+    from runtime.config import ConfigError, build_config
+
+    config = build_config(
+        [
+            "agent=random",
+            "replay.fractions.uniform=0.5",
+            "replay.fractions.recency=0.3",
+            "replay.fractions.online=0.2",
+            "replay.context=1",
+        ]
+    )
+    replay = SequenceReplay.from_config(config.replay)
+    assert replay.fractions == {"uniform": 0.5, "recency": 0.3, "online": 0.2}
+    assert replay.context == 1
+    for args, match in [
+        (["replay.fractions.online=0.5"], r"replay.fractions: .* must sum to 1.*uniform=0.5"),
+        (["replay.fractions.uniform=-1"], r"replay.fractions.uniform: must be >= 0"),
+        (["replay.context=2"], "replay.context: must be 0 .* or 1"),
+        (
+            ["replay.capacity=64", "replay.batch_length=64", "replay.context=1"],
+            r"batch_length \+ replay.context \(65\)",
+        ),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            build_config(["agent=random", *args])
+
+
+# ---------------------------------------------------------------------------------------
+# Context: stored latents
+# ---------------------------------------------------------------------------------------
+
+
+def latent_of(stream: np.ndarray, time: np.ndarray) -> dict[str, np.ndarray]:
+    """A latent that names its step: deter [.., 3] = (stream, time, 1), stoch [.., 2, 2]."""
+    stream, time = np.broadcast_arrays(stream, time)
+    deter = np.stack([stream, time, np.ones_like(time)], -1).astype(np.float32)
+    stoch = (time[..., None, None] * 10 + stream[..., None, None] + np.eye(2)).astype(np.float32)
+    return {"deter": deter, "stoch": stoch}
+
+
+def write_batch_latents(replay: SequenceReplay, batch: dict[str, torch.Tensor]) -> None:
+    index = batch["replay_index"].numpy()
+    times = index[:, 1:] + np.arange(batch["is_first"].shape[1])
+    latents = latent_of(index[:, :1], times)
+    replay.update_latents(index, {k: torch.from_numpy(v) for k, v in latents.items()})
+
+
+def test_context_windows_start_after_a_stored_step():
+    replay = make(capacity=40, batch_size=512, batch_length=6, context=1)
+    streams = Streams(2)
+    fill(replay, streams, 6)
+    assert not replay.can_sample()  # 6 steps: no step before a 6-step window yet
+    fill(replay, streams, 1)
+    batch = replay.sample()
+    stream, start = starts_of(batch)
+    assert (start == 1).all()
+    fill(replay, streams, 50)  # 20 slots: times 37..56
+    batch = replay.sample()
+    check_windows(batch, 38, 56)
+    stream, start = starts_of(batch)
+    assert set(start) == set(range(38, 52))
+    index = batch["replay_index"]
+    assert index.dtype == torch.int64 and index.shape == (512, 2)
+    np.testing.assert_array_equal(index.numpy(), np.stack([stream, start], 1))
+    # Before any write: no latents, nothing valid.
+    assert not [k for k in batch if k.startswith("context/")]
+    assert batch["context_valid"].dtype == torch.float32
+    assert batch["context_valid"].shape == (512,) and not batch["context_valid"].any()
+
+
+def test_update_latents_writes_the_batch_and_later_windows_start_from_it():
+    replay = make(capacity=200, batch_size=8, batch_length=5, context=1)
+    fill(replay, Streams(2, seed=4), 60)
+    written = np.zeros((2, 60), dtype=bool)
+    for _ in range(4):
+        batch = replay.sample()
+        write_batch_latents(replay, batch)
+        for s, t0 in batch["replay_index"].numpy():
+            written[s, t0 : t0 + 5] = True
+    # Exactly the steps of the batches hold their latents, in their (stream, slot).
+    valid = replay._latent_valid
+    np.testing.assert_array_equal(valid[:, :60], written)
+    s, t = np.nonzero(written)
+    expected = latent_of(s, t)
+    for key in ("deter", "stoch"):
+        np.testing.assert_array_equal(replay._latents[key][s, t], expected[key])
+    assert replay._latents["deter"].dtype == np.float32
+    assert replay._latents["stoch"].shape == (2, 100, 2, 2)
+    # Every later window carries the stored latent of the step before it.
+    batch = replay.sample(batch_size=2000)
+    stream, start = batch["replay_index"].numpy().T
+    before_written = written[stream, start - 1]
+    np.testing.assert_array_equal(batch["context_valid"].numpy(), before_written.astype(np.float32))
+    assert 0 < before_written.mean() < 1
+    expected = latent_of(stream, start - 1)
+    for key in ("deter", "stoch"):
+        context = batch[f"context/{key}"]
+        assert context.dtype == torch.float32 and context.shape == (2000, *expected[key].shape[1:])
+        np.testing.assert_array_equal(
+            context.numpy()[before_written], expected[key][before_written]
+        )
+        assert not context.numpy()[~before_written].any()
+
+
+def test_stale_index_after_the_ring_wraps_is_skipped():
+    replay = make(capacity=40, batch_size=4, batch_length=6, context=1)
+    streams = Streams(2)
+    fill(replay, streams, 30)  # 20 slots: times 10..29
+    batch = replay.sample()
+    index = batch["replay_index"].numpy().copy()
+    index[:, 1] = [11, 12, 20, 24]  # windows 11..16, 12..17, 20..25, 24..29
+    batch["replay_index"] = torch.from_numpy(index)
+    fill(replay, streams, 5)  # times 15..34 kept; slots of 10..14 now hold 30..34
+    write_batch_latents(replay, batch)
+    for s, t0 in index:
+        for time in range(t0, t0 + 6):
+            slot_valid = replay._latent_valid[s, time % 20]
+            assert slot_valid == (time >= 15), (s, time)
+    # Steps 30..34 (in the slots of 10..14) hold no latent: nothing stale was written there.
+    assert not replay._latents["deter"][:, np.arange(30, 35) % 20].any()
+    # A new step clears the latent of the slot it overwrites.
+    fill(replay, streams, 2)  # times 35, 36 overwrite 15, 16
+    assert not replay._latent_valid[:, [15, 16]].any()
+
+
+def test_update_latents_refuses_bad_input():
+    replay = make(capacity=100, batch_size=2, batch_length=4, context=1)
+    fill(replay, Streams(2), 20)
+    batch = replay.sample()
+    index = batch["replay_index"]
+    good = {"deter": np.zeros((2, 4, 3)), "stoch": np.zeros((2, 4, 2, 2))}
+    replay.update_latents(index, good)
+    for latents, match in [
+        ({"deter": np.zeros((2, 4, 5)), "stoch": np.zeros((2, 4, 2, 2))}, "differ from"),
+        ({"deter": np.zeros((2, 4, 3))}, "differ from"),
+        ({"deter": np.zeros((3, 4, 3)), "stoch": np.zeros((3, 4, 2, 2))}, r"\[B=2, T"),
+        ({"deter": np.zeros((2, 4, 3)), "stoch": np.zeros((2, 3, 2, 2))}, "disagree on T"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            replay.update_latents(index, latents)
+    with pytest.raises(ValueError, match="int \\[B, 2\\]"):
+        replay.update_latents(index.float(), good)
+    with pytest.raises(ValueError, match="never sampled"):
+        replay.update_latents(np.array([[0, 17], [2, 3]]), good)  # stream 2; times past 19
+
+
+def context_replay(**kwargs) -> SequenceReplay:
+    shares = {"uniform": 0.5, "recency": 0.25, "online": 0.25}
+    return make(batch_size=8, batch_length=4, context=1, fractions=shares, **kwargs)
+
+
+def test_save_load_round_trips_latents_flags_and_sampler(tmp_path: Path):
+    replay = context_replay(capacity=60)
+    streams = Streams(3, seed=8)
+    fill(replay, streams, 50)  # wrapped: 20 slots per stream
+    for _ in range(3):
+        write_batch_latents(replay, replay.sample())
+    assert replay._online_time > 1  # the queue has moved
+    replay.save(tmp_path / "replay.npz")
+    restored = context_replay(capacity=60, seed=99)
+    restored.load(tmp_path / "replay.npz")
+    assert (restored._online_time, restored._online_stream) == (
+        replay._online_time,
+        replay._online_stream,
+    )
+    np.testing.assert_array_equal(restored._latent_valid, replay._latent_valid)
+    for key in replay._latents:
+        np.testing.assert_array_equal(restored._latents[key], replay._latents[key])
+    assert restored.memory_bytes() == replay.memory_bytes()
+    assert_same(replay, restored)  # the next samples, context and all, are identical
+    # And they go on identically: new steps, new latents, the queue.
+    more = Streams(3, seed=9)
+    for target in (replay, restored):
+        fill(target, more, 12)
+        write_batch_latents(target, target.sample())
+        more = Streams(3, seed=9)
+    assert_same(replay, restored)
+
+
+def test_latents_of_steps_in_chunk_files_come_back_unwritten(tmp_path: Path):
+    directory = tmp_path / "replay"
+    replay = context_replay(capacity=100, chunk_size=8, directory=directory)
+    fill(replay, Streams(2, seed=3), 45)  # chunks hold times 0..39, the tail 40..44
+    for _ in range(30):
+        write_batch_latents(replay, replay.sample())
+    assert replay._latent_valid[:, 40:45].any() and replay._latent_valid[:, :40].any()
+    replay.save(tmp_path / "state.npz")
+    restored = context_replay(capacity=100, chunk_size=8, directory=directory)
+    restored.load(tmp_path / "state.npz")
+    np.testing.assert_array_equal(restored._latent_valid[:, 40:45], replay._latent_valid[:, 40:45])
+    assert not restored._latent_valid[:, :40].any()
+    for key in replay._latents:
+        np.testing.assert_array_equal(
+            restored._latents[key][:, 40:45], replay._latents[key][:, 40:45]
+        )
+    x, y = replay.sample(), restored.sample()  # the same windows; context only from the tail
+    np.testing.assert_array_equal(x["replay_index"], y["replay_index"])
+    tail = x["replay_index"][:, 1] > 40
+    np.testing.assert_array_equal(x["context_valid"][tail], y["context_valid"][tail])

@@ -22,12 +22,29 @@ torch.set_num_threads(1)
         ({"pixels": PIXELS}, ()),
         # Step 2 of a topology schedule of every 100 steps: a non-topology step.
         ({"state": STATE}, ("sparse.enabled=true", "sparse.update_every=100")),
+        # Current DreamerV3's options: one LaProp step of all losses from the stored context.
+        (
+            {"state": STATE},
+            (
+                "agent.optimizer=laprop",
+                "agent.replay_critic_grad_wm=true",
+                "agent.imagine_start_continue=true",
+                "replay.context=1",
+            ),
+        ),
+        # The joint gradient with three Adam steps (agent.replay_critic_grad_wm alone).
+        ({"state": STATE}, ("agent.replay_critic_grad_wm=true",)),
     ],
-    ids=["states", "pixels", "sparse"],
+    ids=["states", "pixels", "sparse", "laprop-context", "adam-joint"],
 )
 def test_update_makes_no_host_sync(obs, extra):
     agent = make(obs, BOX, "agent.compile=false", *extra)
     batch = make_batch(obs, BOX)
+    if agent.context:  # as the replay hands them: a stored state for some windows
+        batch["context_valid"] = torch.tensor([1.0, 0.0, 1.0])
+        batch["replay_index"] = torch.zeros(3, 2, dtype=torch.long)
+        for key, shape in agent._context_shapes().items():
+            batch[f"context/{key}"] = torch.rand(3, *shape)
     agent.update(batch)  # warm-up: optimizer states exist
     counted = count_dispatch(lambda: agent.update(batch))
     assert counted.ops > 1000  # the counter sees the update (forward, backward, optimizers)
@@ -64,25 +81,44 @@ def _losses(metrics):
     return {k: float(v) for k, v in metrics.items()}
 
 
+# Current DreamerV3's options together: one LaProp step of all losses (the replay value loss's
+# gradient crossing from the behaviour graph into the world model's), from stored contexts.
+DV3_OPTIONS = (
+    "agent.optimizer=laprop",
+    "agent.warmup=0",
+    "agent.replay_critic_grad_wm=true",
+    "agent.imagine_start_continue=true",
+    "replay.context=1",
+)
+
+
 @pytest.mark.parametrize(
-    "obs, action_space",
+    "obs, action_space, extra",
     # Cold compiles on a 2-core CI machine: about 2 minutes (states), 1.5-4 (pixels).
     [
-        pytest.param({"state": STATE}, BOX, marks=pytest.mark.slow),
-        pytest.param({"pixels": PIXELS}, DISCRETE, marks=pytest.mark.slow),
+        pytest.param({"state": STATE}, BOX, (), marks=pytest.mark.slow),
+        pytest.param({"pixels": PIXELS}, DISCRETE, (), marks=pytest.mark.slow),
+        pytest.param({"state": STATE}, BOX, DV3_OPTIONS, marks=pytest.mark.slow),
     ],
-    ids=["states-box", "pixels-discrete"],
+    ids=["states-box", "pixels-discrete", "states-laprop-context"],
 )
-def test_compiled_update_equals_eager_and_round_trips(obs, action_space):
+def test_compiled_update_equals_eager_and_round_trips(obs, action_space, extra):
     """``agent.compile=true`` builds each step as one graph (``fullgraph=True``: a graph break
     is an error) and computes what eager computes on the same batch and seed: on cpu the
     compiled graph draws its random numbers through torch's generator, as eager does."""
     torch._dynamo.reset()
     # Short unrolls keep the cold compile of this test near a minute on CI.
     batch = make_batch(obs, action_space, B=2, T=4)
+    if "replay.context=1" in extra:  # a stored state for the first window, none for the second
+        batch["context_valid"] = torch.tensor([1.0, 0.0])
+        batch["replay_index"] = torch.zeros(2, 2, dtype=torch.long)
+        batch["context/deter"] = torch.rand(2, 32)
+        batch["context/stoch"] = torch.nn.functional.one_hot(torch.arange(4) % 4, 4)[None]
+        batch["context/stoch"] = batch["context/stoch"].float().expand(2, 4, 4).clone()
+        batch["context/action"] = torch.rand(2, 2)
     results = {}
     for choice in ("false", "true"):
-        agent = make(obs, action_space, f"agent.compile={choice}", "agent.horizon=3")
+        agent = make(obs, action_space, f"agent.compile={choice}", "agent.horizon=3", *extra)
         assert agent.compiled == (choice == "true")
         history = []
         for step in range(2):
@@ -100,13 +136,18 @@ def test_compiled_update_equals_eager_and_round_trips(obs, action_space):
             compiled_agent.state_dict()["weights"][key], value, rtol=1e-4, atol=1e-5
         )
 
+    if eager_agent.context:  # the write-back latents of the last update agree too
+        latents = compiled_agent.replay_latents()
+        for key, value in eager_agent.replay_latents().items():
+            torch.testing.assert_close(latents[key], value, rtol=1e-4, atol=1e-5)
+
     # Checkpoints are unchanged by compiling: an eager agent resumes the compiled one's state
     # and both continue identically.
     buffer = io.BytesIO()
     torch.save(compiled_agent.state_dict(), buffer)
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
-    resumed = make(obs, action_space, "agent.compile=false", "agent.horizon=3")
+    resumed = make(obs, action_space, "agent.compile=false", "agent.horizon=3", *extra)
     resumed.load_state_dict(state)
     assert resumed.updates == compiled_agent.updates == 2
     torch.manual_seed(7)

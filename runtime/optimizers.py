@@ -1,0 +1,185 @@
+"""Optimizers the agents build beside ``Accelerator.optimizer``'s Adam.
+
+``LaProp``: the optimizer of current DreamerV3 (``embodied/jax/opt.py`` and the chain in
+``dreamerv3/agent.py`` ``Agent._make_opt``), for ``agent.optimizer=laprop``. Per parameter
+tensor ``p`` with gradient ``g``, at step ``t = 1, 2, ...``:
+
+1. adaptive gradient clipping (AGC), per tensor:
+   ``g <- g / max(1, |g| / (agc * max(agc_floor, |p|)))`` (Frobenius norms; ``agc = 0`` is off);
+2. RMS scaling with a bias-corrected second moment:
+   ``v <- beta2 * v + (1 - beta2) * g^2``, ``u = g / (sqrt(v / (1 - beta2^t)) + eps)``;
+3. momentum on the scaled update (LaProp's order: scale first, then average):
+   ``m <- beta1 * m + (1 - beta1) * u``, ``m_hat = m / (1 - beta1^t)``;
+4. ``p <- p - lr_t * m_hat`` with a linear warm-up from 0:
+   ``lr_t = lr * min(1, (t - 1) / warmup)`` (``lr`` when ``warmup = 0``). The schedule is read
+   at the count before the step, as optax's ``scale_by_learning_rate`` does, so the first step
+   moves nothing (it only fills the moments).
+
+Every step is a few ``torch._foreach_*`` kernels over all tensors of a device and dtype, and
+nothing is read back to the host: the step counters are device tensors, the clip factors, bias
+corrections and scheduled rates are computed on the device. The state (``step``, ``exp_avg`` =
+``m``, ``exp_avg_sq`` = ``v``) is plain tensors, so ``state_dict()`` loads with
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+
+def _one_minus_power(beta: float, t: torch.Tensor) -> torch.Tensor:
+    """``1 - beta ** t`` for ``0 <= beta < 1`` and step numbers ``t >= 1`` (any shape)."""
+    if beta == 0:
+        return torch.ones_like(t)
+    return -torch.expm1(t * math.log(beta))
+
+
+class LaProp(torch.optim.Optimizer):
+    """AGC, then RMS scaling, then momentum, with linear warm-up; see the module docstring.
+
+    A parameter whose ``.grad`` is None is skipped (its moments and step stay as they are).
+    ``.grad`` is read, never written.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 4e-5,
+        *,
+        agc: float = 0.3,
+        agc_floor: float = 1e-3,
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        eps: float = 1e-20,
+        warmup: int = 1000,
+    ) -> None:
+        for name, value in (("lr", lr), ("agc", agc), ("agc_floor", agc_floor), ("eps", eps)):
+            if value < 0:
+                raise ValueError(f"LaProp: {name} must be >= 0, got {value}")
+        for name, value in (("beta1", beta1), ("beta2", beta2)):
+            if not 0 <= value < 1:
+                raise ValueError(f"LaProp: {name} must be in [0, 1), got {value}")
+        if warmup < 0:
+            raise ValueError(f"LaProp: warmup must be >= 0, got {warmup}")
+        defaults = dict(
+            lr=lr,
+            agc=agc,
+            agc_floor=agc_floor,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            warmup=int(warmup),
+        )
+        super().__init__(params, defaults)
+
+    def _state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        state = self.state[p]
+        if not state:
+            # float32 counter on the parameter's device (exact up to 2^24 steps), as Adam's.
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            # foreach kernels need one device and dtype per list.
+            buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("LaProp does not support sparse gradients")
+                buckets[(p.device, p.dtype)].append(p)
+            for params in buckets.values():
+                states = [self._state(p) for p in params]
+                self._update(
+                    group,
+                    params,
+                    [p.grad for p in params],
+                    [s["exp_avg"] for s in states],
+                    [s["exp_avg_sq"] for s in states],
+                    [s["step"] for s in states],
+                )
+        return loss
+
+    @staticmethod
+    def _update(
+        group: dict[str, Any],
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        exp_avgs: list[torch.Tensor],
+        exp_avg_sqs: list[torch.Tensor],
+        steps: list[torch.Tensor],
+    ) -> None:
+        """One step for tensors of one device and dtype.
+
+        Shapes: each ``grads[i]``, ``exp_avgs[i]``, ``exp_avg_sqs[i]`` like ``params[i]``;
+        ``steps[i]`` 0-d. Per-tensor scalars are computed as one ``[n]`` vector, then handed to
+        the foreach kernels as a list of 0-d tensors."""
+        beta1, beta2 = group["beta1"], group["beta2"]
+        # 1. AGC: a new list of clipped gradients (the .grad tensors stay untouched).
+        clipped = group["agc"] > 0
+        if clipped:
+            gnorm = torch.stack(torch._foreach_norm(grads)).float()
+            pnorm = torch.stack(torch._foreach_norm(params)).float()
+            upper = group["agc"] * pnorm.clamp(min=group["agc_floor"])
+            factor = (1.0 / torch.clamp(gnorm / upper, min=1.0)).to(grads[0].dtype)
+            grads = torch._foreach_mul(grads, list(factor.unbind(0)))
+        torch._foreach_add_(steps, 1.0)
+        t = torch.stack(steps)  # [n], the step number after this step's increment
+        # 1 - beta^t as -expm1(t log beta): exact to float32 rounding where 1 - pow(beta, t)
+        # loses digits to cancellation (1e-5 relative at beta2 = 0.999, t = 1).
+        bias1 = _one_minus_power(beta1, t)
+        bias2 = _one_minus_power(beta2, t)
+        # The learning rate scheduled at the count before this step (optax's convention).
+        if group["warmup"] > 0:
+            rate = group["lr"] * torch.clamp((t - 1.0) / group["warmup"], max=1.0)
+        else:
+            rate = torch.full_like(t, group["lr"])
+        # 2. RMS: v <- beta2 v + (1 - beta2) g^2; u = g / (sqrt(v / bias2) + eps).
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+        denom = torch._foreach_div(exp_avg_sqs, list(bias2.to(grads[0].dtype).unbind(0)))
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, group["eps"])
+        if clipped:  # grads is already a copy: divide it in place
+            torch._foreach_div_(grads, denom)
+            scaled = grads
+        else:
+            scaled = torch._foreach_div(grads, denom)
+        del denom
+        # 3. Momentum on the scaled update: m <- beta1 m + (1 - beta1) u.
+        torch._foreach_mul_(exp_avgs, beta1)
+        torch._foreach_add_(exp_avgs, scaled, alpha=1.0 - beta1)
+        # 4. p <- p - lr_t * m / bias1.
+        step_size = list((rate / bias1).to(grads[0].dtype).unbind(0))
+        torch._foreach_sub_(params, torch._foreach_mul(exp_avgs, step_size))
+
+    @torch.no_grad()
+    def scheduled_lr(self) -> torch.Tensor:
+        """The learning rate the last step used (0-d device tensor; no host sync): ``lr *
+        min(1, (t - 1) / warmup)`` of the first group's first stepped parameter, ``0`` before
+        any step."""
+        group = self.param_groups[0]
+        for p in group["params"]:
+            state = self.state.get(p)
+            if state:
+                t = state["step"]
+                if group["warmup"] > 0:
+                    return group["lr"] * torch.clamp((t - 1.0) / group["warmup"], 0.0, 1.0)
+                return torch.full_like(t, group["lr"])
+        return torch.zeros((), device=group["params"][0].device)
+
+
+__all__ = ["LaProp"]

@@ -13,11 +13,19 @@ Exploration (``explore=True``): uniformly random actions until the first update 
 interactions the model first learns from), then the plan plus Gaussian noise, or with
 probability ``op3.epsilon`` a random action. Evaluation (``explore=False``) executes the plan.
 
-Config: ``op3.*`` (``runtime.config.OP3Config``); presets ``op3`` (CPU sizes) and ``debug``.
+Dynamic-sparse slot world model (``sparse.enabled=true``), as the Dreamer's: after the model
+is built, its linear/conv layers (all built by the ``LayerFactory``, named ``op3.*``; minus
+``sparse.skip``, by default ``op3_config.SPARSE_SKIP_DEFAULT``) get masks from the ``sparse``
+library; the ``Sparsifier`` follows the optimizer's steps (topology updates every
+``sparse.update_every`` updates, ``total_steps`` = ``agents.dreamer.planned_updates``), its
+metrics come with ``log_metrics()`` and its state is saved under ``state_dict()["sparse"]``.
+
+Config: ``op3.*`` (``agents.op3_config.OP3Config``); presets ``op3`` (CPU sizes) and ``debug``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from typing import Any
@@ -25,9 +33,12 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
+from torch.nn.utils import parametrize
 
+import sparse
 from agents import op3_config
 from agents.base import Agent, State
+from agents.dreamer import planned_updates, sparse_skip
 from runtime.accelerator import make_accelerator
 from runtime.config import Config
 from runtime.registry import AgentEntry, register_agent
@@ -181,6 +192,12 @@ class OP3Agent(Agent):
                 self.image_shape, self.action_dim, slot_spec(config), self.factory
             )
         self.accelerator.place(self.wm)
+        # Masks go on before the optimizer exists (they keep the same Parameter objects).
+        self.sparsifier: sparse.Sparsifier | None = None
+        if config.sparse.enabled:
+            self.sparsifier = self._sparsify()
+            # RigL's dense gradients, like the masked ones, are averaged over ranks (torchrun).
+            self.sparsifier.grad_reduce = self.accelerator.average
         if o.freeze_perception:
             # Frozen weights build no autograd graph: inference and decoding of the posterior
             # run forward only, and Adam skips them (their gradients stay None).
@@ -188,6 +205,8 @@ class OP3Agent(Agent):
                 if not name.startswith("dynamics."):
                     parameter.requires_grad_(False)
         self.opt = torch.optim.Adam(self.wm.parameters(), lr=o.lr)
+        if self.sparsifier is not None:
+            self.sparsifier.attach(self.opt)  # re-mask after every step
         self.accelerator.prepare({"world_model": self.wm}, {"world_model": self.opt})
         self.scales = {
             "loss/reconstruction": o.reconstruction_scale,
@@ -199,6 +218,40 @@ class OP3Agent(Agent):
         self.rng = np.random.default_rng(config.seed)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed + 1)
+
+    def _sparsify(self) -> sparse.Sparsifier:
+        """Masks on the slot world model's layers (``sparse.*``; ``sparse.skip=null``: the
+        agent's ``op3_config.SPARSE_SKIP_DEFAULT``); FLOPs counted per replayed step (one
+        no-grad loss forward on a dummy ``[1, replay.batch_length]`` batch)."""
+        cfg = self.config
+        patterns = op3_config.SPARSE_SKIP_DEFAULT if cfg.sparse.skip is None else cfg.sparse.skip
+        lib_config = cfg.sparse.library_config(
+            total_steps=planned_updates(cfg),
+            seed=cfg.seed,
+            fast_path_batch=cfg.replay.steps_per_batch,
+            skip=sparse_skip(self.wm, list(patterns)),
+        )
+        T = cfg.replay.batch_length
+        batch = {
+            "pixels": torch.zeros(1, T, *self.image_shape, dtype=torch.uint8),
+            "action": torch.zeros(1, T, self.action_dim),
+            "is_first": torch.zeros(1, T),
+        }
+        batch["is_first"][:, 0] = 1
+        example = self.preprocess(batch)
+        predict = cfg.op3.prediction_scale > 0
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        self.wm.forward = lambda data: self.wm.loss_and_states(data, predict_pixels=predict)
+        try:
+            with torch.random.fork_rng(devices=cuda):  # no draw from the global RNGs
+                return sparse.sparsify(self.wm, lib_config, example_inputs=(example,), batch_size=T)
+        finally:
+            del self.wm.forward
+
+    def _cached(self):
+        """Compute each masked weight once per block (``weight = original * mask``) rather than
+        at every access; only valid while no optimizer step happens inside."""
+        return parametrize.cached() if self.sparsifier is not None else contextlib.nullcontext()
 
     # ---------------------------------------------------------------------------------
     # Training
@@ -226,13 +279,15 @@ class OP3Agent(Agent):
         with self.accelerator.train_step(batch):
             data = self.preprocess(batch)
             self.opt.zero_grad(set_to_none=True)
-            with self.accelerator.autocast():
+            with self.accelerator.autocast(), self._cached():
                 losses, metrics, _ = self.wm.loss_and_states(
                     data, predict_pixels=o.prediction_scale > 0
                 )
             total = sum(self.scales[k] * v for k, v in losses.items())
             norm = self.accelerator.backward(total, self.opt, clip=o.grad_clip)
             self.accelerator.step(self.opt)
+            if self.sparsifier is not None:
+                self.sparsifier.step(self.opt)  # re-mask, scheduled drop/regrow, RigL arming
             self.opt.zero_grad(set_to_none=True)
         self.updates += 1
         out = {**losses, **metrics, "loss/world_model": total, "train/grad_norm_world_model": norm}
@@ -242,8 +297,11 @@ class OP3Agent(Agent):
         return result
 
     def log_metrics(self) -> dict[str, float]:
-        """The accelerator's measured (cuda) or estimated (ipu-sim) scalars."""
-        return self.accelerator.metrics()
+        """Once per log interval: the sparse masks' statistics (``sparse/*``) and the
+        accelerator's measured (cuda) or estimated (ipu-sim) scalars."""
+        out = dict(self.sparsifier.metrics()) if self.sparsifier is not None else {}
+        out.update(self.accelerator.metrics())
+        return out
 
     # ---------------------------------------------------------------------------------
     # Acting
@@ -268,6 +326,12 @@ class OP3Agent(Agent):
         n = len(obs["is_first"])
         if state is None:
             state = self.initial_state(n)
+        with self._cached():
+            return self._act(obs, state, explore, n)
+
+    def _act(
+        self, obs: dict[str, np.ndarray], state: State, explore: bool, n: int
+    ) -> tuple[np.ndarray, State]:
         first = torch.as_tensor(np.asarray(obs["is_first"]), device=self.device).float()
         if explore and (self.updates == 0 or self.config.op3.epsilon >= 1):
             # Random interactions until the model has learned anything, or throughout with
@@ -357,10 +421,11 @@ class OP3Agent(Agent):
                 f"segment: expected frames [N, {', '.join(map(str, self.image_shape))}], got "
                 f"{pixels.shape}"
             )
-        out = [
-            self.wm.segment(self._pixels(pixels[i : i + chunk])).float().cpu().numpy()
-            for i in range(0, len(pixels), chunk)
-        ]
+        with self._cached():
+            out = [
+                self.wm.segment(self._pixels(pixels[i : i + chunk])).float().cpu().numpy()
+                for i in range(0, len(pixels), chunk)
+            ]
         return np.concatenate(out, 0)
 
     # ---------------------------------------------------------------------------------
@@ -370,21 +435,45 @@ class OP3Agent(Agent):
         weights = {
             f"world_model.{k}": v.detach().cpu().clone() for k, v in self.wm.state_dict().items()
         }
-        return {
+        state = {
             "weights": weights,
             "optimizers": {"world_model": self.opt.state_dict()},
             "updates": self.updates,
             "rng": self.rng.bit_generator.state,
             "generator": self.generator.get_state(),
         }
+        if self.sparsifier is not None:
+            # Masks (bool), schedule position, RNG; the weights hold the masked layers as
+            # `<layer>.parametrizations.weight.original` and `...weight.0.mask`.
+            state["sparse"] = self.sparsifier.state_dict()
+        return state
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         prefix = "world_model."
         own = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+        saved_sparse = any(".parametrizations." in k for k in own)
+        if saved_sparse != (self.sparsifier is not None):
+            saved, now = ("true", "false") if saved_sparse else ("false", "true")
+            raise ValueError(
+                f"weights were saved with sparse.enabled={saved}, this agent has "
+                f"sparse.enabled={now}: load them with the sparse settings they were trained with"
+            )
         self.wm.load_state_dict(own, strict=True)
+        if self.sparsifier is not None:
+            # The masks came with the weights (buffers): check their counts against this
+            # run's budget and re-mask, keeping this agent's schedule position and RNG.
+            self.sparsifier.load_state_dict(self.sparsifier.state_dict())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if ("sparse" in state) != (self.sparsifier is not None):
+            saved, now = ("true", "false") if "sparse" in state else ("false", "true")
+            raise ValueError(
+                f"checkpoint was saved with sparse.enabled={saved}, this agent has "
+                f"sparse.enabled={now}: load it with the sparse settings it was trained with"
+            )
         self.load_weights(state["weights"])
+        if self.sparsifier is not None:
+            self.sparsifier.load_state_dict(state["sparse"])  # checks the masks, re-arms RigL
         self.opt.load_state_dict(state["optimizers"]["world_model"])
         self.updates = int(state["updates"])
         self.rng.bit_generator.state = state["rng"]
@@ -396,7 +485,8 @@ class OP3Agent(Agent):
         and each mixture component's masked RGB (background first, then the slots) side by
         side, as a uint8 image ``[rows * h, (C + 2) * w, 3]`` at the model's resolution."""
         pixels = self._pixels(batch["pixels"][:rows, 0])
-        decoded = self.wm.decode(self.wm.infer(pixels))
+        with self._cached():
+            decoded = self.wm.decode(self.wm.infer(pixels))
         truth = self.wm.resize(pixels)
         parts = [truth, decoded["image"]] + [
             decoded["masks"][:, k] * decoded["rgb"][:, k] for k in range(self.wm.num_components)

@@ -53,6 +53,20 @@ class OP3Config(SlotSpec):
     explore_noise: float = field(default=0.1, metadata=at_least(0))
 
 
+# The layers kept dense when ``sparse.skip`` is null (LayerFactory names; module paths work
+# too, see ``agents.dreamer.sparse_skip``), by the Dreamer's rules: the first layer on each
+# input (the encoder's pixel conv, the 4-d position embeddings of encoder and decoder, the
+# dynamics' action input) and the decoder's output layer (RGB and mask logit per pixel).
+# Narrow inputs masked at density 0.1 would reach the model through a handful of weights.
+SPARSE_SKIP_DEFAULT = (
+    "op3.encoder.conv0",
+    "op3.encoder.pos",
+    "op3.decoder.pos",
+    "op3.dynamics.action_embed.0",
+    "op3.decoder.out",
+)
+
+
 def validate(config) -> None:
     """The ``op3`` section's rules (every config holds it), and what ``agent=op3`` needs."""
     o = config.op3
@@ -70,10 +84,10 @@ def validate(config) -> None:
         raise ConfigError(f"op3.epsilon is a probability, got {o.epsilon}")
     if config.agent.name != NAME:
         return
-    if config.sparse.enabled:
+    if config.sparse.enabled and o.freeze_perception:
         raise ConfigError(
-            "sparse.enabled=true sparsifies the Dreamer world model only; agent=op3 has no "
-            "sparse layers yet (its sparse interaction graph is op3.interaction_topk)"
+            "sparse.enabled=true and op3.freeze_perception=true cannot be combined (topology "
+            "updates would regrow frozen perception weights at zero); turn one off"
         )
     if config.env.obs == "state":
         raise ConfigError(

@@ -161,9 +161,9 @@ class SparseConfig(SparseSettings):
     """
 
     enabled: bool = field(default=False, metadata={"doc": "sparsify the agent's world model"})
-    # null: the agent's default (Dreamer: the first layer of each encoder, the action input of
-    # the RSSM, the output layers of the decoder and heads); `sparse.skip=[]` sparsifies every
-    # linear/conv layer.
+    # null: the agent's own default list (typically the first layer on each input and the
+    # output layers; each agent's config module documents it); `sparse.skip=[]` sparsifies
+    # every linear/conv layer.
     skip: list[str] | None = field(
         default=None, metadata={"doc": "layers kept dense (patterns); null: the agent's default"}
     )

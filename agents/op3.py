@@ -20,6 +20,10 @@ library; the ``Sparsifier`` follows the optimizer's steps (topology updates ever
 ``sparse.update_every`` updates, ``total_steps`` = ``agents.dreamer.planned_updates``), its
 metrics come with ``log_metrics()`` and its state is saved under ``state_dict()["sparse"]``.
 
+Contrastive slot dynamics (``op3.representation=reconstruction+cpc|cpc``; see
+``worldmodels/slots.py``): ``loss/cpc`` weighted by ``op3.cpc_scale``; ``ranking_metrics``
+gives C-SWM's Hits@1 and MRR of predicted slots (``scripts/op3_checks.py check=hits``).
+
 Config: ``op3.*`` (``agents.op3_config.OP3Config``); presets ``op3`` (CPU sizes) and ``debug``.
 """
 
@@ -87,6 +91,44 @@ def matched_slot_distance(
     sum of ``slot_distances`` over the Hungarian matching of the slots. Invariant to the order
     of the slots in either set. Shapes: -> ``[...]``."""
     return hungarian_cost(slot_distances(pred, goal, slot_dim, position_weight))
+
+
+def squared_slot_distances(pred: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
+    """Pairwise squared Euclidean distances ``[..., K, K]`` between whole slot states ``pred
+    [..., K, S]`` and ``goal [..., K, S]``: summed over a matching, C-SWM's latent distance."""
+    pred, goal = torch.broadcast_tensors(pred, goal)
+    return torch.cdist(pred.float(), goal.float()).square()
+
+
+def ranking_metrics(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    distances: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = squared_slot_distances,
+    chunk: int = 256,
+) -> dict[str, Any]:
+    """C-SWM's ranking measures (Kipf et al. 2020) of predictions ``pred [N, K, S]`` against
+    the encoded true states ``target [N, K, S]``: prediction ``i`` is ranked against every
+    ``target[j]`` by the Hungarian-matched sum of ``distances`` (``[..., K, K]`` per slot pair;
+    by default squared Euclidean over the whole slot state), and its rank is 1 + the number of
+    other targets strictly closer than ``target[i]`` (ties count for the prediction). Returns
+    ``hits_at_1`` (share of rank 1), ``mrr`` (mean reciprocal rank) and ``ranks`` ``[N]``."""
+    assert pred.dim() == 3 and pred.shape == target.shape, (
+        f"ranking_metrics: pred {tuple(pred.shape)} and target {tuple(target.shape)} must be "
+        "[N, K, S]"
+    )
+    N = len(pred)
+    rows = []
+    for i in range(0, N, chunk):  # [n, N] matched distances, n Hungarian problems per target
+        block = distances(pred[i : i + chunk, None], target[None])
+        rows.append(hungarian_cost(block))
+    dist = torch.cat(rows, 0)  # [N, N]
+    own = dist.diagonal()
+    ranks = 1 + (dist < own[:, None]).sum(1)
+    return {
+        "hits_at_1": float((ranks == 1).float().mean()),
+        "mrr": float((1.0 / ranks.float()).mean()),
+        "ranks": ranks,
+    }
 
 
 def cem(
@@ -173,10 +215,14 @@ class OP3Agent(Agent):
                 f"{spaces['pixels'].shape} must have the same shape"
             )
         o = config.op3
-        if o.freeze_perception and not (o.dynamics_scale > 0 or o.prediction_scale > 0):
+        dynamics_losses = o.dynamics_scale > 0
+        dynamics_losses |= o.prediction_scale > 0 and o.representation != "cpc"
+        dynamics_losses |= o.cpc_scale > 0 and o.representation != "reconstruction"
+        if o.freeze_perception and not dynamics_losses:
             raise ValueError(
                 "agent=op3: op3.freeze_perception=true trains only the dynamics, but "
-                "op3.dynamics_scale and op3.prediction_scale are both 0: set one of them > 0"
+                "op3.dynamics_scale and op3.prediction_scale are both 0 (and there is no "
+                "loss/cpc with a weight above 0): set one of them > 0"
             )
         self.config = config
         self.action_space = action_space
@@ -202,7 +248,7 @@ class OP3Agent(Agent):
             # Frozen weights build no autograd graph: inference and decoding of the posterior
             # run forward only, and Adam skips them (their gradients stay None).
             for name, parameter in self.wm.named_parameters():
-                if not name.startswith("dynamics."):
+                if not name.startswith(("dynamics.", "cpc.")):
                     parameter.requires_grad_(False)
         self.opt = torch.optim.Adam(self.wm.parameters(), lr=o.lr)
         if self.sparsifier is not None:
@@ -212,6 +258,7 @@ class OP3Agent(Agent):
             "loss/reconstruction": o.reconstruction_scale,
             "loss/prediction": o.prediction_scale,
             "loss/dynamics": o.dynamics_scale,
+            "loss/cpc": o.cpc_scale,  # with op3.representation=reconstruction+cpc or cpc
         }
         self.updates = 0
         # Exploration and planning noise: the agent's own streams, saved in checkpoints.
@@ -458,6 +505,12 @@ class OP3Agent(Agent):
                 f"weights were saved with sparse.enabled={saved}, this agent has "
                 f"sparse.enabled={now}: load them with the sparse settings they were trained with"
             )
+        # The loss/cpc projections exist only with op3.representation=...cpc: weights from a
+        # model without them (e.g. a reconstruction perception, `init=`) keep this model's
+        # fresh ones, and theirs are dropped where this model has none.
+        mine = self.wm.state_dict()
+        own = {k: v for k, v in own.items() if k in mine or not k.startswith("cpc.")}
+        own.update({k: v for k, v in mine.items() if k.startswith("cpc.") and k not in own})
         self.wm.load_state_dict(own, strict=True)
         if self.sparsifier is not None:
             # The masks came with the weights (buffers): check their counts against this
@@ -505,8 +558,10 @@ __all__ = [
     "cem",
     "hungarian_cost",
     "matched_slot_distance",
+    "ranking_metrics",
     "slot_distances",
     "slot_spec",
+    "squared_slot_distances",
 ]
 
 

@@ -28,6 +28,8 @@ class OP3Config(SlotSpec):
     reconstruction_scale: float = field(default=1.0, metadata=at_least(0))
     prediction_scale: float = field(default=1.0, metadata=at_least(0))
     dynamics_scale: float = field(default=1.0, metadata=at_least(0))
+    # Weight of loss/cpc (op3.representation=reconstruction+cpc or cpc; see SlotSpec).
+    cpc_scale: float = field(default=1.0, metadata=at_least(0))
     # Train only the dynamics: the perception (encoder, slot attention, decoder, background)
     # is frozen, e.g. after `train.py init=<run>` from a perception pretrained by
     # `op3_checks.py check=ari save=<run>` (the two-stage recipe in the README).

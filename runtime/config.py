@@ -642,6 +642,21 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     return overrides
 
 
+def run_script(main: Any, argv: list[str]) -> int:
+    """Run a script's ``main(argv)``: a ``ConfigError`` that escapes it (a setting found bad only
+    when something is built from it, e.g. an env that rejects ``env.camera``) is printed as one
+    line, exit status 2. Every other exception is a bug and keeps its traceback."""
+    import sys
+
+    try:
+        code = main(argv)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    # Some mains return their result (a dict) rather than an exit status: that is success.
+    return code if isinstance(code, int) else 0
+
+
 def parse_script_args(
     argv: list[str],
     defaults: dict[str, Any],

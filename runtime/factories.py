@@ -5,13 +5,15 @@ The agent factory is not here: ``runtime`` never imports ``agents``; scripts pas
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
 
 from runtime import distributed
-from runtime.config import Config
+from runtime.config import Config, ConfigError
 from runtime.replay import SequenceReplay
 
 ENV_MODES = ("train", "eval")
@@ -63,9 +65,26 @@ def make_env_factory(config: Config, video: bool | None = None, **overrides: Any
             **_env_settings(config, mode, want_video),
             **overrides,
         }
-        return envs.make_vector_env(config.env.id, num_envs, seed=seed, **settings)
+        with _env_setting_errors(config):
+            return envs.make_vector_env(config.env.id, num_envs, seed=seed, **settings)
 
     return make
+
+
+@contextlib.contextmanager
+def _env_setting_errors(config: Config) -> Iterator[None]:
+    """An env build that rejects a setting (``ValueError``: unknown task, camera, size,
+    intervention target) becomes a one-line ``ConfigError`` naming the env; any other exception
+    is a bug and keeps its traceback."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except ValueError as error:
+        raise ConfigError(
+            f"env '{config.env.id}' cannot be built with these env.* settings: "
+            f"{str(error).splitlines()[0]}"
+        ) from error
 
 
 def make_single_env(
@@ -81,7 +100,8 @@ def make_single_env(
     import envs
 
     settings = {**_env_settings(config, mode, video=False), **overrides}
-    return envs.make_env(config.env.id, seed=seed, **settings)
+    with _env_setting_errors(config):
+        return envs.make_env(config.env.id, seed=seed, **settings)
 
 
 def make_replay_factory(config: Config, run_dir: str | Path | None):

@@ -458,4 +458,6 @@ def print_table(result: dict) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from runtime.config import run_script
+
+    sys.exit(run_script(main, sys.argv[1:]))

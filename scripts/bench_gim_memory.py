@@ -219,4 +219,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from runtime.config import run_script
+
+    sys.exit(run_script(main, sys.argv[1:]))

@@ -146,4 +146,6 @@ def main(argv: list[str]) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from runtime.config import run_script
+
+    sys.exit(run_script(main, sys.argv[1:]))

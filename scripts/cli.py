@@ -40,8 +40,10 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    from runtime.config import run_script
+
     module = importlib.import_module(COMMANDS[command][0])
-    return int(module.main(rest) or 0)
+    return run_script(module.main, rest)
 
 
 if __name__ == "__main__":

@@ -158,4 +158,6 @@ def _dreamer_report(config, updates: int) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from runtime.config import run_script
+
+    sys.exit(run_script(main, sys.argv[1:]))

@@ -23,6 +23,19 @@ simulator: every candidate is rolled out in a copy of the env restored with
 ``checkpoint=``, greedy: CEM in its slot world model toward the goal image's slots; skipped
 without a checkpoint). Reports success rate, final mean goal distance and return per planner.
 
+``python scripts/op3_checks.py check=hits json=hits.json [checkpoint=<dir>]``: C-SWM's
+latent-space ranking measures (Kipf et al. 2020) on ``test_episodes`` held-out episodes of
+uniformly random actions with ``env=`` (seeds from 3,000,000 + ``seed``). From each episode's
+first frame the model predicts the slots ``k`` steps ahead open loop (``imagine`` with the
+episode's actions) for every ``k`` in ``hits_steps`` (1, 5, 10), and each prediction is ranked
+against the slots inferred (``infer``, from the frame alone) from the true frame ``k`` of
+*every* test episode: the distance is the Hungarian-matched sum over slots
+(``agents.op3.ranking_metrics``) of the squared Euclidean distance between whole slot states
+(``latent``, C-SWM's measure) and, beside it, of the planner's slot distance
+(``planner``: ``op3.position_weight``). Reports Hits@1 and MRR per ``k`` (episodes shorter
+than ``k`` steps are left out of that ``k``). Without ``checkpoint=`` the untrained model of
+``preset=op3`` (plus ``op3.*`` overrides) is measured.
+
 Common keys: ``json=``, ``seed=`` (0), ``threads=`` (1). See ``DEFAULTS``.
 """
 
@@ -61,6 +74,9 @@ DEFAULTS: dict[str, Any] = {
     "oracle_iterations": 3,
     "oracle_elites": 8,
     "oracle_horizon": 1,
+    # hits
+    "test_episodes": 100,
+    "hits_steps": [1, 5, 10],
 }
 
 
@@ -328,6 +344,90 @@ def check_planning(args: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return report
 
 
+# --------------------------------------------------------------------------------------
+# Ranking (C-SWM's Hits@1 and MRR)
+# --------------------------------------------------------------------------------------
+
+
+def random_episodes(config, episodes: int, seed: int):
+    """Episodes of uniformly random actions: per episode the frames ``[T + 1, 3, H, W]``
+    (uint8, the first frame then one after each action) and the actions ``[T, A]``."""
+    env = _env(config, seed)
+    rng = np.random.default_rng(seed)
+    out = []
+    for episode in range(episodes):
+        obs, _ = env.reset(seed=seed + episode)
+        frames, actions, done = [obs["pixels"]], [], False
+        while not done:
+            action = rng.uniform(-1, 1, env.action_space.shape).astype(np.float32)
+            obs, _, terminated, truncated, _ = env.step(action)
+            frames.append(obs["pixels"])
+            actions.append(action.reshape(-1))
+            done = terminated or truncated
+        out.append((np.stack(frames), np.stack(actions)))
+    env.close()
+    return out
+
+
+def check_hits(args: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    import torch
+
+    from agents.op3 import ranking_metrics, slot_distances
+
+    config, loaded = _config(args, overrides)
+    seed = 3_000_000 + args["seed"]
+    env = _env(config, seed)
+    agent = _agent(config, env, loaded)
+    env.close()
+    steps = sorted({int(k) for k in args["hits_steps"]})
+    if not steps or steps[0] < 1:
+        raise ValueError(f"hits_steps: expected steps >= 1, got {args['hits_steps']}")
+    tick = time.perf_counter()
+    episodes = random_episodes(config, args["test_episodes"], seed)
+    report: dict[str, Any] = {
+        "check": "hits",
+        "env": config.env.id,
+        "test_episodes": len(episodes),
+        "representation": config.op3.representation,
+        "checkpoint": str(loaded.path) if loaded is not None else None,
+        "step": loaded.step if loaded is not None else None,
+        "collect_seconds": round(time.perf_counter() - tick, 1),
+    }
+    wm, o = agent.wm, config.op3
+
+    def planner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return slot_distances(a, b, wm.spec.slot_dim, o.position_weight)
+
+    with torch.inference_mode(), agent._cached():
+        for k in steps:
+            usable = [(f, a) for f, a in episodes if len(a) >= k]
+            if len(usable) < 2:
+                report[f"k{k}"] = {"episodes": len(usable), "skipped": "fewer than 2 episodes"}
+                print(f"k={k}: skipped ({len(usable)} episodes of {k} steps or more)")
+                continue
+            start = wm.infer(agent._pixels(np.stack([f[0] for f, _ in usable])))
+            actions = torch.as_tensor(np.stack([a[:k] for _, a in usable]), device=agent.device)
+            pred = wm.imagine(start, actions.float())[:, -1]
+            target = wm.infer(agent._pixels(np.stack([f[k] for f, _ in usable])))
+            result: dict[str, Any] = {"episodes": len(usable)}
+            for name, distances in (("latent", None), ("planner", planner)):
+                kwargs = {} if distances is None else {"distances": distances}
+                ranks = ranking_metrics(pred.cpu(), target.cpu(), **kwargs)
+                result[name] = {"hits_at_1": ranks["hits_at_1"], "mrr": ranks["mrr"]}
+            report[f"k{k}"] = result
+            print(
+                f"k={k} ({len(usable)} episodes): latent Hits@1 "
+                f"{result['latent']['hits_at_1']:.3f} MRR {result['latent']['mrr']:.3f}; "
+                f"planner distance Hits@1 {result['planner']['hits_at_1']:.3f} "
+                f"MRR {result['planner']['mrr']:.3f}",
+                flush=True,
+            )
+    return report
+
+
+CHECKS = {"ari": check_ari, "planning": check_planning, "hits": check_hits}
+
+
 def main(argv: list[str]) -> int:
     import torch
 
@@ -338,9 +438,11 @@ def main(argv: list[str]) -> int:
     overrides = [a for a in argv if a.split("=", 1)[0].startswith(("op3.", "env."))]
     try:
         args = parse_script_args([a for a in argv if a not in overrides], DEFAULTS)
-        if args["check"] not in ("ari", "planning"):
-            raise ConfigError(f"check: expected 'ari' or 'planning', got {args['check']!r}")
-        report_fn = check_ari if args["check"] == "ari" else check_planning
+        if args["check"] not in CHECKS:
+            raise ConfigError(f"check: expected one of {sorted(CHECKS)}, got {args['check']!r}")
+        report_fn = CHECKS[args["check"]]
+        if args["check"] == "hits" and (not args["hits_steps"] or min(args["hits_steps"]) < 1):
+            raise ConfigError(f"hits_steps: expected steps >= 1, got {args['hits_steps']}")
         _config(args, overrides)  # a bad key fails here, before any work
     except (ConfigError, CheckpointError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -359,4 +461,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from runtime.config import run_script
+
+    sys.exit(run_script(main, sys.argv[1:]))

@@ -156,4 +156,6 @@ def main(argv: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from runtime.config import run_script
+
+    sys.exit(run_script(main, sys.argv[1:]))

@@ -243,23 +243,6 @@ def _fresh_replay(run_dir: Path, checkpoint) -> None:
     )
 
 
-def _one_line_env_errors(make_env, config):
-    """The env factory, with the errors an env build reports for a setting (``ValueError``:
-    an unknown task, camera, size, intervention target) as one-line ``TrainingError``s."""
-    from runtime.loop import TrainingError
-
-    def make(mode: str, num_envs: int, seed: int):
-        try:
-            return make_env(mode, num_envs, seed)
-        except ValueError as error:
-            raise TrainingError(
-                f"env '{config.env.id}' cannot be built with these env.* settings: "
-                f"{str(error).splitlines()[0]}"
-            ) from error
-
-    return make
-
-
 def _train(config, run_dir: Path, checkpoint, ctx, agents, init_weights=None) -> int:
     """Everything after the config: seed, logger, ``runtime.loop.train``, the final report.
     Under torchrun every rank runs it; only rank 0 writes files and prints. ``init_weights``
@@ -276,6 +259,18 @@ def _train(config, run_dir: Path, checkpoint, ctx, agents, init_weights=None) ->
     configure_threads(config.accelerator)
     # Each rank its own stream of exploration noise and imagination samples (its own seed).
     seed_everything(distributed.rank_seed(config.seed, ctx.rank), config.accelerator.deterministic)
+    make_env = make_env_factory(config)
+    try:
+        import envs
+
+        envs.check_env_id(config.env.id)
+        # Some settings are checked only when an env is built (camera, size, the body and
+        # actuator names of env.intervention): build one now, before the run directory or a
+        # wandb run exists, so a bad one is a one-line error that leaves nothing behind.
+        make_env("train", 1, config.seed).close()
+    except (ValueError, ImportError) as error:
+        print(f"error: {where}{error}", file=sys.stderr)
+        return 2
     run_dir.mkdir(parents=True, exist_ok=True)
     if main:
         try:
@@ -288,15 +283,6 @@ def _train(config, run_dir: Path, checkpoint, ctx, agents, init_weights=None) ->
     id_file = run_dir / "wandb_run_id"
     run_id = id_file.read_text().strip() if id_file.exists() else None
     try:
-        # Validate the env id before the logger starts a wandb run.
-        make_env = _one_line_env_errors(make_env_factory(config), config)
-        import envs
-
-        envs.check_env_id(config.env.id)
-        if config.env.intervention:
-            # Its body/actuator/geom names are checked against the MuJoCo model only when an
-            # env is built: build one now so a typo is a one-line error, not a traceback.
-            make_env("train", 1, config.seed).close()
         # Only rank 0 logs (its metrics are averaged over ranks by the loop).
         resume_step = checkpoint.step if checkpoint is not None else None
         logger = (
@@ -393,4 +379,6 @@ def _accelerator_report(agent, run_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from runtime.config import run_script
+
+    sys.exit(run_script(main, sys.argv[1:]))

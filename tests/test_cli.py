@@ -241,7 +241,7 @@ def test_fresh_replay_needs_resume():
         (
             ["env=dmc:cartpole-balance", "env.camera=7", "run.steps=20"],
             "env 'dmc:cartpole-balance' cannot be built with these env.* settings: camera",
-            1,
+            2,
         ),
     ],
 )
@@ -258,5 +258,5 @@ def test_bad_input_is_one_line_before_anything_is_built(tmp_path, args, expected
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert expected in lines[0]
     assert a_file.read_text() == "keep me"
-    if code == 2:  # refused while checking the config: no run directory was made
-        assert not (tmp_path / "run").exists()
+    # Refused before anything was built: no run directory was made.
+    assert not (tmp_path / "run").exists()

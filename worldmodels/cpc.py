@@ -62,6 +62,7 @@ def info_nce(
 
     Scores are plain dot products over ``temperature`` (normalise first for cosine scores).
     ``valid`` (bool ``[N]``) picks the rows that count as anchors; every key is a candidate.
+    Float weights in ``[0, 1]`` work too (a weighted mean over anchors; ``SlotCPC``).
     Returns ``(loss, accuracy)``: mean cross-entropy and the fraction of anchors whose own key
     scores highest, both 0-d. ``log N - loss`` is the mutual-information lower bound.
 
@@ -160,6 +161,59 @@ class SequenceCPC(nn.Module):
             [metrics[f"{self.prefix}mi_bound_k{k}"] for k in horizons]
         ).mean()
         return torch.stack(losses).mean(), metrics
+
+
+class SlotCPC(nn.Module):
+    """InfoNCE between predicted and observed elements of sets (the slot world model's
+    ``loss/cpc``, C-SWM-style contrastive dynamics; ``worldmodels/slots.py``).
+
+    ``forward(predicted, observed, weight)``: element ``i`` of ``predicted [..., F]`` (a
+    predicted slot) must pick its own partner ``observed[i]`` (the inferred slot it was
+    matched to) out of *every* element of ``observed``: the other elements of the same set,
+    and all elements of the other leading positions (other samples, other time steps). Query
+    and key are separate linear projections to ``dim``, L2-normalised, scored by dot product
+    over ``temperature`` (as ``SequenceCPC``); ``weight [...]`` in ``[0, 1]`` weighs each
+    element as an anchor (0: no anchor, still a candidate). Returns ``(loss, metrics)``: the
+    weighted mean cross-entropy and ``{prefix}accuracy_k1``, ``{prefix}mi_bound_k1`` and
+    ``{prefix}mi_bound`` (``log N - loss``, ``N`` = all elements), the names ``SequenceCPC``
+    gives a one-step horizon. Invariant to the order of the elements (applied to both sides).
+
+    Shapes: predicted ``[..., F]``, observed ``[..., F]``, weight ``[...]``.
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        dim: int,
+        temperature: float,
+        factory: LayerFactory,
+        prefix: str = "cpc_",
+    ) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"cpc temperature: must be > 0, got {temperature}")
+        self.temperature = temperature
+        self.prefix = prefix
+        self.query = factory.linear(input_dim, dim, name="query")
+        self.key = factory.linear(input_dim, dim, name="key")
+
+    def forward(
+        self, predicted: torch.Tensor, observed: torch.Tensor, weight: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        assert predicted.shape == observed.shape and weight.shape == predicted.shape[:-1], (
+            f"SlotCPC: predicted {tuple(predicted.shape)}, observed {tuple(observed.shape)} "
+            f"and weight {tuple(weight.shape)} must be [..., F], [..., F] and [...]"
+        )
+        query = F.normalize(self.query(predicted).float(), dim=-1).flatten(0, -2)
+        key = F.normalize(self.key(observed).float(), dim=-1).flatten(0, -2)
+        loss, accuracy = info_nce(query, key, self.temperature, weight.reshape(-1))
+        bound = mi_bound(loss, len(query)).detach()
+        p = self.prefix
+        return loss, {
+            f"{p}accuracy_k1": accuracy.detach(),
+            f"{p}mi_bound_k1": bound,
+            f"{p}mi_bound": bound,
+        }
 
 
 def _split(stages: int, modules: int) -> list[tuple[int, int]]:
@@ -346,4 +400,4 @@ class GreedyInfoMax(nn.Module):
         return x.reshape(*is_first.shape, -1), metrics
 
 
-__all__ = ["CPCSpec", "GreedyInfoMax", "SequenceCPC", "info_nce", "mi_bound"]
+__all__ = ["CPCSpec", "GreedyInfoMax", "SequenceCPC", "SlotCPC", "info_nce", "mi_bound"]

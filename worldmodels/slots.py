@@ -53,6 +53,19 @@ previous posterior unless ``dynamics_trains_perception``: the two dynamics terms
 dynamics (and ``loss/prediction`` the decoder), not the slots they start from. Every slot
 state is kept canonical by ``normalize_slots`` (unit-RMS features, frames inside the image),
 which keeps the prior -> posterior -> dynamics-target loop from running away.
+
+Contrastive slot dynamics (``SlotSpec.representation``, after C-SWM, Kipf et al. 2020):
+``reconstruction+cpc`` adds ``loss/cpc`` and ``cpc`` replaces ``loss/prediction`` by it (the
+prior slots are then never decoded, so no image decoder is trained for the dynamics; the
+perception's reconstruction of the posterior, ``loss/reconstruction``, stays, since it is what
+gives the slots their meaning, and so does the slot regression ``loss/dynamics``). ``loss/cpc``
+(``cpc_loss``, ``worldmodels.cpc.SlotCPC``) is InfoNCE per predicted slot: after the same
+Hungarian matching as ``loss/dynamics`` its positive is the next frame's inferred slot it was
+matched to, and its negatives are all the other inferred slots of the batch (the other slots
+of that frame, and every slot of the other samples and time steps), ``B * T * K`` candidates;
+anchors are weighted like ``loss/dynamics`` (steps with a prediction, slots that draw
+something). The keys are detached unless ``dynamics_trains_perception``; the projections
+(``cpc.query``, ``cpc.key``) exist only in the ``cpc`` modes.
 """
 
 from __future__ import annotations
@@ -64,6 +77,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from worldmodels.cpc import SlotCPC
 from worldmodels.layers import LayerFactory
 
 INIT_SCALE = 0.1  # scale of a fresh slot's frame (image units)
@@ -74,6 +88,7 @@ MIN_SCALE = 0.03  # smallest slot scale (image units): half a token of a 16 x 16
 LOSS_KEYS = ("loss/reconstruction", "loss/prediction", "loss/dynamics")
 SLOT_INITS = ("farthest", "learned", "gaussian")
 INFERENCE_MODES = ("fresh", "filter")
+REPRESENTATIONS = ("reconstruction", "reconstruction+cpc", "cpc")
 
 
 @dataclass
@@ -122,11 +137,22 @@ class SlotSpec:
     # measured on blocks: the slots settle into fixed regions that the refinement never moves,
     # and the dynamics learns to ignore the action; see README).
     inference: Literal["fresh", "filter"] = "fresh"
-    # Whether loss/dynamics also trains the perception through the dynamics' input (the
-    # previous posterior). Off: the dynamics learns on the slots the perception gives it and
+    # Whether loss/dynamics (and loss/cpc, whose keys are the posterior) also trains the
+    # perception through the dynamics' input (the previous posterior). Off: the dynamics learns on the slots the perception gives it and
     # only the reconstruction shapes those slots (trained jointly, the dynamics' gradient
     # degraded a pretrained segmentation, FG-ARI 0.77 -> 0.39 in 2,000 updates; see README).
     dynamics_trains_perception: bool = False
+    # What trains the dynamics besides loss/dynamics (the slot regression): reconstruction:
+    # the decoded prediction (loss/prediction); reconstruction+cpc: that plus the contrastive
+    # loss/cpc (C-SWM-style InfoNCE of each predicted slot against the next frame's inferred
+    # slots); cpc: loss/cpc instead of loss/prediction (no decoder pass for the dynamics; the
+    # perception still reconstructs the posterior, which is where the slots come from).
+    representation: Literal["reconstruction", "reconstruction+cpc", "cpc"] = "reconstruction"
+    # Size of the loss/cpc projections (query from the predicted slot, key from the inferred
+    # one; each a linear map of the slot's features, Fourier position features and scale).
+    cpc_dim: int = field(default=64, metadata={"min": 1})
+    # loss/cpc compares the L2-normalised projections by dot product over this temperature.
+    cpc_temperature: float = field(default=0.1, metadata={"min": 1e-6})
 
     def __post_init__(self) -> None:
         if self.slot_init not in SLOT_INITS:
@@ -135,6 +161,12 @@ class SlotSpec:
             raise ValueError(
                 f"inference: expected one of {INFERENCE_MODES}, got {self.inference!r}"
             )
+        if self.representation not in REPRESENTATIONS:
+            raise ValueError(
+                f"representation: expected one of {REPRESENTATIONS}, got {self.representation!r}"
+            )
+        if self.cpc_temperature <= 0:
+            raise ValueError(f"cpc_temperature: must be > 0, got {self.cpc_temperature}")
         if self.slots < 1 or self.iterations < 1:
             raise ValueError(f"slots and iterations must be >= 1, got {self}")
         if self.interaction_topk < 0 or self.interaction_topk > max(0, self.slots - 1):
@@ -552,6 +584,12 @@ class SlotWorldModel(nn.Module):
         else:
             self.init_mean = nn.Parameter(torch.randn(1, s.slot_dim) * s.slot_dim**-0.5)
             self.init_log_std = nn.Parameter(torch.zeros(1, s.slot_dim))
+        # Built last and only when used: a reconstruction model's weights, checkpoints and
+        # random draws stay what they were before loss/cpc existed.
+        self.cpc: SlotCPC | None = None
+        if s.representation != "reconstruction":
+            features = s.slot_dim + 4 * POSITION_FREQUENCIES + 2
+            self.cpc = SlotCPC(features, s.cpc_dim, s.cpc_temperature, f.scope("cpc"))
 
     @property
     def num_slots(self) -> int:
@@ -735,6 +773,32 @@ class SlotWorldModel(nn.Module):
         prior = keep * predicted.unflatten(0, (B, T)) + (1.0 - keep) * post
         return {"post": post, "prior": prior, "has_prior": 1.0 - first, "attention": attention}
 
+    def cpc_features(self, slots: torch.Tensor) -> torch.Tensor:
+        """What ``loss/cpc`` projects of a slot ``[..., S]``: its features, Fourier features of
+        its centre (``fourier_positions``: a linear map of raw coordinates in [0, 1] could
+        hardly tell two nearby positions apart) and its scale; ``[..., D + 4P + 2]``."""
+        D = self.spec.slot_dim
+        return torch.cat(
+            [slots[..., :D], fourier_positions(slots[..., D : D + 2]), slots[..., D + 2 :]], -1
+        )
+
+    def cpc_loss(
+        self, prior: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``loss/cpc`` (``SlotCPC``) of predicted slots ``prior [B, T, K, S]`` against the
+        inferred slots ``target [B, T, K, S]`` *already matched to them* (slot k of
+        ``target[b, t]`` is the one paired with ``prior[b, t, k]``); ``weight [B, T, K]``
+        weighs each predicted slot as an anchor (0 where there is no prediction or the slot
+        draws nothing). The candidates for each anchor are all ``B * T * K`` inferred slots of
+        the batch: the positive, the other slots of the same frame, and every slot of every
+        other frame (other samples and other time steps, including those without a
+        prediction). The set of candidates, hence the loss, does not depend on the order of the
+        slots. Returns ``(loss, metrics)`` with ``cpc_accuracy_k1``, ``cpc_mi_bound_k1`` and
+        ``cpc_mi_bound`` (``log(B T K) - loss``)."""
+        if self.cpc is None:
+            raise ValueError("cpc_loss needs representation=reconstruction+cpc or cpc")
+        return self.cpc(self.cpc_features(prior), self.cpc_features(target), weight)
+
     def imagine(self, start: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Open-loop rollout: ``start [N, K, S]``, ``actions [N, H, A]`` -> slots
         ``[N, H + 1, K, D]``, the start first, then the slots after each action."""
@@ -778,7 +842,11 @@ class SlotWorldModel(nn.Module):
         predict_pixels: bool = True,
     ):
         """``(losses, metrics, states)`` (see ``loss``); ``predict_pixels=False`` skips
-        decoding the prior slots (``loss/prediction`` is then 0)."""
+        decoding the prior slots (``loss/prediction`` is then 0). With ``representation=cpc``
+        the prior slots are never decoded and there is no ``loss/prediction``; with
+        ``reconstruction+cpc`` or ``cpc`` there is ``loss/cpc`` (``cpc_loss``: the keys are
+        the detached posterior unless ``dynamics_trains_perception``) and its metrics."""
+        mode = self.spec.representation
         states = self.observe(batch["pixels"], batch["action"], batch["is_first"], state)
         pixels = self.resize(batch["pixels"].flatten(0, 1)).unflatten(0, batch["pixels"].shape[:2])
         post, prior, has_prior = states["post"], states["prior"], states["has_prior"]
@@ -787,7 +855,9 @@ class SlotWorldModel(nn.Module):
         losses = {"loss/reconstruction": rec.mean()}
         valid = has_prior
         count = valid.sum().clamp(min=1.0)
-        if predict_pixels and bool(valid.any()):
+        if mode == "cpc":
+            pass  # no decoder pass for the dynamics: loss/cpc (below) replaces loss/prediction
+        elif predict_pixels and bool(valid.any()):
             idx = valid.flatten().nonzero()[:, 0]
             pred = self.decode(prior.flatten(0, 1)[idx])["image"]
             err = (pred - pixels.flatten(0, 1)[idx]).square().mean((-3, -2, -1))
@@ -809,11 +879,22 @@ class SlotWorldModel(nn.Module):
             order = matching_order(prior.detach(), target, self._feature_error)
             target = target.gather(-2, order[..., None].expand_as(target))
             share = share.gather(-1, order)
+        else:
+            order = None
         present = (share / PRESENT_SHARE).clamp(max=1.0)  # [B, T, K]
         dyn, center_err = self._slot_error(prior, target)  # [B, T, K]
         dyn = (dyn * present).sum(-1) / present.sum(-1).clamp(min=1e-6)  # [B, T]
         center_err = center_err * present
         losses["loss/dynamics"] = (dyn * valid).sum() / count
+        cpc_metrics: dict[str, torch.Tensor] = {}
+        if mode != "reconstruction":
+            # Keys: the matched posterior, detached like the loss/dynamics target unless
+            # dynamics_trains_perception (then loss/cpc trains the perception, as in C-SWM).
+            keys = target
+            if self.spec.dynamics_trains_perception:
+                keys = post if order is None else post.gather(-2, order[..., None].expand_as(post))
+            weight = valid[..., None] * present  # anchors: predicted slots that draw something
+            losses["loss/cpc"], cpc_metrics = self.cpc_loss(prior, keys, weight)
         with torch.no_grad():
             entropy = -(masks.clamp_min(1e-8).log() * masks).sum(-3).mean()
             metrics = {
@@ -826,6 +907,7 @@ class SlotWorldModel(nn.Module):
                     (center_err.sum(-1) / present.sum(-1).clamp(min=1e-6) * valid).sum() / count
                 ).sqrt(),
             }
+            metrics.update({f"world_model/{k}": v for k, v in cpc_metrics.items()})
         return losses, metrics, states
 
 
@@ -839,6 +921,7 @@ __all__ = [
     "SlotSpec",
     "SlotWorldModel",
     "INFERENCE_MODES",
+    "REPRESENTATIONS",
     "fourier_positions",
     "hungarian_order",
     "match_slots",

@@ -66,10 +66,15 @@ def main(argv: list[str]) -> int:
         resume_replay = overrides.pop("resume.replay", None)
         init = overrides.pop("init", None)
         checkpoint = init_weights = None
-        if resume_replay is not None and (resume is None or resume_replay != "fresh"):
+        if resume_replay is not None and resume_replay != "fresh":
             raise ConfigError(
-                f"resume.replay={resume_replay}: the only choice is resume.replay=fresh, with "
-                "resume=<run dir> (keep the weights, optimizers and counters, empty replay)"
+                f"resume.replay={resume_replay}: the only value is fresh (keep the weights, "
+                "optimizers and counters, start with an empty replay)"
+            )
+        if resume_replay is not None and resume is None:
+            raise ConfigError(
+                "resume.replay=fresh needs resume=<run dir>: it continues that run with its "
+                "weights, optimizers and counters and an empty replay"
             )
         if init is not None and resume is not None:
             raise ConfigError(

@@ -222,7 +222,9 @@ def test_a_corrupt_replay_chunk_is_refused_and_fresh_replay_goes_on(stopped_run,
 def test_fresh_replay_needs_resume():
     result = run_script("train.py", "resume.replay=fresh", check=False)
     assert result.returncode == 2
-    assert "resume.replay=fresh, with resume=<run dir>" in result.stderr
+    assert "resume.replay=fresh needs resume=<run dir>" in result.stderr
+    other = run_script("train.py", "resume=/x", "resume.replay=old", check=False)
+    assert other.returncode == 2 and "the only value is fresh" in other.stderr
 
 
 @pytest.mark.parametrize(

@@ -50,12 +50,12 @@ import gymnasium as gym
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 import sparse
 from agents import dreamer_config
 from agents.base import Agent, State
 from agents.dreamer_config import SPARSE_SKIP_DEFAULT
+from agents.sparsity import cached_masks, sparsify_model
 from runtime import distributed
 from runtime.accelerator import make_accelerator
 from runtime.config import Config
@@ -362,18 +362,11 @@ class DreamerAgent(Agent):
         batch["is_first"] = torch.zeros(1, T)
         batch["is_first"][:, 0] = 1
         example = self.preprocess(batch)
-        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
-        self.wm.forward = self.wm.loss_and_states  # for the dry forward only
-        try:
-            with torch.random.fork_rng(devices=cuda):  # no draw from the global RNGs
-                return sparse.sparsify(self.wm, lib_config, example_inputs=(example,), batch_size=T)
-        finally:
-            del self.wm.forward
+        return sparsify_model(self.wm, self.wm.loss_and_states, lib_config, example, T, self.device)
 
     def _cached(self):
-        """Compute each masked weight once per block (``weight = original * mask``) rather than
-        at every access; only valid while no optimizer step happens inside."""
-        return parametrize.cached() if self.sparsifier is not None else contextlib.nullcontext()
+        """Masked weights computed once per block (``agents.sparsity.cached_masks``)."""
+        return cached_masks(self.sparsifier)
 
     def _main_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         """The optimizers of world model, actor and critic: ``all`` (laprop) or one each."""

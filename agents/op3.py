@@ -29,7 +29,6 @@ Config: ``op3.*`` (``agents.op3_config.OP3Config``); presets ``op3`` (CPU sizes)
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Callable
 from typing import Any
@@ -37,12 +36,12 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
-from torch.nn.utils import parametrize
 
 import sparse
 from agents import op3_config
 from agents.base import Agent, State
 from agents.dreamer import planned_updates, sparse_skip
+from agents.sparsity import cached_masks, sparsify_model
 from runtime.accelerator import make_accelerator
 from runtime.config import Config
 from runtime.registry import AgentEntry, register_agent
@@ -287,18 +286,18 @@ class OP3Agent(Agent):
         batch["is_first"][:, 0] = 1
         example = self.preprocess(batch)
         predict = cfg.op3.prediction_scale > 0
-        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
-        self.wm.forward = lambda data: self.wm.loss_and_states(data, predict_pixels=predict)
-        try:
-            with torch.random.fork_rng(devices=cuda):  # no draw from the global RNGs
-                return sparse.sparsify(self.wm, lib_config, example_inputs=(example,), batch_size=T)
-        finally:
-            del self.wm.forward
+        return sparsify_model(
+            self.wm,
+            lambda data: self.wm.loss_and_states(data, predict_pixels=predict),
+            lib_config,
+            example,
+            T,
+            self.device,
+        )
 
     def _cached(self):
-        """Compute each masked weight once per block (``weight = original * mask``) rather than
-        at every access; only valid while no optimizer step happens inside."""
-        return parametrize.cached() if self.sparsifier is not None else contextlib.nullcontext()
+        """Masked weights computed once per block (``agents.sparsity.cached_masks``)."""
+        return cached_masks(self.sparsifier)
 
     # ---------------------------------------------------------------------------------
     # Training

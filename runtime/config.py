@@ -874,6 +874,7 @@ def describe(section: str | None = None) -> str:
 
     value = getattr(config, section)
     doc = (type(value).__doc__ or "").strip()
-    rows.insert(0, f"{section}: {_one_line(doc.split(chr(10) + chr(10))[0], 200)}")
+    summary = doc.split("\n\n")[0]  # the docstring's first paragraph
+    rows.insert(0, f"{section}: {_one_line(summary, 200)}")
     walk(value, f"{section}.")
     return "\n".join(rows)

@@ -77,12 +77,8 @@ def main(argv: list[str]) -> int:
     except ValueError as error:  # a setting the env build rejects (task, camera, size)
         print(f"error: env '{config.env.id}' cannot be built: {error}", file=sys.stderr)
         return 2
-    try:
-        agent = agents.make_agent(config, env.single_observation_space, env.single_action_space)
-        agent.load_state_dict(loaded.agent_state)
-    except (ValueError, TypeError, RuntimeError) as error:
-        # Sizes or spaces the model cannot be built with, or weights that do not fit it
-        # (load_state_dict raises RuntimeError naming the mismatched tensors).
+
+    def refuse(error: Exception) -> int:
         env.close()
         print(
             f"error: checkpoint {loaded.path}: agent={config.agent.name} cannot be rebuilt "
@@ -90,6 +86,17 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
+
+    try:
+        # Sizes or spaces the model cannot be built with (the models raise ValueError or
+        # TypeError naming them); anything else is a bug and keeps its traceback.
+        agent = agents.make_agent(config, env.single_observation_space, env.single_action_space)
+    except (ValueError, TypeError) as error:
+        return refuse(error)
+    try:
+        agent.load_state_dict(loaded.agent_state)
+    except (ValueError, RuntimeError) as error:  # weights that do not fit (names the tensors)
+        return refuse(error)
     successes = SuccessCounter()
     segment = getattr(agent, "segment", None)
     seg_pixels: list[np.ndarray] = []

@@ -79,6 +79,18 @@ CASES = [
 ]
 
 
+def assert_same_next_update(agent, other, batch) -> None:
+    """``other`` (restored from ``agent``'s state) makes the same next update: same metrics
+    and the same weights after it, with the same seed."""
+    torch.manual_seed(3)
+    m1 = agent.update(batch)
+    torch.manual_seed(3)
+    m2 = other.update(batch)
+    assert m1 == m2
+    for key, value in other.state_dict()["weights"].items():
+        assert torch.equal(value, agent.state_dict()["weights"][key]), key
+
+
 def test_registered():
     assert "dreamer" in available_agents()
 
@@ -252,13 +264,7 @@ def test_state_dict_round_trip_is_exact():
     for key, value in other.state_dict()["weights"].items():
         assert torch.equal(value, state["weights"][key]), key
     # Continuing from the restored state gives the same update as the original.
-    torch.manual_seed(3)
-    m1 = agent.update(batch)
-    torch.manual_seed(3)
-    m2 = other.update(batch)
-    assert m1 == m2
-    for key, value in other.state_dict()["weights"].items():
-        assert torch.equal(value, agent.state_dict()["weights"][key]), key
+    assert_same_next_update(agent, other, batch)
 
 
 def test_act_resets_state_on_is_first():
@@ -449,13 +455,7 @@ def test_laprop_is_one_step_of_one_optimizer_after_all_losses(action_space):
     assert set(state["optimizers"]) == {"all"}
     other = make(obs, action_space, "agent.optimizer=laprop", "agent.warmup=0", seed=7)
     other.load_state_dict(_save_load(state))
-    torch.manual_seed(3)
-    m1 = agent.update(batch)
-    torch.manual_seed(3)
-    m2 = other.update(batch)
-    assert m1 == m2
-    for key, value in other.state_dict()["weights"].items():
-        assert torch.equal(value, agent.state_dict()["weights"][key]), key
+    assert_same_next_update(agent, other, batch)
     with pytest.raises(ValueError, match="agent.optimizer=laprop"):
         make(obs, action_space).load_state_dict(_save_load(state))
 

@@ -264,6 +264,11 @@ class OP3Agent(Agent):
         self.rng = np.random.default_rng(config.seed)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed + 1)
+        # The planning cost (a batched open-loop rollout, distances and the on-device slot
+        # matching: no host sync) is one compiled graph under agent.compile (auto: on cuda);
+        # sparse masks (parametrizations) stay eager, as in the Dreamer.
+        compiling = self.accelerator.compiling and self.sparsifier is None
+        self._plan_cost = self.accelerator.compile(self.plan_cost) if compiling else self.plan_cost
 
     def _sparsify(self) -> sparse.Sparsifier:
         """Masks on the slot world model's layers (``sparse.*``; ``sparse.skip=null``: the
@@ -358,6 +363,10 @@ class OP3Agent(Agent):
             "slots": torch.zeros(batch_size, K, S, device=self.device),
             "goal": torch.zeros(batch_size, K, S, device=self.device),
             "action": torch.zeros(batch_size, self.action_dim, device=self.device),
+            # The last CEM plan (the next step's warm start); zeros where there is none.
+            "plan": torch.zeros(
+                batch_size, self.config.op3.horizon, self.action_dim, device=self.device
+            ),
             # 0 until the slots were inferred (random actions skip inference).
             "valid": torch.zeros(batch_size, device=self.device),
         }
@@ -391,7 +400,8 @@ class OP3Agent(Agent):
         if bool(fresh.any()):  # the goal image is constant within an episode: infer it once
             inferred = self.wm.infer(self._pixels(obs["goal"]))
             goal = torch.where(fresh[:, None, None] > 0, inferred, goal)
-        plan = self.plan(slots, goal)  # [n, H, A]
+        previous = state["plan"] * (1.0 - fresh)[:, None, None]  # no warm start across episodes
+        plan = self.plan(slots, goal, previous)  # [n, H, A]
         action = plan[:, 0].cpu().numpy().astype(np.float32)
         if explore:
             o = self.config.op3
@@ -403,6 +413,7 @@ class OP3Agent(Agent):
             "slots": slots,
             "goal": goal,
             "action": torch.as_tensor(action, device=self.device),
+            "plan": plan,
             "valid": torch.ones(n, device=self.device),
         }
         return self._out(action), new_state
@@ -429,21 +440,56 @@ class OP3Agent(Agent):
         init = keep * predicted + (1.0 - keep) * self.wm.initial(tokens, colours)
         return self.wm.refine(tokens, init)[0]
 
-    def plan_cost(self, slots: torch.Tensor, goal: torch.Tensor, actions: torch.Tensor):
+    def plan_cost(
+        self,
+        slots: torch.Tensor,
+        goal: torch.Tensor,
+        actions: torch.Tensor,
+        placed: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Cost ``[N, P]`` of action sequences ``actions [N, P, H, A]`` from slots ``[N, K,
-        S]``: matched distance between the final predicted slots and the goal slots."""
+        S]``: matched distance between the final predicted slots and the goal slots ``[N, K,
+        S]``, plus ``op3.keep_scale`` x the predicted motion of the centres of the slots
+        ``placed [N, K]`` (1 where a slot already sits at its goal, ``placed_slots``)."""
         N, P = actions.shape[:2]
         start = slots[:, None].expand(N, P, *slots.shape[1:]).flatten(0, 1)
         final = self.wm.imagine(start, actions.flatten(0, 1))[:, -1].unflatten(0, (N, P))
         o = self.config.op3
-        return matched_slot_distance(final, goal[:, None], self.wm.spec.slot_dim, o.position_weight)
+        D = self.wm.spec.slot_dim
+        cost = matched_slot_distance(final, goal[:, None], D, o.position_weight)
+        if placed is not None and o.keep_scale > 0:
+            # The dynamics keeps slot k in row k, so row k's motion is slot k's.
+            motion = (final[..., D : D + 2] - slots[:, None, :, D : D + 2]).norm(dim=-1)
+            cost = cost + o.keep_scale * (motion * placed[:, None]).sum(-1)
+        return cost
 
-    def plan(self, slots: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
-        """The CEM plan ``[N, H, A]`` from slots ``[N, K, S]`` toward goal slots ``[N, K, S]``."""
+    def placed_slots(self, slots: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
+        """``[N, K]``: 1 where slot k of ``slots [N, K, S]`` has its centre within
+        ``op3.keep_radius`` of the goal slot it is matched to (the planning cost's matching,
+        ``slot_distances``), else 0."""
+        o = self.config.op3
+        D = self.wm.spec.slot_dim
+        order = hungarian_order(slot_distances(slots, goal, D, o.position_weight))
+        matched = goal.gather(1, order[..., None].expand_as(goal))
+        gap = (slots[..., D : D + 2] - matched[..., D : D + 2]).norm(dim=-1)
+        return (gap <= o.keep_radius).float()
+
+    def plan(
+        self, slots: torch.Tensor, goal: torch.Tensor, previous: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The CEM plan ``[N, H, A]`` from slots ``[N, K, S]`` toward goal slots ``[N, K, S]``.
+
+        With ``op3.cem_warm_start`` and the last step's plan ``previous [N, H, A]`` (zeros
+        where there is none), the sampling mean starts from it shifted by one action, the new
+        last action 0 (TD-MPC2's warm start). Every sample, score and refit stays on the
+        device: nothing is read back until the caller takes the action."""
         o = self.config.op3
         mean = torch.zeros(slots.shape[0], o.horizon, self.action_dim, device=self.device)
+        if previous is not None and o.cem_warm_start and o.horizon > 1:
+            mean[:, :-1] = previous[:, 1:]
+        placed = self.placed_slots(slots, goal) if o.keep_scale > 0 else None
         best, _ = cem(
-            lambda actions: self.plan_cost(slots, goal, actions),
+            lambda actions: self._plan_cost(slots, goal, actions, placed),
             mean,
             o.cem_std,
             o.cem_population,

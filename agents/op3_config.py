@@ -45,9 +45,17 @@ class OP3Config(SlotSpec):
     cem_iterations: int = field(default=3, metadata=at_least(1))
     cem_elites: int = field(default=8, metadata=at_least(1))
     cem_std: float = field(default=1.0, metadata=at_least(0))
+    # Warm start (TD-MPC2): each step's CEM starts from the last step's plan shifted by one
+    # action (horizon > 1; a one-step plan has nothing left to shift and starts from 0).
+    cem_warm_start: bool = True
     # Planning cost between two slots: |features| / sqrt(slot_dim) + position_weight x
     # |position| (positions in image units), summed over the Hungarian-matched pairs.
     position_weight: float = field(default=5.0, metadata=at_least(0))
+    # Keep achieved goals: a slot whose centre is already within keep_radius (image units;
+    # 0.07 is about the blocks' 0.05 m success tolerance) of its matched goal slot adds
+    # keep_scale x the distance its centre is predicted to move. 0 turns it off.
+    keep_scale: float = field(default=0.0, metadata=at_least(0))
+    keep_radius: float = field(default=0.07, metadata=at_least(0))
     # Exploration (explore=True, after the first update; before it every action is random):
     # a uniformly random action with probability epsilon, else the plan plus Gaussian noise;
     # epsilon = 1 acts at random throughout and never plans (preset op3_perception).

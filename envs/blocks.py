@@ -248,7 +248,9 @@ class BlocksEnv(gym.Env[np.ndarray, np.ndarray]):
 
     Reward: minus the mean distance of blocks to their goals (xy for push, xyz for stack) plus
     1 while ``is_success`` (every block within ``success_tolerance`` of its goal). Episodes
-    never terminate; an outer time limit truncates them (see ``DEFAULT_TIME_LIMITS``).
+    end by an outer time limit (truncation, see ``DEFAULT_TIME_LIMITS``), or, with
+    ``terminate_on_success=True``, terminate on the step that reaches success (the task is
+    then "reach the goal configuration", and a success cannot be undone by later actions).
 
     Oracle access for evaluation: ``get_sim_state`` / ``set_sim_state`` (the episode's shapes,
     colours and goal plus the full MuJoCo integration state; restorable into any env of the
@@ -277,6 +279,7 @@ class BlocksEnv(gym.Env[np.ndarray, np.ndarray]):
         render_quality: str = "fast",
         render_mode: str | None = "rgb_array",
         success_tolerance: float = 0.05,
+        terminate_on_success: bool = False,
     ) -> None:
         import mujoco
 
@@ -302,6 +305,7 @@ class BlocksEnv(gym.Env[np.ndarray, np.ndarray]):
         self.task, self.num_blocks, self.action_mode = task, int(num_blocks), action_mode
         self.size, self.render_mode = int(size), render_mode
         self.success_tolerance = float(success_tolerance)
+        self.terminate_on_success = bool(terminate_on_success)
         self._pusher = action_mode == "pusher"
 
         self.model = mujoco.MjModel.from_xml_string(build_mjcf(self.num_blocks, self._pusher))
@@ -457,7 +461,8 @@ class BlocksEnv(gym.Env[np.ndarray, np.ndarray]):
         self.simulate(action)
         info = self._info()
         reward = -self._mean_goal_distance() + float(info["is_success"])
-        return self._observation(), reward, False, False, info
+        terminated = self.terminate_on_success and info["is_success"]
+        return self._observation(), reward, terminated, False, info
 
     def simulate(self, action: np.ndarray) -> np.ndarray:
         """Apply ``action`` to the physics only (no rendering): the oracle planner's step.

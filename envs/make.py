@@ -68,6 +68,7 @@ def make_env(
     distractors: bool = False,
     goal_obs: bool = False,
     blocks_action: str = "pick_place",
+    terminate_on_success: bool = False,
     intervention: str | None = None,
 ) -> gym.Env:
     """Build a ``gym:``, ``dmc:<domain>-<task>`` or ``blocks:`` env with a Dict observation.
@@ -92,6 +93,8 @@ def make_env(
             image (uint8 ``3 x size x size``).
         blocks_action: ``blocks:`` tasks only: ``"pick_place"`` (4-d action) or ``"pusher"``
             (2-d planar velocity); ignored for other suites unless not the default.
+        terminate_on_success: ``blocks:`` tasks only: the episode terminates on the step that
+            reaches success (every block within tolerance of its goal).
         intervention: MuJoCo tasks only: change a model parameter at a chosen env step of
             this env, e.g. ``"body_mass:pole_1*2@step=20000"`` (grammar, step counting and
             logging in ``envs.interventions``; ``info["intervention"]`` on that step).
@@ -115,10 +118,11 @@ def make_env(
     suite, name = parse_env_id(env_id)
     if distractors and suite != "dmc":
         raise ValueError(f"distractors need a dmc:<domain>-<task> env, got {env_id!r}")
-    if suite != "blocks" and (goal_obs or blocks_action != "pick_place"):
+    if suite != "blocks" and (goal_obs or blocks_action != "pick_place" or terminate_on_success):
         raise ValueError(
-            f"goal_obs and blocks_action apply to blocks:<push|stack>-<n> envs only, got "
-            f"{env_id!r}; leave goal_obs=False and blocks_action='pick_place' for it"
+            f"goal_obs, blocks_action and terminate_on_success apply to blocks:<push|stack>-<n> "
+            f"envs only, got {env_id!r}; leave goal_obs=False, blocks_action='pick_place' and "
+            "terminate_on_success=False for it"
         )
     if blocks_action not in BLOCKS_ACTIONS:
         raise ValueError(f"blocks_action must be one of {BLOCKS_ACTIONS}, got {blocks_action!r}")
@@ -135,6 +139,7 @@ def make_env(
             camera=camera,
             render_quality=render_quality,
             render_mode=inner_render,
+            terminate_on_success=terminate_on_success,
         )
         env = PhysicsErrorGuard(env)
         limit = DEFAULT_TIME_LIMITS[blocks_action] if time_limit is None else int(time_limit)

@@ -84,6 +84,9 @@ class EnvConfig:
     # blocks: tasks only: pick_place = (pick xy, place xy) per action, 10 actions an episode;
     # pusher = planar velocity of a pusher, 100 steps an episode.
     blocks_action: Literal["pick_place", "pusher"] = "pick_place"
+    # blocks: tasks only: end the episode (terminated) on the step that reaches success, so a
+    # reached goal configuration counts even if a later action would have undone it.
+    terminate_on_success: bool = False
     # Change one mechanism of a MuJoCo task at a chosen env step of each training env, e.g.
     # "body_mass:pole_1*2@step=20000" or "gravity:z=-5@step=0;actuator_gear:slide*0.5@step=10"
     # (grammar in envs/interventions.py; eval envs keep the original task).
@@ -270,6 +273,12 @@ class RunConfig:
     checkpoint_every: int = field(default=5000, metadata=at_least(1))
     keep_checkpoints: int = field(default=3, metadata=at_least(1))
     log_every: int = field(default=1000, metadata=at_least(1))
+    # Presets run one after another by `scripts/train.py`, each a whole run: this command's
+    # presets with the stage's appended, then the command line (every stage gets it). Stage i
+    # starts from stage i-1's weights (init=); all but the last write to <run.dir>/<stage>/,
+    # the last to run.dir. Re-running the command skips finished stages and resumes a
+    # stopped one. Empty: one ordinary run.
+    stages: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -534,6 +543,39 @@ def _check_replay(replay: ReplayConfig) -> None:
         )
 
 
+def stage_dir_name(stage: str) -> str:
+    """The directory of a ``run.stages`` entry under ``run.dir``: the preset's name (the file
+    name without ``.yaml`` for a preset given as a path)."""
+    path = Path(stage)
+    return path.stem if path.suffix in (".yaml", ".yml") else stage
+
+
+def _check_stages(stages: list[str]) -> None:
+    """Each stage a preset that exists, listed once, that does not stage runs itself."""
+    seen: dict[str, str] = {}
+    for stage in stages:
+        try:
+            preset = load_preset(stage)
+        except ConfigError as error:
+            raise ConfigError(f"run.stages: {error}") from None
+        run = preset.get("run")
+        inner = run.get("stages") if isinstance(run, dict) else None
+        if inner:
+            raise ConfigError(
+                f"run.stages: stage preset '{stage}' sets run.stages itself ({inner}) and "
+                f"stages do not nest; list those stages here instead, or set `run: {{stages: "
+                f"[]}}` in '{stage}'"
+            )
+        name = stage_dir_name(stage)
+        if name in seen:
+            also = f" (also as '{seen[name]}')" if seen[name] != stage else ""
+            raise ConfigError(
+                f"run.stages: '{stage}' is listed twice{also}, and each stage writes its own "
+                f"<run.dir>/{name}/; list each stage preset once"
+            )
+        seen[name] = stage
+
+
 def validate(config: Config) -> Config:
     """Range checks and cross-field rules, the shared ones here and each registered agent's
     own (``AgentEntry.validate``). Returns the config for chaining."""
@@ -545,6 +587,7 @@ def validate(config: Config) -> Config:
         raise ConfigError(str(error)) from error
     _check_accelerator(config)
     _check_replay(config.replay)
+    _check_stages(config.run.stages)
     if config.env.obs != "state" and config.env.size < 8:
         raise ConfigError(f"env.size: must be >= 8 for pixel observations, got {config.env.size}")
     if config.env.distractors and not config.env.id.startswith("dmc:"):
@@ -562,6 +605,11 @@ def validate(config: Config) -> Config:
             raise ConfigError(
                 f"env.blocks_action={config.env.blocks_action}: needs a blocks:<push|stack>-<n> "
                 f"env, got {config.env.id!r}; drop it or pick a blocks: task"
+            )
+        if config.env.terminate_on_success:
+            raise ConfigError(
+                f"env.terminate_on_success: needs a blocks:<push|stack>-<n> env, got "
+                f"{config.env.id!r}; set env.terminate_on_success=false or pick a blocks: task"
             )
     if config.env.intervention is not None:
         from envs.interventions import parse_interventions

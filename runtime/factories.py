@@ -42,6 +42,7 @@ def _env_settings(config: Config, mode: str, video: bool) -> dict[str, Any]:
         "distractors": cfg.distractors,
         "goal_obs": cfg.goal_obs,
         "blocks_action": cfg.blocks_action,
+        "terminate_on_success": cfg.terminate_on_success,
         # Training envs only: each counts its own steps (envs.interventions).
         "intervention": cfg.intervention if mode == "train" else None,
     }

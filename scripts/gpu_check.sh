@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: the cuda tests, then the training-step bench (eager and
 # compiled with CUDA graphs, side by side) for dreamer_tiny, xs and s at batch 16 x 64 in bf16
-# and fp32, plus the profiler's kernel-time share. Writes everything under ${OUT:-gpu_out}.
+# and fp32, plus the profiler's kernel-time share, and the OP3 planner's step time. Writes everything under ${OUT:-gpu_out}.
 #   bash scripts/gpu_check.sh            # on the device machine ($OUT is set there)
 # Budget: about 6-8 minutes on an H100/H200 (the compiles dominate); each step has a timeout
 # so one slow piece cannot eat the rest.
@@ -66,3 +66,7 @@ kernel = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
 print({"wall_s": wall, "kernel_s": kernel, "kernel_over_wall": kernel / wall})
 EOF
 cat "$OUT/kernel_share.txt" | tail -2
+
+# OP3 planning step on the GPU: on-device slot matching against scipy's host matching.
+timeout 90 python scripts/bench_planner.py device=cuda populations=128,512,2048 repeats=10 \
+  json="$OUT/bench_planner.json" 2>&1 | tail -4 | tee -a "$OUT/summary.txt"

@@ -21,7 +21,17 @@ simulator: every candidate is rolled out in a copy of the env restored with
 ``set_sim_state``, cost = mean distance of the blocks to their goals, ``oracle_population`` x
 ``oracle_iterations`` candidates, ``oracle_horizon`` actions) and ``learned`` (the op3 agent of
 ``checkpoint=``, greedy: CEM in its slot world model toward the goal image's slots; skipped
-without a checkpoint). Reports success rate, final mean goal distance and return per planner.
+without a checkpoint). ``planners=[learned]`` runs a subset. Reports per planner the success
+rate at episode end, ``reached_rate`` (episodes in which success held at some step: a success
+later undone counts here, not in ``success_rate``), the final mean goal distance, the return
+and ``seconds_per_step`` (acting and env step). ``env.terminate_on_success=true`` ends an
+episode on the step that reaches success (then the two rates agree).
+
+``python scripts/op3_checks.py check=sweep checkpoint=<dir>
+grid='op3.cem_population=64,128;op3.keep_scale=0,1' json=sweep.json``: the learned planner of ``check=planning`` on
+the same ``planning_episodes`` episodes for every combination of the grid's ``op3.*`` /
+``env.*`` values (on top of any overrides given directly); rows sorted by success rate, then
+final goal distance.
 
 ``python scripts/op3_checks.py check=hits json=hits.json [checkpoint=<dir>]``: C-SWM's
 latent-space ranking measures (Kipf et al. 2020) on ``test_episodes`` held-out episodes of
@@ -74,6 +84,9 @@ DEFAULTS: dict[str, Any] = {
     "oracle_iterations": 3,
     "oracle_elites": 8,
     "oracle_horizon": 1,
+    "planners": ["random", "oracle", "learned"],
+    # sweep: "key=v1,v2;key2=w1,w2" over op3.* / env.* keys, every combination evaluated
+    "grid": "",
     # hits
     "test_episodes": 100,
     "hits_steps": [1, 5, 10],
@@ -103,8 +116,12 @@ def _env(config, seed: int):
 def _agent(config, env, loaded=None):
     from agents.op3 import OP3Agent
 
+    from runtime.checkpoint import is_weights_only
+
     agent = OP3Agent(config, env.observation_space, env.action_space)
-    if loaded is not None:
+    if loaded is not None and is_weights_only(loaded):  # check=ari save=: weights alone
+        agent.load_weights(loaded.agent_state["weights"])
+    elif loaded is not None:
         agent.load_state_dict(loaded.agent_state)
     return agent
 
@@ -278,25 +295,56 @@ class OraclePlanner:
 
 
 def run_episodes(env, policy, episodes: int, seed: int) -> dict[str, Any]:
-    """Success rate, final goal distance and return of ``policy(env, obs, is_first)``."""
-    successes, distances, returns = [], [], []
+    """Success rate (at episode end and at any step), final goal distance, return and time per
+    step of ``policy(env, obs, is_first)``."""
+    successes, reached, distances, returns, steps = [], [], [], [], 0
+    tick = time.perf_counter()
     for episode in range(episodes):
         obs, info = env.reset(seed=seed + episode)
-        is_first, total, done = True, 0.0, False
+        is_first, total, done, ever = True, 0.0, False, False
         while not done:
             action = policy(env, obs, is_first)
             obs, reward, terminated, truncated, info = env.step(action)
             total += float(reward)
+            steps += 1
+            ever |= bool(info["is_success"])
             is_first, done = False, terminated or truncated
         successes.append(bool(info["is_success"]))
+        reached.append(ever)
         distances.append(_goal_distance(env))
         returns.append(total)
     return {
         "success_rate": float(np.mean(successes)),
+        "reached_rate": float(np.mean(reached)),
         "final_goal_distance": float(np.mean(distances)),
         "return_mean": float(np.mean(returns)),
+        "seconds_per_step": round((time.perf_counter() - tick) / max(steps, 1), 4),
         "successes": successes,
     }
+
+
+def _learned_policy(agent):
+    """``policy(env, obs, is_first)`` of the op3 agent, greedy, one env."""
+    memory = {"state": None}
+
+    def learned(env, obs, first):
+        if first:
+            memory["state"] = agent.initial_state(1)
+        batch = {k: v[None] for k, v in obs.items()}
+        batch["is_first"] = np.array([first])
+        action, memory["state"] = agent.act(batch, memory["state"], explore=False)
+        return action[0]
+
+    return learned
+
+
+def _print_result(name: str, result: dict[str, Any]) -> None:
+    print(
+        f"{name}: success {result['success_rate']:.2f} (reached {result['reached_rate']:.2f}), "
+        f"final goal distance {result['final_goal_distance']:.3f} m, return "
+        f"{result['return_mean']:.2f} ({result['seconds']} s)",
+        flush=True,
+    )
 
 
 def check_planning(args: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -309,39 +357,71 @@ def check_planning(args: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         "random": lambda env, obs, first: rng.uniform(-1, 1, env.action_space.shape).astype(
             np.float32
         ),
-        "oracle": (lambda planner: lambda env, obs, first: planner(env))(
-            OraclePlanner(config, args, seed)
-        ),
+        "oracle": lambda env, obs, first: oracle(env),
     }
+    oracle = OraclePlanner(config, args, seed) if "oracle" in args["planners"] else None
     if loaded is not None:
-        agent = _agent(config, env, loaded)
-        memory = {"state": None}
-
-        def learned(env, obs, first):
-            if first:
-                memory["state"] = agent.initial_state(1)
-            batch = {k: v[None] for k, v in obs.items()}
-            batch["is_first"] = np.array([first])
-            action, memory["state"] = agent.act(batch, memory["state"], explore=False)
-            return action[0]
-
-        planners["learned"] = learned
+        planners["learned"] = _learned_policy(_agent(config, env, loaded))
         report.update(checkpoint=str(loaded.path), step=loaded.step)
-    else:
+    elif "learned" in args["planners"]:
         report["learned"] = "skipped: pass checkpoint=<run dir of train.py agent=op3>"
     for name, policy in planners.items():
+        if name not in args["planners"]:
+            continue
         tick = time.perf_counter()
         result = run_episodes(env, policy, episodes, seed)
         result["seconds"] = round(time.perf_counter() - tick, 1)
         report[name] = result
-        print(
-            f"{name}: success {result['success_rate']:.2f}, final goal distance "
-            f"{result['final_goal_distance']:.3f} m, return {result['return_mean']:.2f} "
-            f"({result['seconds']} s)",
-            flush=True,
-        )
+        _print_result(name, result)
     env.close()
     return report
+
+
+def _grid_cells(grid: str) -> list[list[str]]:
+    """Every combination of ``grid`` (``"key=v1,v2;key2=w1,w2"``) as ``key=value`` lists.
+
+    Raises:
+        ConfigError: an entry without ``=`` or values, or a key outside ``op3.*`` / ``env.*``.
+    """
+    import itertools
+
+    from runtime.config import ConfigError
+
+    axes = []
+    for entry in filter(None, (part.strip() for part in str(grid).split(";"))):
+        key, sep, values = entry.partition("=")
+        options = [v.strip() for v in values.split(",") if v.strip()]
+        if not sep or not options:
+            raise ConfigError(f"grid: expected 'key=v1,v2;key2=w1,w2', got entry {entry!r}")
+        if not key.startswith(("op3.", "env.")):
+            raise ConfigError(f"grid: only op3.* and env.* keys can be swept, got {key!r}")
+        axes.append([f"{key.strip()}={v}" for v in options])
+    if not axes:
+        raise ConfigError("grid: expected 'key=v1,v2;key2=w1,w2' (e.g. 'op3.keep_scale=0,1')")
+    return [list(cell) for cell in itertools.product(*axes)]
+
+
+def check_sweep(args: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    seed, episodes = 2_000_000 + args["seed"], args["planning_episodes"]
+    rows = []
+    for cell in _grid_cells(args["grid"]):
+        config, loaded = _config(args, [*overrides, *cell])
+        env = _env(config, seed)
+        tick = time.perf_counter()
+        result = run_episodes(env, _learned_policy(_agent(config, env, loaded)), episodes, seed)
+        result["seconds"] = round(time.perf_counter() - tick, 1)
+        env.close()
+        _print_result(" ".join(cell), result)
+        rows.append({"overrides": cell, **result})
+    rows.sort(key=lambda row: (-row["success_rate"], row["final_goal_distance"]))
+    return {
+        "check": "sweep",
+        "env": config.env.id,
+        "episodes": episodes,
+        "checkpoint": str(loaded.path),
+        "step": loaded.step,
+        "rows": rows,
+    }
 
 
 # --------------------------------------------------------------------------------------
@@ -425,7 +505,13 @@ def check_hits(args: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     return report
 
 
-CHECKS = {"ari": check_ari, "planning": check_planning, "hits": check_hits}
+CHECKS = {
+    "ari": check_ari,
+    "planning": check_planning,
+    "hits": check_hits,
+    "sweep": check_sweep,
+}
+PLANNERS = ("random", "oracle", "learned")
 
 
 def main(argv: list[str]) -> int:
@@ -443,6 +529,16 @@ def main(argv: list[str]) -> int:
         report_fn = CHECKS[args["check"]]
         if args["check"] == "hits" and (not args["hits_steps"] or min(args["hits_steps"]) < 1):
             raise ConfigError(f"hits_steps: expected steps >= 1, got {args['hits_steps']}")
+        unknown = sorted(set(args["planners"]) - set(PLANNERS))
+        if unknown or not args["planners"]:
+            raise ConfigError(
+                f"planners: expected some of {list(PLANNERS)}, got {args['planners']}"
+            )
+        if args["check"] == "sweep":
+            if not args["checkpoint"]:
+                raise ConfigError("check=sweep: pass checkpoint=<run dir of train.py agent=op3>")
+            for cell in _grid_cells(args["grid"]):  # a bad key or value fails here, before any work
+                _config(args, [*overrides, *cell])
         _config(args, overrides)  # a bad key fails here, before any work
     except (ConfigError, CheckpointError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

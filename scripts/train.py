@@ -8,11 +8,19 @@ Examples::
     python scripts/train.py resume=runs/x run.steps=20000    # ...and train longer
     python scripts/train.py agent=<name> init=runs/pre run.dir=runs/z
                                                              # a new run from runs/pre's weights
+    python scripts/train.py preset=<staged> run.dir=runs/s   # a preset with run.stages: its
+                                                             # stages, one after another
     torchrun --standalone --nproc_per_node=2 scripts/train.py preset=debug run.dir=runs/y
                                                              # data parallel, 2 processes
 
 Writes ``config.yaml``, ``metrics.jsonl``, ``checkpoints/step_<N>/``, ``videos/`` and wandb
 files (offline by default) under ``run.dir``. SIGINT/SIGTERM save a checkpoint before exit.
+
+A config with ``run.stages`` (a preset may set it) runs each stage preset as a whole run of its
+own: the command's presets with the stage's appended, then the command line; stage i starts
+from stage i-1's weights (``init=``). Every stage but the last writes ``<run.dir>/<stage>/``,
+the last writes ``run.dir``. Re-running the same command skips the finished stages and
+resumes a stopped one.
 
 ``--help`` lists the config sections, ``--help <section>`` that section's keys.
 """
@@ -20,8 +28,10 @@ files (offline by default) under ``run.dir``. SIGINT/SIGTERM save a checkpoint b
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from pathlib import Path
+from typing import Any, Literal, NamedTuple
 
 # Rendering backend before anything imports mujoco; harmless when already set.
 os.environ.setdefault("MUJOCO_GL", "egl")
@@ -30,22 +40,8 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 
 def main(argv: list[str]) -> int:
-    import agents  # registers the built-in agents (runtime.registry)
-    from runtime import registry
-    from runtime.checkpoint import (
-        CheckpointError,
-        is_weights_only,
-        list_checkpoints,
-        load_checkpoint,
-    )
-    from runtime.config import (
-        ConfigError,
-        build_config,
-        describe,
-        load_yaml,
-        parse_overrides,
-        to_dict,
-    )
+    import agents  # noqa: F401 (registers the built-in agents: runtime.registry)
+    from runtime.config import ConfigError, describe, parse_overrides
 
     flags = [i for i, arg in enumerate(argv) if arg in ("-h", "--help")]
     if flags:
@@ -62,6 +58,53 @@ def main(argv: list[str]) -> int:
         return 0
     try:
         overrides = parse_overrides(argv)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return _run(overrides, shlex.join(["python", "scripts/train.py", *argv]))
+
+
+class Stage(NamedTuple):
+    """One entry of ``run.stages`` as this command runs it (planned by ``_plan_stages``). A
+    NamedTuple, not a dataclass: a dataclass needs its module in ``sys.modules``, and tests
+    load this script by path."""
+
+    number: int  # 1-based
+    count: int
+    name: str  # the preset, as run.stages lists it
+    run_dir: Path
+    # train: a new run (from the previous stage's weights); resume: continue its checkpoint;
+    # skip: its checkpoint is at its final step already.
+    action: Literal["train", "resume", "skip"]
+    # What _run gets: the stage's flat key=values with init=, or resume= and the settings a
+    # resume may change.
+    overrides: dict[str, Any]
+    step: int | None  # env step of its newest checkpoint, if any
+    steps: int  # its run.steps
+    command: str  # the whole command line, for the hints it prints
+
+    @property
+    def last(self) -> bool:
+        return self.number == self.count
+
+
+def _run(overrides: dict[str, Any], command: str, stage: Stage | None = None) -> int:
+    """One training run from parsed ``key=value`` overrides (``resume=`` and ``init=``
+    included), or, when the config has ``run.stages``, each of its stages through here again
+    (``stage`` set)."""
+    import agents
+    from runtime import registry
+    from runtime.checkpoint import (
+        CheckpointError,
+        is_weights_only,
+        list_checkpoints,
+        load_checkpoint,
+    )
+    from runtime.config import ConfigError, build_config, load_yaml, to_dict
+
+    overrides = dict(overrides)
+    stages = None
+    try:
         resume = overrides.pop("resume", None)
         resume_replay = overrides.pop("resume.replay", None)
         init = overrides.pop("init", None)
@@ -84,6 +127,15 @@ def main(argv: list[str]) -> int:
         if resume is not None:
             run_dir = Path(str(resume))
             config_path = run_dir / "config.yaml"
+            started = sorted(p.parent.name for p in run_dir.glob("*/config.yaml"))
+            if started and not (config_path.exists() and list_checkpoints(run_dir)):
+                # A staged run stopped before its last stage (which writes run.dir itself)
+                # saved a checkpoint: only the command knows the stages still to run.
+                raise ConfigError(
+                    f"resume={run_dir}: a staged run (run.stages) whose last stage has no "
+                    f"checkpoint yet (stages here: {', '.join(started)}); continue it by "
+                    "re-running the same command that started it"
+                )
             if not config_path.exists():
                 raise CheckpointError(
                     f"resume={run_dir}: no config.yaml there; pass the run directory "
@@ -106,27 +158,33 @@ def main(argv: list[str]) -> int:
                 raise ConfigError(
                     f"run.dir={run_dir} is an existing file, not a directory; pick another run.dir"
                 )
-            if list_checkpoints(run_dir):
-                raise ConfigError(
-                    f"run.dir={run_dir} already holds checkpoints: continue it with "
-                    f"resume={run_dir}, or pick a new run.dir"
-                )
-            if init is not None:
-                loaded = load_checkpoint(Path(str(init)))
-                source = loaded.config.get("agent", {}).get("name")
-                if source != config.agent.name:
+            if config.run.stages:
+                # Every stage's config and state, checked before any stage trains.
+                stages = _plan_stages(config, overrides, init, command)
+            else:
+                if list_checkpoints(run_dir):
                     raise ConfigError(
-                        f"init={init}: that checkpoint holds an agent={source} agent, this run "
-                        f"trains agent={config.agent.name}"
+                        f"run.dir={run_dir} already holds checkpoints: continue it with "
+                        f"resume={run_dir}, or pick a new run.dir"
                     )
-                init_weights = loaded.agent_state["weights"]
-            # What a new run of this agent needs (its registry entry says).
-            entry = registry.agent_entry(config.agent.name)
-            if entry.check_new_run is not None:
-                entry.check_new_run(config, init_weights is not None)
+                if init is not None:
+                    loaded = load_checkpoint(Path(str(init)))
+                    source = loaded.config.get("agent", {}).get("name")
+                    if source != config.agent.name:
+                        raise ConfigError(
+                            f"init={init}: that checkpoint holds an agent={source} agent, this "
+                            f"run trains agent={config.agent.name}"
+                        )
+                    init_weights = loaded.agent_state["weights"]
+                # What a new run of this agent needs (its registry entry says).
+                entry = registry.agent_entry(config.agent.name)
+                if entry.check_new_run is not None:
+                    entry.check_new_run(config, init_weights is not None)
     except (ConfigError, CheckpointError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if stages is not None:
+        return _run_stages(stages)
 
     from runtime import distributed
     from runtime.accelerator import resolve_device
@@ -143,7 +201,7 @@ def main(argv: list[str]) -> int:
     if resume_replay == "fresh" and ctx.is_main:
         _fresh_replay(run_dir, checkpoint)
     try:
-        code = _train(config, run_dir, checkpoint, ctx, agents, init_weights)
+        code = _train(config, run_dir, checkpoint, ctx, agents, init_weights, stage)
     except BaseException as error:
         # Tear the process group down now: the other ranks' next collective fails at once
         # instead of waiting for distributed.timeout.
@@ -156,11 +214,164 @@ def main(argv: list[str]) -> int:
             )
             return 1
         raise
-    if code == 0:
-        distributed.shutdown()
-    else:
+    if code != 0:
         distributed.abort()
+    elif stage is not None and not stage.last:
+        # Keep the process group for the next stage, and wait here until rank 0 has written
+        # this stage's final checkpoint: the next stage starts from it on every rank.
+        distributed.all_reduce_sums([0.0])
+    else:
+        distributed.shutdown()
     return code
+
+
+def _is_main_process() -> bool:
+    """Rank 0 under torchrun (before the process group exists), or a plain process."""
+    return os.environ.get("RANK", "") in ("", "0")
+
+
+def _newest_step(run_dir: Path) -> int | None:
+    """The env step of the checkpoint a resume of ``run_dir`` would load; None without one."""
+    from runtime.checkpoint import list_checkpoints, load_checkpoint
+
+    return load_checkpoint(run_dir).step if list_checkpoints(run_dir) else None
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _plan_stages(config, overrides: dict[str, Any], init: Any, command: str) -> list[Stage]:
+    """What each of ``config.run.stages`` will do, with every stage's config built and
+    checked first (a bad one is a one-line ``ConfigError`` before anything trains).
+
+    A stage's config: this command's presets with the stage's appended, then the command line
+    (``overrides``: it wins over every preset, in every stage), with ``run.stages=[]`` and its
+    own ``run.dir``. A stage that already has a checkpoint keeps the settings it was trained
+    with: a change the command makes to one that ``resume=`` cannot change is refused.
+    """
+    from runtime import registry
+    from runtime.config import ConfigError, build_config, load_yaml, stage_dir_name, to_dict
+
+    root = Path(config.run.dir)
+    names = list(config.run.stages)
+    stages: list[Stage] = []
+    previous: Path | None = None
+    for number, name in enumerate(names, start=1):
+        run_dir = root if number == len(names) else root / stage_dir_name(name)
+        stage_overrides = {
+            **overrides,
+            "preset": [*config.preset, name],
+            "run.stages": [],
+            "run.dir": str(run_dir),
+        }
+        where = f"stage {number}/{len(names)} {name} ({run_dir})"
+        try:
+            stage_config = build_config(stage_overrides)
+        except ConfigError as error:
+            raise ConfigError(f"run.stages: {where}: {error}") from None
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ConfigError(f"{where}: {run_dir} is an existing file; pick another run.dir")
+        step = _newest_step(run_dir)
+        steps = stage_config.run.steps
+        action: Literal["train", "resume", "skip"] = "train"
+        if step is not None:
+            unfinished = [s for s in stages if s.action != "skip"]
+            if unfinished:
+                raise ConfigError(
+                    f"run.dir={root}: stage {unfinished[0].name} is not finished but the later "
+                    f"{where} already holds checkpoints, trained from other weights; continue "
+                    f"a single stage with resume=<its dir>, or start over in a new run.dir"
+                )
+            config_path = run_dir / "config.yaml"
+            if not config_path.exists():
+                raise ConfigError(
+                    f"{where} holds checkpoints but no config.yaml; restore it, or pick a new "
+                    f"run.dir"
+                )
+            trained = _flat(to_dict(load_yaml(config_path)))
+            wanted = _flat(to_dict(stage_config))
+            changed = {
+                key: value
+                for key, value in wanted.items()
+                if key != "run.dir" and trained.get(key) != value
+            }
+            refused = [key for key in changed if not _resume_allows(key)]
+            if refused:
+                key = refused[0]
+                more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
+                raise ConfigError(
+                    f"run.dir={root}: {where} was trained with {key}={trained.get(key)!r}, "
+                    f"this command (its presets and key=values) gives {changed[key]!r}{more}; "
+                    f"re-run the command it was started with, or pick a new run.dir"
+                )
+            action = "skip" if step >= steps else "resume"
+            # Only what resume= may change goes with it (eval, log and checkpoint cadence,
+            # run.steps, logging, threads); the rest comes from the stage's own config.yaml.
+            stage_overrides = {"resume": str(run_dir), **changed}
+        else:
+            source = previous if previous is not None else init
+            if source is not None:
+                stage_overrides["init"] = str(source)
+            # What a new run of this agent needs (e.g. weights from init=).
+            entry = registry.agent_entry(stage_config.agent.name)
+            if entry.check_new_run is not None:
+                try:
+                    entry.check_new_run(stage_config, source is not None)
+                except ConfigError as error:
+                    raise ConfigError(f"run.stages: {where}: {error}") from None
+        stages.append(
+            Stage(
+                number=number,
+                count=len(names),
+                name=name,
+                run_dir=run_dir,
+                action=action,
+                overrides=stage_overrides,
+                step=step,
+                steps=steps,
+                command=command,
+            )
+        )
+        previous = run_dir
+    return stages
+
+
+def _run_stages(stages: list[Stage]) -> int:
+    """Run the planned stages in order, each a whole ``_run``; stop at the first that fails
+    or is stopped by a signal (its checkpoint is where the same command goes on)."""
+    from runtime import distributed
+
+    main = _is_main_process()
+    for stage in stages:
+        where = f"stage {stage.number}/{stage.count} {stage.name}"
+        if stage.action == "skip":
+            if main:
+                print(
+                    f"{where}: done ({stage.run_dir} holds env step {stage.step} of "
+                    f"{stage.steps}), skipped",
+                    flush=True,
+                )
+            continue
+        if main:
+            going_on = f" (resuming at env step {stage.step})" if stage.action == "resume" else ""
+            print(f"{where} -> {stage.run_dir}{going_on}", flush=True)
+        code = _run(stage.overrides, stage.command, stage)
+        if code != 0:
+            return code
+        if stage.last:
+            break
+        step = _newest_step(stage.run_dir)
+        if step is None or step < stage.steps:
+            distributed.shutdown()  # stopped by a signal; _train said how to go on
+            return 0
+    return 0
 
 
 def _lock_run_dir(run_dir: Path):
@@ -207,17 +418,19 @@ RESUME_OVERRIDABLE = (
 )
 
 
+def _resume_allows(key: str) -> bool:
+    """Whether ``resume=`` may change the setting ``key`` (``RESUME_OVERRIDABLE``)."""
+    return any(
+        key == pattern or (pattern.endswith(".*") and key.startswith(pattern[:-1]))
+        for pattern in RESUME_OVERRIDABLE
+    )
+
+
 def _check_resume_overrides(overrides: dict, run_dir: Path) -> None:
     """Refuse, in one line, an override that ``resume=`` cannot apply safely."""
     from runtime.config import ConfigError
 
-    def allowed(key: str) -> bool:
-        return any(
-            key == pattern or (pattern.endswith(".*") and key.startswith(pattern[:-1]))
-            for pattern in RESUME_OVERRIDABLE
-        )
-
-    refused = [key for key in overrides if not allowed(key)]
+    refused = [key for key in overrides if not _resume_allows(key)]
     if refused:
         raise ConfigError(
             f"resume={run_dir}: {', '.join(refused)} cannot change when a run goes on (it "
@@ -248,10 +461,13 @@ def _fresh_replay(run_dir: Path, checkpoint) -> None:
     )
 
 
-def _train(config, run_dir: Path, checkpoint, ctx, agents, init_weights=None) -> int:
+def _train(
+    config, run_dir: Path, checkpoint, ctx, agents, init_weights=None, stage: Stage | None = None
+) -> int:
     """Everything after the config: seed, logger, ``runtime.loop.train``, the final report.
     Under torchrun every rank runs it; only rank 0 writes files and prints. ``init_weights``
-    (``init=``): the new agent starts from them, with fresh optimizers and counters."""
+    (``init=``): the new agent starts from them, with fresh optimizers and counters. ``stage``:
+    this run is that stage of a staged run (how to go on after a signal is its command)."""
     from runtime import distributed
     from runtime.accelerator import AcceleratorError, configure_threads, seed_everything
     from runtime.config import save_yaml
@@ -354,7 +570,10 @@ def _train(config, run_dir: Path, checkpoint, ctx, agents, init_weights=None) ->
     steps = summary["counters"]["env_steps"]
     if summary["interrupted"]:
         print(f"\nstopped by signal at env step {steps}; checkpoint: {summary['checkpoint']}")
-        print(f"resume with: python scripts/train.py resume={run_dir}")
+        if stage is not None:
+            print(f"continue with the same command (it skips finished stages): {stage.command}")
+        else:
+            print(f"resume with: python scripts/train.py resume={run_dir}")
         return 0
     result = summary["eval"]
     if result:

@@ -69,10 +69,13 @@ def test_ids_listed_and_unknown_ids_suggest() -> None:
 def test_bad_arguments_raise_clear_errors() -> None:
     with pytest.raises(ValueError, match="blocks_action must be one of"):
         envs.make_env("blocks:push-2", blocks_action="grasp")
-    with pytest.raises(ValueError, match="goal_obs and blocks_action apply to blocks"):
-        envs.make_env("gym:Pendulum-v1", goal_obs=True)
-    with pytest.raises(ValueError, match="goal_obs and blocks_action apply to blocks"):
-        envs.make_env("gym:Pendulum-v1", blocks_action="pusher")
+    for setting in (
+        {"goal_obs": True},
+        {"blocks_action": "pusher"},
+        {"terminate_on_success": True},
+    ):
+        with pytest.raises(ValueError, match="apply to blocks:<push|stack>-<n> envs only"):
+            envs.make_env("gym:Pendulum-v1", **setting)
     with pytest.raises(ValueError, match=r"number of blocks must be an int in 1\.\.5"):
         BlocksEnv("push", 6)
     with pytest.raises(ValueError, match="action mode must be one of"):
@@ -106,6 +109,8 @@ def test_config_keys_validated() -> None:
         build_config(["env=dmc:cartpole-balance", "env.blocks_action=pusher"])
     with pytest.raises(ConfigError, match="blocks_action"):
         build_config(["env=blocks:push-3", "env.blocks_action=grasp"])
+    with pytest.raises(ConfigError, match="env.terminate_on_success: needs a blocks:"):
+        build_config(["env=gym:Pendulum-v1", "env.terminate_on_success=true"])
 
 
 def test_env_factory_passes_blocks_settings() -> None:
@@ -298,6 +303,30 @@ def test_oracle_pick_place_solves_in_n_steps(task: str) -> None:
     for i in np.argsort(goals[:, 2]):  # a tower from the bottom up
         env.step(np.concatenate([env.block_positions[i, :2], goals[i, :2]]) / WORKSPACE_HALF)
     assert env.is_success()
+    env.close()
+
+
+@pytest.mark.parametrize("terminate", [False, True])
+def test_terminate_on_success(terminate: bool) -> None:
+    """Off: the episode runs to the time limit whatever happens. On: it terminates on exactly
+    the step that reaches success, and not before. Both through the factory's settings."""
+    from runtime.factories import make_single_env
+
+    config = build_config(
+        ["env=blocks:push-3", f"env.terminate_on_success={str(terminate).lower()}"]
+    )
+    env = make_single_env(config, mode="eval", seed=0, obs="state")
+    inner = env.unwrapped
+    env.reset(seed=0)
+    goals = inner.goal_positions
+    ends = []
+    for i in range(3):  # the oracle: one block to its goal per step, success on the third
+        action = np.concatenate([inner.block_positions[i, :2], goals[i, :2]]) / WORKSPACE_HALF
+        _, _, terminated, truncated, info = env.step(action.astype(np.float32))
+        ends.append((terminated, info["is_success"]))
+    assert ends[-1][1] and not any(success for _, success in ends[:-1])
+    assert [terminated for terminated, _ in ends] == [False, False, terminate]
+    assert not truncated
     env.close()
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import agents.op3 as op3_module
 from agents.op3 import OP3Agent, cem, matched_slot_distance, slot_distances
 from runtime.config import ConfigError, build_config
 from worldmodels.layers import LayerFactory
@@ -19,6 +20,7 @@ from worldmodels.slots import (
     SlotSpec,
     SlotWorldModel,
     farthest_tokens,
+    hungarian_order,
     match_slots,
 )
 
@@ -141,6 +143,26 @@ def test_hungarian_matched_distance_is_permutation_invariant():
     torch.testing.assert_close(matched_slot_distance(pred, pred[:, p]), torch.zeros(3))
     identity = slot_distances(pred, goal).diagonal(dim1=-2, dim2=-1).sum(-1)
     assert torch.all(matched_slot_distance(pred, goal) <= identity + 1e-6)
+
+
+@pytest.mark.parametrize("K", [1, 2, 3, 5, 6, 7])
+def test_hungarian_order_is_optimal_on_device_and_by_scipy(K):
+    """Up to EXACT_MATCHING_MAX_SLOTS every permutation is scored on the device, above it
+    scipy's Hungarian algorithm runs: both reach scipy's optimal cost, as a permutation."""
+    from scipy.optimize import linear_sum_assignment
+
+    torch.manual_seed(K)
+    costs = torch.rand(2, 50, K, K)
+    order = hungarian_order(costs)
+    assert order.shape == (2, 50, K) and order.dtype == torch.long
+    assert torch.equal(order.sort(-1).values, torch.arange(K).expand_as(order))
+    total = costs.gather(-1, order[..., None])[..., 0].sum(-1)
+    best = []
+    for matrix in costs.reshape(-1, K, K).numpy():
+        rows, cols = linear_sum_assignment(matrix)
+        best.append(matrix[rows, cols].sum())
+    torch.testing.assert_close(total.flatten(), torch.tensor(best), atol=1e-5, rtol=0)
+    assert hungarian_order(costs[:0]).shape == (0, 50, K)
 
 
 def test_match_slots_undoes_a_permutation_and_dynamics_loss_ignores_slot_order():
@@ -395,6 +417,83 @@ def test_agent_acts_updates_and_restores(background):
     np.testing.assert_allclose(a1, a2)
 
 
+@pytest.mark.parametrize("warm", [True, False])
+def test_plan_warm_start_shifts_the_last_plan(warm, monkeypatch):
+    """op3.cem_warm_start: the sampling mean starts from the last plan shifted by one action
+    (TD-MPC2); off, or without a last plan, it starts from zeros."""
+    config = _config("op3.horizon=3", f"op3.cem_warm_start={str(warm).lower()}")
+    agent = OP3Agent(config, *_spaces())
+    seen = []
+    monkeypatch.setattr(op3_module, "cem", agent_cem_spy(seen))
+    slots = torch.zeros(1, config.op3.slots, agent.wm.state_dim)
+    previous = torch.arange(12, dtype=torch.float32).reshape(1, 3, 4) / 12
+    agent.plan(slots, slots, previous)
+    agent.plan(slots, slots, None)
+    shifted = torch.zeros(1, 3, 4)
+    shifted[:, :2] = previous[:, 1:]
+    torch.testing.assert_close(seen[0], shifted if warm else torch.zeros(1, 3, 4))
+    torch.testing.assert_close(seen[1], torch.zeros(1, 3, 4))
+
+
+def agent_cem_spy(seen):
+    """A ``cem`` stand-in that records the starting mean and returns it as the plan."""
+
+    def spy(cost_fn, mean, *args, **kwargs):
+        seen.append(mean.clone())
+        costs = cost_fn(mean[:, None].expand(-1, 2, -1, -1))
+        assert costs.shape == (mean.shape[0], 2)
+        return mean, costs[:, 0]
+
+    return spy
+
+
+def test_act_carries_the_plan_and_restarts_it_each_episode(monkeypatch):
+    config = _config("op3.horizon=2")
+    obs_space, action_space = _spaces()
+    agent = OP3Agent(config, obs_space, action_space)
+    agent.updates = 1  # past the random phase: plan
+    rng = np.random.default_rng(0)
+    obs = {
+        "pixels": rng.integers(0, 255, (2, 3, 32, 32), dtype=np.uint8),
+        "goal": rng.integers(0, 255, (2, 3, 32, 32), dtype=np.uint8),
+        "is_first": np.array([True, True]),
+    }
+    state = agent.initial_state(2)
+    assert state["plan"].shape == (2, 2, 4) and not state["plan"].any()
+    action, state = agent.act(obs, state, explore=False)
+    # The greedy action is the plan's first action; the plan is kept for the next step.
+    np.testing.assert_allclose(action, state["plan"][:, 0].numpy(), atol=1e-6)
+    seen = []
+    monkeypatch.setattr(op3_module, "cem", agent_cem_spy(seen))
+    plan = state["plan"].clone()
+    agent.act({**obs, "is_first": np.array([False, True])}, state, explore=False)
+    torch.testing.assert_close(seen[0][0, 0], plan[0, 1])  # env 0 continues: shifted
+    torch.testing.assert_close(seen[0][1], torch.zeros(2, 4))  # env 1 restarted
+
+
+def test_keep_cost_charges_moving_placed_slots_only():
+    """op3.keep_scale: a slot whose centre sits within op3.keep_radius of its matched goal
+    slot is "placed"; a candidate pays keep_scale x the predicted motion of placed centres."""
+    config = _config("op3.keep_scale=2.0", "op3.keep_radius=0.07")
+    obs_space, action_space = _spaces()
+    agent = OP3Agent(config, obs_space, action_space)
+    K, S, D = config.op3.slots, agent.wm.state_dim, agent.wm.spec.slot_dim
+    torch.manual_seed(0)
+    goal = torch.randn(1, K, S)
+    slots = goal.clone()
+    slots[0, 1:, D : D + 2] += 0.5  # only slot 0 is at its goal
+    order = torch.randperm(K)
+    placed = agent.placed_slots(slots[:, order], goal)
+    assert placed.shape == (1, K)
+    torch.testing.assert_close(placed[0], (order == 0).float())  # found in any slot order
+    actions = torch.rand(1, 3, 1, 4) * 2 - 1
+    without = agent.plan_cost(slots, goal, actions)
+    with_keep = agent.plan_cost(slots, goal, actions, agent.placed_slots(slots, goal))
+    final = agent.wm.imagine(slots.expand(3, K, S), actions[0])[:, -1]
+    motion = (final[:, 0, D : D + 2] - slots[:, 0, D : D + 2]).norm(dim=-1)
+    torch.testing.assert_close(with_keep, without + 2.0 * motion[None])
+
+
 def test_load_weights_starts_from_trained_weights_with_fresh_counters():
     """``train.py init=``: the weights come over; the optimizer, update count (so the random
     phase runs again) and noise streams start fresh; another architecture is refused."""
@@ -497,3 +596,96 @@ def test_debug_preset_trains_checkpoints_and_evaluates(tmp_path):
     assert result["agent"] == "op3" and result["step"] == 60 and len(result["returns"]) == 2
     assert 0.0 <= result["success_rate"] <= 1.0
     assert -1.0 <= result["ari"] <= 1.0 and result["ari_frames"] > 0
+
+
+@pytest.mark.slow
+def test_compiled_planning_cost_plans_as_eager():
+    """agent.compile=true compiles the planning cost (rollout, distances, on-device matching)
+    into one graph; with the same weights and noise it returns the eager plans."""
+    obs_space, action_space = _spaces()
+    frames = torch.randint(0, 255, (2, 3, 32, 32), generator=torch.Generator().manual_seed(0))
+    plans = {}
+    for compile_ in ("false", "true"):
+        config = _config(f"agent.compile={compile_}", "op3.keep_scale=1", "op3.horizon=2")
+        agent = OP3Agent(config, obs_space, action_space)
+        assert agent.accelerator.compiling == (compile_ == "true")
+        with torch.inference_mode():
+            current, goal = agent.wm.infer(agent._pixels(frames.to(torch.uint8))).split(1)
+            first = agent.plan(current, goal)
+            plans[compile_] = (first, agent.plan(current, goal, first))
+    for eager, compiled in zip(plans["false"], plans["true"]):
+        torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
+
+
+TINY_OP3 = (
+    "env.size=32",
+    "op3.slot_dim=8",
+    "op3.cnn_depth=8",
+    "op3.decoder_depth=8",
+    "op3.hidden=16",
+    "op3.resolution=16",
+    "op3.cem_population=8",
+    "op3.cem_iterations=2",
+    "op3.cem_elites=2",
+)
+
+
+def test_op3_checks_planning_and_sweep(tmp_path):
+    """check=planning runs the chosen planners on the same episodes and reports both success
+    rates; check=sweep evaluates every grid cell; bad planners/grids are one-line errors."""
+    from test_scripts import run_script
+
+    run = tmp_path / "run"
+    run_script(
+        "op3_checks.py",
+        "check=ari",
+        "updates=2",
+        "episodes=4",
+        "test_scenes=2",
+        "eval_every=2",
+        f"save={run}",
+        *TINY_OP3,
+    )
+    out = tmp_path / "plan.json"
+    run_script(
+        "op3_checks.py",
+        "check=planning",
+        f"checkpoint={run}",
+        "planning_episodes=2",
+        "planners=random,learned",
+        f"json={out}",
+        *TINY_OP3,
+    )
+    report = json.loads(out.read_text())
+    assert "oracle" not in report
+    for name in ("random", "learned"):
+        result = report[name]
+        assert 0.0 <= result["success_rate"] <= result["reached_rate"] <= 1.0
+        assert len(result["successes"]) == 2 and result["seconds_per_step"] > 0
+    out = tmp_path / "sweep.json"
+    run_script(
+        "op3_checks.py",
+        "check=sweep",
+        f"checkpoint={run}",
+        "planning_episodes=1",
+        "grid=op3.keep_scale=0,2;env.terminate_on_success=false,true",
+        f"json={out}",
+        *TINY_OP3,
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert sorted(tuple(row["overrides"]) for row in rows) == [
+        (f"op3.keep_scale={k}", f"env.terminate_on_success={t}")
+        for k in (0, 2)
+        for t in ("false", "true")
+    ]
+    ranked = [(-row["success_rate"], row["final_goal_distance"]) for row in rows]
+    assert ranked == sorted(ranked)
+    for bad, message in [
+        (["check=sweep", f"checkpoint={run}", "grid=agent.lr=1"], "only op3.* and env.*"),
+        (["check=sweep", f"checkpoint={run}", "grid=op3.keep_scale"], "expected 'key=v1,v2"),
+        (["check=sweep", "grid=op3.keep_scale=0,1"], "pass checkpoint="),
+        (["check=planning", "planners=orcle"], "planners: expected some of"),
+    ]:
+        result = run_script("op3_checks.py", *bad, check=False)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1

@@ -350,6 +350,7 @@ def test_ranking_metrics_on_hand_made_cases():
 
 
 def test_op3_checks_hits_runs(tmp_path):
+    from test_op3 import TINY_OP3
     from test_scripts import run_script
 
     out = tmp_path / "hits.json"
@@ -358,12 +359,7 @@ def test_op3_checks_hits_runs(tmp_path):
         "check=hits",
         "test_episodes=3",
         "hits_steps=1,2",
-        "env.size=32",
-        "op3.slot_dim=8",
-        "op3.cnn_depth=8",
-        "op3.decoder_depth=8",
-        "op3.hidden=16",
-        "op3.resolution=16",
+        *TINY_OP3,
         "op3.representation=cpc",
         f"json={out}",
     )

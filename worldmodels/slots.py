@@ -70,6 +70,7 @@ something). The keys are detached unless ``dynamics_trains_perception``; the pro
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -275,18 +276,52 @@ def normalize_slots(slots: torch.Tensor, slot_dim: int) -> torch.Tensor:
     return torch.cat([features, center, scale], -1)
 
 
+# Up to this many slots the optimal matching is found by scoring every permutation on the
+# tensors' own device (K! x K entries per problem: 720 x 6 at K = 6), batched and with no host
+# round trip; above it by scipy's Hungarian algorithm on the CPU, one problem at a time.
+EXACT_MATCHING_MAX_SLOTS = 6
+# Problems per permutation-scoring chunk: bounds the [chunk, K!, K] gather to about 16M entries.
+_MATCHING_CHUNK_ENTRIES = 1 << 24
+_permutation_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _permutations(K: int, device: torch.device) -> torch.Tensor:
+    """All ``K!`` permutations of ``range(K)`` as a ``[K!, K]`` long tensor on ``device``."""
+    key = (K, device)
+    if key not in _permutation_cache:
+        rows = list(itertools.permutations(range(K)))
+        _permutation_cache[key] = torch.tensor(rows, dtype=torch.long, device=device)
+    return _permutation_cache[key]
+
+
 def hungarian_order(costs: torch.Tensor) -> torch.Tensor:
     """For each ``[K, K]`` matrix of ``costs [..., K, K]`` the minimum-cost one-to-one
-    assignment (``scipy.optimize.linear_sum_assignment``): index ``[..., K]``, entry k the
-    column assigned to row k. Computed on the CPU without gradient."""
+    assignment: index ``[..., K]``, entry k the column assigned to row k. No gradient.
+
+    ``K <= EXACT_MATCHING_MAX_SLOTS``: every permutation is scored on the costs' device (the
+    same optimum as the Hungarian algorithm; among equal-cost assignments the first in
+    lexicographic order), so planning and the training losses match slots without a host
+    sync. Larger K: ``scipy.optimize.linear_sum_assignment`` on the CPU."""
+    K = costs.shape[-1]
+    assert costs.shape[-2] == K, f"hungarian_order: costs must be [..., K, K], got {costs.shape}"
+    flat = costs.detach().reshape(-1, K, K).float()
+    if K <= EXACT_MATCHING_MAX_SLOTS:
+        perms = _permutations(K, flat.device)  # [P, K]
+        rows = torch.arange(K, device=flat.device)
+        chunk = max(1, _MATCHING_CHUNK_ENTRIES // (perms.numel()))
+        orders = []
+        for part in flat.split(chunk):
+            totals = part[:, rows, perms].sum(-1)  # [M, P]: cost of each assignment
+            orders.append(perms[totals.argmin(-1)])
+        order = torch.cat(orders) if orders else flat.new_zeros((0, K), dtype=torch.long)
+        return order.reshape(*costs.shape[:-1])
     from scipy.optimize import linear_sum_assignment
 
-    K = costs.shape[-1]
-    flat = costs.detach().reshape(-1, K, K).float().cpu().numpy()
-    order = torch.empty(flat.shape[0], K, dtype=torch.long)
-    for i, matrix in enumerate(flat):
-        rows, cols = linear_sum_assignment(matrix)
-        order[i, torch.as_tensor(rows)] = torch.as_tensor(cols)
+    matrices = flat.cpu().numpy()
+    order = torch.empty(matrices.shape[0], K, dtype=torch.long)
+    for i, matrix in enumerate(matrices):
+        rows_, cols = linear_sum_assignment(matrix)
+        order[i, torch.as_tensor(rows_)] = torch.as_tensor(cols)
     return order.reshape(*costs.shape[:-1]).to(costs.device)
 
 

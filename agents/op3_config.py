@@ -94,11 +94,6 @@ def validate(config) -> None:
         raise ConfigError(f"op3.epsilon is a probability, got {o.epsilon}")
     if config.agent.name != NAME:
         return
-    if config.sparse.enabled and o.freeze_perception:
-        raise ConfigError(
-            "sparse.enabled=true and op3.freeze_perception=true cannot be combined (topology "
-            "updates would regrow frozen perception weights at zero); turn one off"
-        )
     if config.env.obs == "state":
         raise ConfigError(
             "agent=op3 plans from pixels: set env.obs=pixels (or both); "

@@ -115,7 +115,6 @@ def _env(config, seed: int):
 
 def _agent(config, env, loaded=None):
     from agents.op3 import OP3Agent
-
     from runtime.checkpoint import is_weights_only
 
     agent = OP3Agent(config, env.observation_space, env.action_space)

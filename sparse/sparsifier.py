@@ -318,6 +318,13 @@ class Sparsifier:
         return [la for la in self.layers if la.sparse]
 
     @property
+    def training_layers(self) -> list[_Layer]:
+        """The sparse layers whose weights train (``requires_grad``): the ones topology updates
+        change. A frozen layer (e.g. a pretrained perception kept fixed) keeps its mask and
+        weights: a regrown connection of a frozen layer would stay at zero."""
+        return [la for la in self.sparse_layers if la.original.requires_grad]
+
+    @property
     def step_count(self) -> int:
         """Optimizer steps seen by ``step``."""
         return self._step
@@ -373,8 +380,9 @@ class Sparsifier:
 
     def _arm(self) -> None:
         armed = self.config.method == "rigl" and self.config.is_update_step(self._step + 1)
+        trains = {id(la) for la in self.training_layers}
         for la in self.sparse_layers:
-            if armed:
+            if armed and id(la) in trains:
                 la.p.arm(la.original)
             else:
                 la.p.disarm()
@@ -383,14 +391,15 @@ class Sparsifier:
     def update_topology(
         self, optimizers: Sequence[torch.optim.Optimizer] = (), fraction: float | None = None
     ) -> dict[str, float]:
-        """Drop and regrow now (normally called by ``step``). New connections start at zero;
-        the optimizer state of new and dropped connections is zeroed."""
+        """Drop and regrow now (normally called by ``step``) in the layers that train
+        (``training_layers``). New connections start at zero; the optimizer state of new and
+        dropped connections is zeroed."""
         if self.config.method == "static":
             return {}
         if fraction is None:
             fraction = self.config.drop_fraction_at(self._step)
         changed = total = missing = 0
-        for la in self.sparse_layers:
+        for la in self.training_layers:
             p, raw = la.p, la.original
             active = block_view(p.mask, la.block)
             drop_scores = block_sum_abs(raw, la.block).float()

@@ -282,6 +282,25 @@ def test_rigl_regrows_top_gradient_inactive_positions():
     assert w[7] == 0 and w[10] == 0 and w[1] == -5.0 and w[3] == 3.0 and w[0] == 0 and w[2] == 0
 
 
+@pytest.mark.parametrize("method", ["set", "rigl"])
+def test_frozen_layers_keep_mask_and_weights(method):
+    """A layer whose weights do not train (requires_grad False, e.g. a pretrained perception
+    kept frozen) is left out of drop-and-regrow: its mask and weights stay as they were, the
+    trained layers' topology still changes, and every count stays exact."""
+    torch.manual_seed(0)
+    model = mlp([32, 32, 32, 8])
+    sp = sparsify(model, cfg(method=method, update_every=1, drop_fraction=0.5))
+    frozen, *trained = sp.sparse_layers
+    frozen.original.requires_grad_(False)
+    assert sp.training_layers == trained
+    before = {la.name: (la.p.mask.clone(), la.original.detach().clone()) for la in sp.layers}
+    train(model, sp, 4, opt=torch.optim.Adam([p for p in model.parameters() if p.requires_grad]))
+    assert torch.equal(frozen.p.mask, before[frozen.name][0])
+    assert torch.equal(frozen.original, before[frozen.name][1])
+    assert all(not torch.equal(la.p.mask, before[la.name][0]) for la in trained)
+    assert_counts(sp)
+
+
 def test_dense_gradient_capture_follows_zero_grad_and_accumulation():
     torch.manual_seed(0)
     model = mlp((8, 16, 4))

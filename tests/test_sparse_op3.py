@@ -250,12 +250,33 @@ def test_load_weights_brings_the_masks_with_fresh_counters():
 
 
 def test_config_rules():
-    # agent=op3 with sparse is accepted now; with a frozen perception it is refused.
-    assert config().sparse.enabled
-    with pytest.raises(ConfigError, match="freeze_perception"):
-        config("op3.freeze_perception=true")
+    assert config().sparse.enabled and config("op3.freeze_perception=true").sparse.enabled
     with pytest.raises(ConfigError, match="sparse.block"):
         make("sparse.block=3")
+
+
+@pytest.mark.parametrize("method", ["set", "rigl"])
+def test_frozen_perception_keeps_its_masks_while_the_dynamics_rewires(method):
+    """Stage 2 on a sparse perception (op3.freeze_perception=true): topology updates skip the
+    frozen perception (its masks and weights stay those it was given), the dynamics' layers
+    drop and regrow, and every layer keeps its exact count."""
+    agent = make("op3.freeze_perception=true", f"sparse.method={method}")
+    expected = expected_counts(agent)
+    before = {
+        name: (mask, original.clone()) for name, (mask, original, _) in layer_state(agent).items()
+    }
+    for _ in range(3):
+        agent.update(make_batch())
+    after = layer_state(agent)
+    dynamics = [name for name in after if name.startswith("dynamics.")]
+    assert dynamics and len(dynamics) < len(after)
+    for name, (mask, original, _) in after.items():
+        assert int(mask.sum()) == expected[name], name
+        if name.startswith("dynamics."):
+            continue
+        assert torch.equal(mask, before[name][0]), name
+        assert torch.equal(original, before[name][1]), name
+    assert any(not torch.equal(after[name][0], before[name][0]) for name in dynamics)
 
 
 def _train_main():

@@ -282,15 +282,19 @@ def normalize_slots(slots: torch.Tensor, slot_dim: int) -> torch.Tensor:
 EXACT_MATCHING_MAX_SLOTS = 6
 # Problems per permutation-scoring chunk: bounds the [chunk, K!, K] gather to about 16M entries.
 _MATCHING_CHUNK_ENTRIES = 1 << 24
-_permutation_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
+_permutation_cache: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _permutations(K: int, device: torch.device) -> torch.Tensor:
-    """All ``K!`` permutations of ``range(K)`` as a ``[K!, K]`` long tensor on ``device``."""
+def _permutations(K: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """All ``K!`` permutations of ``range(K)``: ``[K!, K]`` long, and as one-hot assignment
+    matrices flattened to ``[K * K, K!]`` (float), so that a batch of flattened ``[K, K]`` cost
+    matrices times it is every assignment's total cost in one matmul."""
     key = (K, device)
     if key not in _permutation_cache:
-        rows = list(itertools.permutations(range(K)))
-        _permutation_cache[key] = torch.tensor(rows, dtype=torch.long, device=device)
+        perms = torch.tensor(list(itertools.permutations(range(K))), dtype=torch.long)
+        onehot = torch.zeros(len(perms), K, K)
+        onehot[torch.arange(len(perms))[:, None], torch.arange(K), perms] = 1.0
+        _permutation_cache[key] = (perms.to(device), onehot.flatten(1).T.contiguous().to(device))
     return _permutation_cache[key]
 
 
@@ -306,12 +310,11 @@ def hungarian_order(costs: torch.Tensor) -> torch.Tensor:
     assert costs.shape[-2] == K, f"hungarian_order: costs must be [..., K, K], got {costs.shape}"
     flat = costs.detach().reshape(-1, K, K).float()
     if K <= EXACT_MATCHING_MAX_SLOTS:
-        perms = _permutations(K, flat.device)  # [P, K]
-        rows = torch.arange(K, device=flat.device)
-        chunk = max(1, _MATCHING_CHUNK_ENTRIES // (perms.numel()))
+        perms, onehot = _permutations(K, flat.device)  # [P, K], [K * K, P]
+        chunk = max(1, _MATCHING_CHUNK_ENTRIES // perms.numel())
         orders = []
         for part in flat.split(chunk):
-            totals = part[:, rows, perms].sum(-1)  # [M, P]: cost of each assignment
+            totals = part.flatten(1) @ onehot  # [M, P]: the cost of every assignment
             orders.append(perms[totals.argmin(-1)])
         order = torch.cat(orders) if orders else flat.new_zeros((0, K), dtype=torch.long)
         return order.reshape(*costs.shape[:-1])

@@ -554,10 +554,9 @@ def test_agent_and_config_need_pixels_and_goal():
         _config("op3.cem_elites=100")
     with pytest.raises(ConfigError, match="op3.interaction_topk"):
         _config("op3.interaction_topk=4")
-    # Sparse slot world models (tests/test_sparse_op3.py), but not on a frozen perception.
+    # Sparse slot world models (tests/test_sparse_op3.py), on a frozen perception too.
     assert _config("sparse.enabled=true").sparse.enabled
-    with pytest.raises(ConfigError, match="sparse.enabled"):
-        _config("sparse.enabled=true", "op3.freeze_perception=true")
+    assert _config("sparse.enabled=true", "op3.freeze_perception=true").op3.freeze_perception
     # agent=op3 alone picks its preset and the env settings it needs.
     config = build_config(["agent=op3"])
     assert config.preset == ["op3"] and config.env.id == "blocks:push-3"

@@ -352,13 +352,13 @@ def check_planning(args: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     env = _env(config, seed)
     rng = np.random.default_rng(args["seed"])
     report: dict[str, Any] = {"check": "planning", "env": config.env.id, "episodes": episodes}
+    oracle = OraclePlanner(config, args, seed) if "oracle" in args["planners"] else None
     planners: dict[str, Any] = {
         "random": lambda env, obs, first: rng.uniform(-1, 1, env.action_space.shape).astype(
             np.float32
         ),
         "oracle": lambda env, obs, first: oracle(env),
     }
-    oracle = OraclePlanner(config, args, seed) if "oracle" in args["planners"] else None
     if loaded is not None:
         planners["learned"] = _learned_policy(_agent(config, env, loaded))
         report.update(checkpoint=str(loaded.path), step=loaded.step)

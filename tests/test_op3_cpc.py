@@ -11,32 +11,13 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from test_op3 import TINY_OP3, _batch, tiny_model
 
 from agents.op3 import OP3Agent, ranking_metrics, slot_distances
 from runtime.config import ConfigError, build_config
 from worldmodels.slots import SlotSpec, SlotWorldModel, match_slots
 
-TINY = SlotSpec(
-    slots=4, slot_dim=8, iterations=2, cnn_depth=8, decoder_depth=8, hidden=16, resolution=16
-)
 CPC_METRICS = ("cpc_accuracy_k1", "cpc_mi_bound_k1", "cpc_mi_bound")
-
-
-def tiny_model(**changes) -> SlotWorldModel:
-    torch.manual_seed(0)
-    spec = SlotSpec(**{**TINY.__dict__, **changes})
-    return SlotWorldModel((3, 32, 32), 4, spec)
-
-
-def _batch(B: int = 2, T: int = 3) -> dict[str, torch.Tensor]:
-    torch.manual_seed(1)
-    is_first = torch.zeros(B, T)
-    is_first[:, 0] = 1
-    return {
-        "pixels": torch.rand(B, T, 3, 32, 32) - 0.5,
-        "action": torch.rand(B, T, 4) * 2 - 1,
-        "is_first": is_first,
-    }
 
 
 def random_slots(model: SlotWorldModel, *lead: int) -> torch.Tensor:
@@ -350,7 +331,6 @@ def test_ranking_metrics_on_hand_made_cases():
 
 
 def test_op3_checks_hits_runs(tmp_path):
-    from test_op3 import TINY_OP3
     from test_scripts import run_script
 
     out = tmp_path / "hits.json"

@@ -112,24 +112,35 @@ def _raw(agent: DreamerAgent, name: str) -> torch.Tensor:
     return next(la.original for la in agent.sparsifier.sparse_layers if la.name == name)
 
 
-def test_checkpoint_round_trip_restores_masks():
-    agent = make("sparse.method=rigl")
-    batch = make_batch(OBS, BOX)
+def mask_round_trip(make, batch, layer: str):
+    """Two updates of ``make()``'s agent, its ``state_dict`` through ``torch.save`` /
+    ``torch.load(weights_only=True)`` (the masks saved as buffers beside the parametrized
+    ``layer``'s weight), then into a fresh agent whose masks differed. Returns ``(agent,
+    fresh, loaded)``."""
+    agent = make()
     for _ in range(2):
         agent.update(batch)
     state = agent.state_dict()
-    assert "world_model.rssm.deter_in.0.parametrizations.weight.original" in state["weights"]
-    assert "world_model.rssm.deter_in.0.parametrizations.weight.0.mask" in state["weights"]
+    assert f"{layer}.parametrizations.weight.original" in state["weights"]
+    assert f"{layer}.parametrizations.weight.0.mask" in state["weights"]
     buffer = io.BytesIO()
     torch.save(state, buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=True)
-
-    fresh = make("sparse.method=rigl")
+    fresh = make()
     masks = agent.sparsifier.masks()
     assert any(not torch.equal(masks[k], v) for k, v in fresh.sparsifier.masks().items())
     fresh.load_state_dict(loaded)
     assert fresh.sparsifier.step_count == agent.sparsifier.step_count == 2
+    return agent, fresh, loaded
+
+
+def test_checkpoint_round_trip_restores_masks():
+    batch = make_batch(OBS, BOX)
+    agent, fresh, loaded = mask_round_trip(
+        lambda: make("sparse.method=rigl"), batch, "world_model.rssm.deter_in.0"
+    )
+    masks = agent.sparsifier.masks()
     for name, mask in fresh.sparsifier.masks().items():
         assert torch.equal(mask, masks[name]), name
     for key, value in fresh.wm.state_dict().items():

@@ -6,7 +6,6 @@ run. Mirrors ``tests/test_sparse_dreamer.py``."""
 from __future__ import annotations
 
 import importlib.util
-import io
 import json
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from test_sparse_dreamer import mask_round_trip
 from torch import nn
 
 from agents.dreamer import planned_updates
@@ -190,23 +190,11 @@ def test_default_skip_keeps_inputs_and_outputs_dense():
 
 
 def test_checkpoint_round_trip_restores_masks():
-    agent = make("sparse.method=rigl")
     batch = make_batch()
-    for _ in range(2):
-        agent.update(batch)
-    state = agent.state_dict()
-    assert "world_model.dynamics.pair.0.parametrizations.weight.original" in state["weights"]
-    assert "world_model.dynamics.pair.0.parametrizations.weight.0.mask" in state["weights"]
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=True)
-
-    fresh = make("sparse.method=rigl")
+    agent, fresh, loaded = mask_round_trip(
+        lambda: make("sparse.method=rigl"), batch, "world_model.dynamics.pair.0"
+    )
     masks = agent.sparsifier.masks()
-    assert any(not torch.equal(masks[k], v) for k, v in fresh.sparsifier.masks().items())
-    fresh.load_state_dict(loaded)
-    assert fresh.sparsifier.step_count == agent.sparsifier.step_count == 2
     assert fresh.updates == 2
     for name, mask in fresh.sparsifier.masks().items():
         assert torch.equal(mask, masks[name]), name

@@ -358,8 +358,7 @@ class DreamerAgent(Agent):
         else:
             batch["action"] = torch.zeros(1, T, *self.action_space.shape)
         batch["reward"] = torch.zeros(1, T)
-        batch["is_terminal"] = torch.zeros(1, T)
-        batch["is_first"] = torch.zeros(1, T)
+        batch.update({flag: torch.zeros(1, T) for flag in _FLAGS})
         batch["is_first"][:, 0] = 1
         example = self.preprocess(batch)
         return sparsify_model(self.wm, self.wm.loss_and_states, lib_config, example, T, self.device)
@@ -412,7 +411,7 @@ class DreamerAgent(Agent):
             {k: batch[k].to(dev, non_blocking=True) for k in self.obs_shapes}, self.wm.image_keys
         )
         data["action"] = self._encode_action(batch["action"].to(dev, non_blocking=True))
-        for key in ("reward", "is_first", "is_terminal"):
+        for key in _FLAGS + ("reward",):
             data[key] = batch[key].to(dev, non_blocking=True).float()
         if self.context:
             for key, value in self._with_context(batch).items():
@@ -617,18 +616,21 @@ class DreamerAgent(Agent):
         The policy runs once per imagined state; for REINFORCE the rollout itself is not
         differentiated (the policy sees detached features, its samples are detached)."""
         dynamics = self.dynamics_grad
-        raws = []
+        raws, samples = [], []
 
         def policy(state):
             feat = self.wm.feat(state)
             with torch.enable_grad():
                 raw = self.actor.net(feat if dynamics else feat.detach())
             raws.append(raw)
-            action = self.actor.action(self.actor.dist(raw), sample=True)
+            sample, action = self.actor.sample(self.actor.dist(raw))
+            samples.append(sample.detach())
             return action if dynamics else action.detach()
 
         with contextlib.nullcontext() if dynamics else torch.no_grad():
             traj = self.wm.imagine(policy, start, self.config.agent.horizon)
+        # The raw samples, for REINFORCE's score function (``traj["action"]`` is clipped).
+        traj["policy_sample"] = torch.stack(samples, 1)
         return traj, torch.stack(raws, 1)
 
     def _ac_losses(
@@ -667,7 +669,7 @@ class DreamerAgent(Agent):
             objective = (ret - base) / scale
         else:
             adv = ((ret - base) / scale).detach()
-            objective = self.actor.log_prob(dist, traj["action"].detach()) * adv
+            objective = self.actor.log_prob(dist, traj["policy_sample"]) * adv
         actor_loss = -(weight * (objective + a.actor_entropy * entropy)).mean()
 
         target = ret.detach()
@@ -744,7 +746,10 @@ class DreamerAgent(Agent):
             slow = self.slow_critic.value(feat.detach())[:, :-1]
         nll = -self.critic.twohot.log_prob(logits[:, :-1], target)
         reg = -self.critic.twohot.log_prob(logits[:, :-1], slow)
-        loss = (nll + a.slow_critic_reg * reg).mean()
+        # An episode's last step has no return of its own to learn (its target would be its own
+        # bootstrap): weight 1 - is_last, as DreamerV3's repval loss.
+        weight = 1.0 - data["is_last"][:, :-1]
+        loss = (weight * (nll + a.slow_critic_reg * reg)).mean()
         return loss, {
             "train/replay_critic_nll": nll.mean().detach(),
             "train/replay_return": target.mean().detach(),

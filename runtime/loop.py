@@ -132,6 +132,7 @@ class Counters:
     next_checkpoint: int = 0
     next_log: int = 0
     wall_seconds: float = 0.0  # training wall-clock time, summed across resumes
+    update_seconds: float = 0.0  # wall-clock time spent in updates, summed across resumes
 
 
 def _rng_state() -> dict[str, Any]:
@@ -347,8 +348,9 @@ class Trainer:
         self.update_metrics = UpdateMetrics()
         self.last_checkpoint: Path | None = None
         self.last_eval: dict[str, float] = {}
-        # Env steps of the newest eval and checkpoint, so the end of a run does not repeat them.
-        self.marks = {"eval": -1, "checkpoint": -1}
+        # Env steps of the newest log, eval and checkpoint, so the end of a run does not repeat
+        # them (and does log what came after the last interval).
+        self.marks = {"log": -1, "eval": -1, "checkpoint": -1}
         self.episode_returns: list[float] = []
         self.episode_lengths: list[int] = []
         self.local_env_steps = 0
@@ -414,6 +416,10 @@ class Trainer:
                 if self.ctx.is_main:
                     self.logger.progress(counters.env_steps)
                 schedule.on_step()
+            # The updates since the last log interval (a run's end, or a signal) are written
+            # like any interval's: their metrics would otherwise be dropped.
+            if self.marks["log"] != counters.env_steps and counters.env_steps > self.start_steps:
+                self.log()
             finished = counters.env_steps >= run.steps
             if finished and run.eval_episodes > 0 and self.marks["eval"] != counters.env_steps:
                 self.evaluate()
@@ -498,7 +504,9 @@ class Trainer:
             counters.replayed_steps += self.clock.steps_per_update
             # Device tensors: read (and checked for non-finite losses) at log time.
             self.update_metrics.add(metrics, counters.updates, counters.env_steps)
-        self.train_seconds += time.time() - tick
+        spent = time.time() - tick
+        self.train_seconds += spent
+        counters.update_seconds += spent
 
     # -- callbacks ---------------------------------------------------------------------------
 
@@ -507,6 +515,7 @@ class Trainer:
 
     def log(self) -> None:
         counters, ctx = self.counters, self.ctx
+        self.marks["log"] = counters.env_steps
         elapsed = max(time.time() - self.start_time, 1e-9)
         fps = (counters.env_steps - self.start_steps) / elapsed
         self.update_metrics.read(self.last_checkpoint)  # the one device -> host transfer
@@ -531,6 +540,7 @@ class Trainer:
                 "train/episodes": counters.episodes,
                 "perf/env_steps_per_s": fps,
                 "perf/wall_seconds": self.wall_seconds(),
+                "perf/update_seconds": counters.update_seconds,
                 "perf/env_time_fraction": self.collector.env_seconds / elapsed,
                 "perf/train_time_fraction": self.train_seconds / elapsed,
             }

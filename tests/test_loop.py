@@ -218,3 +218,38 @@ def test_logger_requires_namespaces(tmp_path):
     with pytest.raises(ValueError, match="no namespace"):
         logger.log({"return": 1.0}, step=0)
     logger.log({"train/x": np.float32(1.0)}, step=0)
+
+
+def _update_rows(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [row for row in rows if "train/batch_reward_mean" in row]
+
+
+def test_updates_after_the_last_log_interval_are_logged_at_the_end(tmp_path):
+    """run.steps=240 with run.log_every=100: logs at 100 and 200, and the updates of steps
+    200..240 are written when the run ends, not dropped."""
+    config = small_config(tmp_path, "run.log_every=100")
+    summary = Pieces(config, tmp_path).run()
+    rows = _update_rows(tmp_path)
+    assert [row["step"] for row in rows] == [100, 200, 240]
+    assert rows[-1]["train/updates"] == summary["counters"]["updates"]
+
+
+def test_updates_before_a_signal_are_logged(tmp_path):
+    """SIGTERM mid-run: the loop stops at the next step boundary and logs the updates made
+    since the last interval, like the end of a run."""
+    import signal
+
+    class SignalledAgent(RandomAgent):
+        def update(self, batch):
+            metrics = super().update(batch)
+            if self.updates == 30:
+                signal.raise_signal(signal.SIGTERM)
+            return metrics
+
+    config = small_config(tmp_path, "run.log_every=1000")
+    summary = Pieces(config, tmp_path, agent_cls=SignalledAgent).run()
+    assert summary["interrupted"] and summary["counters"]["env_steps"] < 240
+    rows = _update_rows(tmp_path)
+    assert [row["step"] for row in rows] == [summary["counters"]["env_steps"]]
+    assert rows[-1]["train/updates"] == summary["counters"]["updates"] >= 30

@@ -101,11 +101,23 @@ class Actor(nn.Module):
         return NormalDist(torch.tanh(mean), std)
 
     def action(self, dist: OneHotDist | NormalDist, sample: bool) -> torch.Tensor:
-        """A sample (or the mode) of ``dist`` as the world model consumes it."""
-        a = dist.sample() if sample else dist.mode()
+        """A sample (or the mode) of ``dist`` as the env and the world model consume it."""
+        return self.executed(dist.sample() if sample else dist.mode())
+
+    def sample(self, dist: OneHotDist | NormalDist) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sample, executed)``: a raw sample of ``dist`` and the action the env and the
+        world model get (``executed``, clipped). REINFORCE must score the raw sample: the
+        log-probability of the clipped action is a biased score function (a Gaussian puts
+        density on actions beyond the bounds, and the clip moves them all onto the bound)."""
+        raw = dist.sample()
+        return raw, self.executed(raw)
+
+    def executed(self, action: torch.Tensor) -> torch.Tensor:
+        """Continuous actions clipped to ``[-1, 1]`` with a straight-through gradient (dynamics
+        backprop still differentiates the sample); discrete ones unchanged."""
         if self.discrete:
-            return a
-        return a + (a.clamp(-1.0, 1.0) - a).detach()
+            return action
+        return action + (action.clamp(-1.0, 1.0) - action).detach()
 
     def log_prob(self, dist: OneHotDist | NormalDist, action: torch.Tensor) -> torch.Tensor:
         lp = dist.log_prob(action)

@@ -304,7 +304,12 @@ class TwoHot(nn.Module):
         if bins < 2:
             raise ValueError(f"bins: need at least 2, got {bins}")
         self.num_bins = bins
-        self.register_buffer("bins", torch.linspace(low, high, bins), persistent=False)
+        grid = torch.linspace(low, high, bins)
+        if low == -high:
+            # float32 linspace is symmetric only to rounding; mirror it exactly so the
+            # symmetric sum in ``decode`` cancels to 0.
+            grid = (grid - grid.flip(0)) / 2
+        self.register_buffer("bins", grid, persistent=False)
 
     def _neighbours(self, y: torch.Tensor):
         """Indices of the bins below/above ``symlog(y)`` and their weights."""
@@ -332,7 +337,17 @@ class TwoHot(nn.Module):
     def decode(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits ``[..., bins]`` -> predicted value ``[...]`` (mean in symlog space)."""
         # Elementwise, not a matmul: autocast would run a matmul in bf16 and blur the mean.
-        return symexp((torch.softmax(logits.float(), -1) * self.bins).sum(-1))
+        weighted = torch.softmax(logits.float(), -1) * self.bins
+        # Summed symmetrically (DreamerV3): each negative bin's term is added to its mirror
+        # image before the total, so uniform probabilities over symmetric bins decode to
+        # exactly 0 (a left-to-right sum leaves rounding error: a zero-initialised critic or
+        # reward head would not predict 0).
+        half = self.num_bins // 2
+        pairs = weighted[..., :half].flip(-1) + weighted[..., self.num_bins - half :]
+        mean = pairs.sum(-1)
+        if self.num_bins % 2:
+            mean = mean + weighted[..., half]
+        return symexp(mean)
 
     def log_prob(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Log-likelihood ``[...]`` of targets ``y [...]`` under logits ``[..., bins]``:

@@ -15,6 +15,7 @@ COMMANDS = {
     "train": ("scripts.train", "train an agent (resume=, init=; --help [section] lists keys)"),
     "evaluate": ("scripts.evaluate", "evaluate a checkpoint: returns, videos, success, ARI"),
     "plot": ("scripts.plot", "plot metrics.jsonl curves of runs, with reference curves"),
+    "experiment": ("scripts.experiment", "run|status|report an experiment file (seeds x variants)"),
 }
 
 

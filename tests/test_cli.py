@@ -4,7 +4,6 @@ that logs every step once after a kill -9."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -55,12 +54,13 @@ def test_installed_command_trains_evaluates_and_plots(tmp_path):
 
 def test_installed_command_lists_commands_and_refuses_unknown_ones():
     listing = run_command("--help")
-    for name in ("train", "evaluate", "plot"):
+    for name in ("train", "evaluate", "plot", "experiment"):
         assert f"  {name}" in listing.stdout
     wrong = run_command("evalute", check=False)
     assert wrong.returncode == 2
     assert wrong.stderr.strip() == (
-        "error: unknown command 'evalute': did you mean 'evaluate'? commands: train, evaluate, plot"
+        "error: unknown command 'evalute': did you mean 'evaluate'? commands: train, evaluate, plot, "
+        "experiment"
     )
 
 
@@ -95,6 +95,37 @@ def _rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+# Runs scripts/train.py as `python scripts/train.py ...` does, with one change made from
+# outside (no hook in the code under test): the metrics.jsonl backend, once it has written the
+# log row of env step 1500, writes a marker file and blocks. The test waits for the marker
+# and kills -9 there, so the kill always lands at the same place: after the checkpoint at env
+# step 1000, with rows 1100..1500 logged after it, before the checkpoint at 2000, however fast
+# or slow the machine.
+BLOCK_AT_LOG_ROW = """
+import os, runpy, sys, time
+from pathlib import Path
+
+if __name__ == "__main__":
+    marker, block_at, script, *args = sys.argv[1:]
+    sys.path.insert(0, str(Path(script).parent))  # as `python scripts/train.py` has it
+    from runtime.logging import JsonlBackend
+
+    write = JsonlBackend.write
+
+    def write_then_block(self, metrics, step):
+        write(self, metrics, step)  # written and flushed first: the row is on disk
+        if step == int(block_at) and "train/env_steps" in metrics:
+            Path(marker + ".tmp").write_text(str(os.getpid()))
+            os.replace(marker + ".tmp", marker)  # whole or absent when the test looks
+            time.sleep(600)  # killed here by the test
+            os._exit(3)  # (never reached while the test runs; no orphan outlives it long)
+
+    JsonlBackend.write = write_then_block
+    sys.argv = [script, *args]
+    runpy.run_path(script, run_name="__main__")
+"""
+
+
 def test_kill_9_then_resume_logs_every_step_once(tmp_path):
     run_dir = tmp_path / "run"
     args = train_args(
@@ -105,27 +136,37 @@ def test_kill_9_then_resume_logs_every_step_once(tmp_path):
         "run.eval_every=100000",
         "logging.wandb=false",
     )
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "scripts" / "train.py"), *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=script_env(),
-        cwd=ROOT,
-    )
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 180
-    # Past the first checkpoint (env step 1000) and some rows after it, before the second.
-    while time.time() < deadline:
-        steps = [row["step"] for row in _rows(run_dir)] if metrics.exists() else []
-        if steps and 1300 <= max(steps) < 2000:
-            break
-        if steps and max(steps) >= 2000:
-            pytest.skip("the run outpaced the poll on this machine; no rows to drop")
-        time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait(timeout=60)
-    before = _rows(run_dir)
-    assert max(row["step"] for row in before) > 1000  # rows the resume must drop
+    wrapper = tmp_path / "block_at_log_row.py"
+    wrapper.write_text(BLOCK_AT_LOG_ROW)
+    marker = tmp_path / "blocked"
+    stderr = tmp_path / "stderr.txt"
+    with stderr.open("w") as err:
+        process = subprocess.Popen(
+            [sys.executable, str(wrapper), str(marker), "1500", str(ROOT / "scripts" / "train.py")]
+            + args,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env=script_env(),
+            cwd=ROOT,
+        )
+    try:
+        deadline = time.time() + 240
+        while not marker.exists():
+            # The run cannot pass step 1500 (it blocks there), so it only ends early by failing.
+            assert process.poll() is None, f"train.py exited early:\n{stderr.read_text()}"
+            assert time.time() < deadline, "train.py never logged env step 1500"
+            time.sleep(0.05)
+        assert int(marker.read_text()) == process.pid
+        # Blocked at the known point: the checkpoint at 1000 is written, the one at 2000 not,
+        # and the rows after the checkpoint (1100..1500) are what the resume must drop.
+        assert (run_dir / "checkpoints" / "step_1000").is_dir()
+        assert not (run_dir / "checkpoints" / "step_2000").exists()
+        logged = [row["step"] for row in _rows(run_dir) if "train/env_steps" in row]
+        assert logged == list(range(100, 1501, 100))
+    finally:
+        process.kill()  # SIGKILL, as kill -9 (a no-op if it already ended and was reaped)
+        process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
 
     resumed = run_script("train.py", f"resume={run_dir}")
     assert "dropped" in resumed.stderr and "env step 1000" in resumed.stderr

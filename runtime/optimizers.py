@@ -20,6 +20,13 @@ nothing is read back to the host: the step counters are device tensors, the clip
 corrections and scheduled rates are computed on the device. The state (``step``, ``exp_avg`` =
 ``m``, ``exp_avg_sq`` = ``v``) is plain tensors, so ``state_dict()`` loads with
 ``torch.load(weights_only=True)``.
+
+fp16 (``torch.amp.GradScaler``): LaProp declares ``_step_supports_amp_scaling``, so the scaler
+hands it ``found_inf`` (and ``grad_scale`` where the gradients are still scaled) instead of
+reading ``found_inf`` on the host to decide whether to step, which is a sync per update. A
+step with ``found_inf`` set changes nothing: its gradients are zeroed and every change (step
+counter, moments, parameters) is multiplied by ``keep = (found_inf == 0)`` on the device.
+With ``found_inf = 0`` it computes what the plain step computes.
 """
 
 from __future__ import annotations
@@ -45,6 +52,9 @@ class LaProp(torch.optim.Optimizer):
     A parameter whose ``.grad`` is None is skipped (its moments and step stay as they are).
     ``.grad`` is read, never written.
     """
+
+    # GradScaler.step then passes found_inf / grad_scale instead of syncing on found_inf.
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -87,7 +97,22 @@ class LaProp(torch.optim.Optimizer):
         return state
 
     @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self,
+        closure=None,
+        *,
+        grad_scale: torch.Tensor | None = None,
+        found_inf: torch.Tensor | None = None,
+    ):
+        """One step. ``found_inf`` (0-d, > 0 where the fp16 gradients overflowed): a step that
+        changes nothing, decided on the device; ``grad_scale`` (0-d): the gradients are still
+        multiplied by it. ``torch.amp.GradScaler.step`` sets both as attributes of the
+        optimizer (its contract for ``_step_supports_amp_scaling``); arguments override them.
+        """
+        if grad_scale is None:
+            grad_scale = getattr(self, "grad_scale", None)
+        if found_inf is None:
+            found_inf = getattr(self, "found_inf", None)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -110,6 +135,8 @@ class LaProp(torch.optim.Optimizer):
                     [s["exp_avg"] for s in states],
                     [s["exp_avg_sq"] for s in states],
                     [s["step"] for s in states],
+                    grad_scale=grad_scale,
+                    found_inf=found_inf,
                 )
         return loss
 
@@ -121,23 +148,63 @@ class LaProp(torch.optim.Optimizer):
         exp_avgs: list[torch.Tensor],
         exp_avg_sqs: list[torch.Tensor],
         steps: list[torch.Tensor],
+        *,
+        grad_scale: torch.Tensor | None = None,
+        found_inf: torch.Tensor | None = None,
     ) -> None:
         """One step for tensors of one device and dtype.
 
         Shapes: each ``grads[i]``, ``exp_avgs[i]``, ``exp_avg_sqs[i]`` like ``params[i]``;
-        ``steps[i]`` 0-d. Per-tensor scalars are computed as one ``[n]`` vector, then handed to
-        the foreach kernels as a list of 0-d tensors."""
+        ``steps[i]``, ``grad_scale`` and ``found_inf`` 0-d. Per-tensor scalars are computed as
+        one ``[n]`` vector, then handed to the foreach kernels as a list of 0-d tensors.
+
+        With ``found_inf`` every change is made on the device whatever its value, and
+        multiplied away where it is set: step += keep; v and m decay by ``where(skip, 1,
+        beta)`` and take zeroed gradients; p moves by ``keep * lr_t * m / bias1``. At
+        ``found_inf = 0`` these are the plain step's numbers (``x * 1`` and ``where`` are exact).
+        """
         beta1, beta2 = group["beta1"], group["beta2"]
+        dtype, device = grads[0].dtype, grads[0].device
+        copied = False  # whether grads is a list of our own tensors (not the .grad ones)
+        skip = keep = None
+        if found_inf is not None:
+            skip = found_inf.to(device) > 0
+            keep = (~skip).to(torch.float32)
+            # An overflowed step's gradients hold inf or nan: zero them, so that every
+            # quantity below stays finite and is then multiplied by keep = 0.
+            zero = torch.zeros((), dtype=dtype, device=device)
+            grads = [torch.where(skip, zero, g) for g in grads]
+            copied = True
+        if grad_scale is not None:  # gradients of the scaled loss: unscale a copy
+            scale = grad_scale.to(device=device, dtype=dtype)
+            if copied:
+                torch._foreach_div_(grads, scale)
+            else:
+                grads = torch._foreach_div(grads, scale)
+                copied = True
+
+        def unless_skipped(value: float) -> float | torch.Tensor:
+            """``value``, or 1 where the step is skipped (a decay that keeps the moment)."""
+            if skip is None:
+                return value
+            return torch.where(skip, 1.0, value).to(dtype)
+
         # 1. AGC: a new list of clipped gradients (the .grad tensors stay untouched).
-        clipped = group["agc"] > 0
-        if clipped:
+        if group["agc"] > 0:
             gnorm = torch.stack(torch._foreach_norm(grads)).float()
             pnorm = torch.stack(torch._foreach_norm(params)).float()
             upper = group["agc"] * pnorm.clamp(min=group["agc_floor"])
-            factor = (1.0 / torch.clamp(gnorm / upper, min=1.0)).to(grads[0].dtype)
-            grads = torch._foreach_mul(grads, list(factor.unbind(0)))
-        torch._foreach_add_(steps, 1.0)
+            factor = (1.0 / torch.clamp(gnorm / upper, min=1.0)).to(dtype)
+            if copied:
+                torch._foreach_mul_(grads, list(factor.unbind(0)))
+            else:
+                grads = torch._foreach_mul(grads, list(factor.unbind(0)))
+                copied = True
+        # (A list of 0-d tensors: the single-tensor overload reads it on the host on cpu.)
+        torch._foreach_add_(steps, 1.0 if keep is None else [keep] * len(steps))
         t = torch.stack(steps)  # [n], the step number after this step's increment
+        if keep is not None:
+            t = t.clamp(min=1.0)  # a skipped first step leaves t = 0: keep the rates finite
         # 1 - beta^t as -expm1(t log beta): exact to float32 rounding where 1 - pow(beta, t)
         # loses digits to cancellation (1e-5 relative at beta2 = 0.999, t = 1).
         bias1 = _one_minus_power(beta1, t)
@@ -148,22 +215,25 @@ class LaProp(torch.optim.Optimizer):
         else:
             rate = torch.full_like(t, group["lr"])
         # 2. RMS: v <- beta2 v + (1 - beta2) g^2; u = g / (sqrt(v / bias2) + eps).
-        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_mul_(exp_avg_sqs, unless_skipped(beta2))
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-        denom = torch._foreach_div(exp_avg_sqs, list(bias2.to(grads[0].dtype).unbind(0)))
+        denom = torch._foreach_div(exp_avg_sqs, list(bias2.to(dtype).unbind(0)))
         torch._foreach_sqrt_(denom)
         torch._foreach_add_(denom, group["eps"])
-        if clipped:  # grads is already a copy: divide it in place
+        if copied:  # grads is already a copy: divide it in place
             torch._foreach_div_(grads, denom)
             scaled = grads
         else:
             scaled = torch._foreach_div(grads, denom)
         del denom
         # 3. Momentum on the scaled update: m <- beta1 m + (1 - beta1) u.
-        torch._foreach_mul_(exp_avgs, beta1)
+        torch._foreach_mul_(exp_avgs, unless_skipped(beta1))
         torch._foreach_add_(exp_avgs, scaled, alpha=1.0 - beta1)
-        # 4. p <- p - lr_t * m / bias1.
-        step_size = list((rate / bias1).to(grads[0].dtype).unbind(0))
+        # 4. p <- p - lr_t * m / bias1 (times keep: 0 on a skipped step).
+        step_size = rate / bias1
+        if keep is not None:
+            step_size = step_size * keep
+        step_size = list(step_size.to(dtype).unbind(0))
         torch._foreach_sub_(params, torch._foreach_mul(exp_avgs, step_size))
 
     @torch.no_grad()

@@ -126,3 +126,99 @@ def test_rejects_bad_hyperparameters():
         LaProp(p, beta2=1.0)
     with pytest.raises(ValueError, match="warmup"):
         LaProp(p, warmup=-1)
+
+
+# fp16: torch.amp.GradScaler steps LaProp (accelerator.precision=fp16, agent.optimizer=laprop).
+
+
+def _scaled_backward(scaler, params, grads):
+    """Backward of a loss whose gradient is ``grads``, scaled by ``scaler`` (a power of 2, so
+    the scaled gradients are exactly ``scale * grads``)."""
+    loss = sum((p * torch.tensor(g)).sum() for p, g in zip(params, grads))
+    scaler.scale(loss).backward()
+
+
+def _snapshot(opt, params):
+    """Parameters, then each one's step, m and v (zeros before its first step, as created)."""
+    tensors = [p.detach().clone() for p in params]
+    for p in params:
+        tensors += [t.clone() for t in opt._state(p).values()]
+    return tensors
+
+
+@pytest.mark.parametrize("unscale_first", [False, True], ids=["in-step", "unscale_-first"])
+def test_grad_scaler_steps_laprop_on_the_device_as_the_plain_steps(unscale_first):
+    """``GradScaler.step`` reads ``found_inf`` on the host (one sync per step) unless the
+    optimizer declares ``_step_supports_amp_scaling``; LaProp takes ``found_inf`` (and
+    ``grad_scale`` when the gradients are still scaled) on the device. The steps equal the
+    unscaled ones: with ``unscale_first`` (as ``Accelerator`` does, to clip) the scaler
+    unscales; without, LaProp divides by ``grad_scale``."""
+    assert LaProp._step_supports_amp_scaling
+    params = [torch.nn.Parameter(torch.tensor(P1)), torch.nn.Parameter(torch.tensor(P2))]
+    opt = LaProp(params, lr=0.1, warmup=0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    _, _, plain = run(2, lr=0.1, warmup=0)
+    for step in range(2):
+        _scaled_backward(scaler, params, GRADS[step])
+        assert torch.equal(params[0].grad, torch.tensor(GRADS[step][0]) * 2.0**10)  # scaled
+        if unscale_first:
+            scaler.unscale_(opt)
+        counted = count_dispatch(lambda: scaler.step(opt))
+        assert counted.host_syncs == 0
+        scaler.update()
+        opt.zero_grad()
+        got = [p.detach().flatten().tolist() for p in params]
+        assert got[0] == pytest.approx(plain[step][0], rel=1e-6, abs=1e-7)
+        assert got[1] == pytest.approx(plain[step][1], rel=1e-6, abs=1e-7)
+    assert float(opt.state[params[0]]["step"]) == 2.0
+    assert float(scaler.get_scale()) == 2.0**10  # no overflow: the scale stays
+
+
+def test_an_overflowed_step_changes_nothing_and_leaves_no_trace():
+    """inf/nan gradients: the step is skipped on the device (no sync); parameters, moments
+    and step counters stay bit for bit, the scale backs off, and the finite steps around the
+    skipped ones are exactly the plain LaProp steps (also when the first step overflows)."""
+    params = [torch.nn.Parameter(torch.tensor(P1)), torch.nn.Parameter(torch.tensor(P2))]
+    opt = LaProp(params, lr=0.1, warmup=0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    _, _, plain = run(2, lr=0.1, warmup=0)
+    overflow = ([[math.inf, 1.0], [0.0, 0.0]], [math.nan, 0.0, 0.0])
+    for step in range(2):
+        before = _snapshot(opt, params)
+        _scaled_backward(scaler, params, overflow)
+        counted = count_dispatch(lambda: scaler.step(opt))
+        assert counted.host_syncs == 0
+        scale = float(scaler.get_scale())
+        scaler.update()
+        assert float(scaler.get_scale()) == scale / 2  # backed off
+        opt.zero_grad()
+        after = _snapshot(opt, params)
+        assert len(after) == len(before) and all(map(torch.equal, after, before))
+        # The finite step after it is the plain LaProp step.
+        _scaled_backward(scaler, params, GRADS[step])
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        got = [p.detach().flatten().tolist() for p in params]
+        assert got[0] == pytest.approx(plain[step][0], rel=1e-6, abs=1e-7)
+        assert got[1] == pytest.approx(plain[step][1], rel=1e-6, abs=1e-7)
+        assert float(opt.state[params[0]]["step"]) == step + 1
+
+
+def test_grad_scale_and_found_inf_as_arguments():
+    """The same contract through ``step``'s arguments: ``found_inf = 0`` and ``grad_scale``
+    compute the unscaled step bit for bit (a power-of-2 scale divides exactly); ``found_inf
+    = 1`` changes nothing."""
+    scaled = [torch.nn.Parameter(torch.tensor(P1)), torch.nn.Parameter(torch.tensor(P2))]
+    opt = LaProp(scaled, lr=0.1, warmup=1)
+    reference, (q1, q2), _ = run(2, lr=0.1, warmup=1)
+    for grads in GRADS[:2]:
+        for p, g in zip(scaled, grads):
+            p.grad = torch.tensor(g) * 2.0**12
+        opt.step(grad_scale=torch.tensor(2.0**12), found_inf=torch.zeros(()))
+    assert torch.equal(scaled[0], q1) and torch.equal(scaled[1], q2)
+    for key in ("exp_avg", "exp_avg_sq", "step"):
+        assert torch.equal(opt.state[scaled[0]][key], reference.state[q1][key]), key
+    before = _snapshot(opt, scaled)
+    opt.step(grad_scale=torch.tensor(2.0**12), found_inf=torch.ones(()))
+    assert all(map(torch.equal, _snapshot(opt, scaled), before))

@@ -7,12 +7,33 @@ import io
 import pytest
 import torch
 from test_dreamer import BOX, DISCRETE, PIXELS, STATE, make, make_batch
+from test_replay import Streams, fill
+from test_replay import make as make_replay
 
 from runtime.accelerator import resolve_compile
 from runtime.config import build_config
 from runtime.profiling import count_dispatch, count_profiled
 
 torch.set_num_threads(1)
+
+
+# Current DreamerV3's options: one LaProp step of all losses from the stored context.
+LAPROP_CONTEXT = (
+    "agent.optimizer=laprop",
+    "agent.replay_critic_grad_wm=true",
+    "agent.imagine_start_continue=true",
+    "replay.context=1",
+)
+
+
+def _with_context(agent, batch):
+    """The batch as the replay hands it with replay.context: a stored state for some windows."""
+    if agent.context:
+        batch["context_valid"] = torch.tensor([1.0, 0.0, 1.0])
+        batch["replay_index"] = torch.zeros(3, 2, dtype=torch.long)
+        for key, shape in agent._context_shapes().items():
+            batch[f"context/{key}"] = torch.rand(3, *shape)
+    return batch
 
 
 @pytest.mark.parametrize(
@@ -22,16 +43,7 @@ torch.set_num_threads(1)
         ({"pixels": PIXELS}, ()),
         # Step 2 of a topology schedule of every 100 steps: a non-topology step.
         ({"state": STATE}, ("sparse.enabled=true", "sparse.update_every=100")),
-        # Current DreamerV3's options: one LaProp step of all losses from the stored context.
-        (
-            {"state": STATE},
-            (
-                "agent.optimizer=laprop",
-                "agent.replay_critic_grad_wm=true",
-                "agent.imagine_start_continue=true",
-                "replay.context=1",
-            ),
-        ),
+        ({"state": STATE}, LAPROP_CONTEXT),
         # The joint gradient with three Adam steps (agent.replay_critic_grad_wm alone).
         ({"state": STATE}, ("agent.replay_critic_grad_wm=true",)),
     ],
@@ -39,12 +51,7 @@ torch.set_num_threads(1)
 )
 def test_update_makes_no_host_sync(obs, extra):
     agent = make(obs, BOX, "agent.compile=false", *extra)
-    batch = make_batch(obs, BOX)
-    if agent.context:  # as the replay hands them: a stored state for some windows
-        batch["context_valid"] = torch.tensor([1.0, 0.0, 1.0])
-        batch["replay_index"] = torch.zeros(3, 2, dtype=torch.long)
-        for key, shape in agent._context_shapes().items():
-            batch[f"context/{key}"] = torch.rand(3, *shape)
+    batch = _with_context(agent, make_batch(obs, BOX))
     agent.update(batch)  # warm-up: optimizer states exist
     counted = count_dispatch(lambda: agent.update(batch))
     assert counted.ops > 1000  # the counter sees the update (forward, backward, optimizers)
@@ -53,6 +60,55 @@ def test_update_makes_no_host_sync(obs, extra):
     assert all(isinstance(v, torch.Tensor) for v in counted.result.values())
     if agent.sparsifier is not None:
         assert agent.sparsifier.step_count == 2
+
+
+@pytest.mark.parametrize("optimizer", [(), LAPROP_CONTEXT], ids=["adam", "laprop-context"])
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_update_makes_no_host_sync_at_any_precision(precision, optimizer):
+    """Autocast precisions with both optimizers, counted by both counters. fp16 steps through
+    torch.amp.GradScaler, which reads found_inf on the host unless the optimizer skips an
+    overflowed step itself: fused Adam and LaProp (``_step_supports_amp_scaling``) do."""
+    agent = make(
+        {"state": STATE},
+        BOX,
+        "agent.compile=false",
+        f"accelerator.precision={precision}",
+        *optimizer,
+    )
+    assert (agent.accelerator.scaler is not None) == (precision == "fp16")
+    assert agent.laprop == bool(optimizer) and agent.context == bool(optimizer)
+    batch = _with_context(agent, make_batch({"state": STATE}, BOX))
+    agent.update(batch)  # warm-up: optimizer states exist
+    counted = count_dispatch(lambda: agent.update(batch))
+    assert counted.ops > 1000 and counted.host_syncs == 0
+    profiled = count_profiled(lambda: agent.update(batch))
+    assert profiled.ops > 1000 and profiled.host_syncs == 0
+
+
+def test_replay_context_write_back_reads_the_latents_on_the_host():
+    """replay.context=1: after each update the loop (``Trainer.update``) writes the window's
+    latents back into the replay, which copies them to the host: one counted read per latent
+    (``deter``, ``stoch``, ``action``; on cuda each a device -> host copy, the first waiting
+    for the update) and one of ``replay_index`` (a host tensor, counted since on cpu a host
+    tensor cannot be told from a device one). The README's speed section states it."""
+    agent = make({"state": STATE}, BOX, "agent.compile=false", *LAPROP_CONTEXT)
+    replay = make_replay(capacity=200, batch_size=3, batch_length=10, context=1)
+    fill(replay, Streams(2), 60)
+    sampled = replay.sample()
+    batch = _with_context(agent, make_batch({"state": STATE}, BOX))
+    batch["replay_index"] = sampled["replay_index"]
+    assert count_dispatch(lambda: agent.update(batch)).host_syncs == 0
+    latents = agent.replay_latents()
+    assert sorted(latents) == ["action", "deter", "stoch"]
+
+    def write_back():
+        replay.update_latents(batch["replay_index"], agent.replay_latents())
+
+    assert count_dispatch(write_back).host_syncs == len(latents) + 1
+    assert count_profiled(write_back).host_syncs == len(latents) + 1
+    # The write happened: every step of the 3 windows holds a latent now.
+    steps = {(s, t0 + t) for s, t0 in batch["replay_index"].tolist() for t in range(10)}
+    assert replay._latent_valid.sum() == len(steps) > 0
 
 
 def test_the_counters_see_a_sync():

@@ -179,7 +179,9 @@ def load_experiment(
     variants = spec["variants"]
     if not isinstance(variants, dict) or not variants:
         raise ExperimentError(f"{path}: variants must map variant names to overrides")
-    workers = spec.get("workers") or os.cpu_count() or 1
+    workers = spec.get("workers")
+    if workers is None:
+        workers = os.cpu_count() or 1
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise ExperimentError(f"{path}: workers must be a positive integer, got {workers!r}")
     threshold = spec.get("threshold")

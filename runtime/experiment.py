@@ -195,6 +195,14 @@ def load_experiment(
             f"{path}: reference must be {{task: <dmc task, e.g. cartpole-swingup>, "
             "obs: proprio|vision}}"
         )
+    if reference is not None:
+        from runtime.reference import load_dreamerv3_curves
+
+        if load_dreamerv3_curves(str(reference["task"]), str(reference["obs"])) is None:
+            raise ExperimentError(
+                f"{path}: reference {reference}: no published DreamerV3 curve for that task "
+                "and observation type (runtime/reference/dreamerv3_curves.csv lists them)"
+            )
     experiment = Experiment(
         name=name,
         path=path,
@@ -633,13 +641,17 @@ def plot_curves(results_dir: Path, summary: dict[str, Any], reference: dict | No
 
 def _plot_reference(ax: Any, reference: dict, xmax: int) -> None:
     """DreamerV3's published curve for the task (training episodes of its stochastic policy,
-    per 8k-step window) within the runs' range; the shipped reference data."""
-    from runtime import reference as reference_data
+    per 8k-step window, mean over its seeds with the lowest and highest seed mean) within the
+    runs' range, from the reference data shipped with the package."""
+    from runtime.reference import load_dreamerv3_curves
 
-    steps, mean, low, high = reference_data.dreamerv3_curve(reference["task"], reference["obs"])
-    keep = steps <= max(xmax, steps[0])
-    ax.plot(steps[keep], mean[keep], "k--", label="DreamerV3 (train episodes, published)")
-    ax.fill_between(steps[keep], low[keep], high[keep], color="k", alpha=0.08)
+    curve = load_dreamerv3_curves(reference["task"], reference["obs"])
+    if curve is None:
+        return
+    keep = curve.steps <= max(xmax, curve.steps[0])
+    label = f"DreamerV3, published ({curve.seeds} seeds; training episodes, not greedy evals)"
+    ax.plot(curve.steps[keep], curve.mean[keep], "k--", marker=".", label=label)
+    ax.fill_between(curve.steps[keep], curve.low[keep], curve.high[keep], color="k", alpha=0.08)
 
 
 def report(experiment: Experiment) -> tuple[Path, Path]:

@@ -1,21 +1,24 @@
-"""Learning curves: ``python scripts/plot.py <run dir>... [out=curves.png] [metric=eval/return_mean]``.
+"""Learning curves: ``python scripts/plot.py <run dir>... [out=curves.png] [metric=eval/return_mean] [labels=a,b]``.
 
 Plots ``metric`` (default ``eval/return_mean``) against env steps from each run's
 ``metrics.jsonl`` (runs of the same env share a panel). Runs whose ``config.yaml`` is the same
 except ``seed`` and ``run.dir`` are seeds of one config: they make one curve, the mean over the
 seeds with a band from the lowest to the highest seed, labelled with the seed count
-(``group=false`` draws every run on its own). Any other run is one line.
+(``group=false`` draws every run on its own). Any other run is one line. Each curve is named
+after its run directory (``labels=a,b,...`` names them instead: one label per curve, in the
+order the runs are given). The x axis spans the runs' logged steps.
 
-For ``dmc:`` tasks, beside the repository in ``../shared/anchors/`` (``anchors=false`` hides
-them): published scores from ``dmc_scores.csv`` as markers at 100k/500k/1M steps, and
-DreamerV3's learning curve from ``dreamerv3_curves.csv`` (mean over its seeds per 8k-step
-window, band from the lowest to the highest seed) for the task and observation type, when
-present.
+For ``dmc:`` tasks, the published results shipped in ``runtime/reference/`` (sources and
+licences in its README; ``anchors=false`` hides them): the scores at 100k/500k/1M steps as
+markers (those beyond the runs' steps are listed in the legend, e.g. ``DreamerV3 @1M: 963
+(beyond axis)``), and DreamerV3's learning curve (mean over its seeds per 8k-step window, band
+from the lowest to the highest seed) for the task and observation type. Both are returns of
+training episodes (DreamerV3 samples its actions): ``metric=train/episode_return`` is the
+like-for-like curve of a run, ``eval/return_mean`` the greedy policy's.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import sys
@@ -24,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-ANCHORS = Path(__file__).resolve().parent.parent.parent / "shared" / "anchors" / "dmc_scores.csv"
-CURVES = ANCHORS.parent / "dreamerv3_curves.csv"
+from runtime import reference
+
 # Config keys that may differ between the seeds of one config.
 SEED_KEYS = (("seed",), ("run", "dir"))
 
@@ -113,86 +116,174 @@ def group_curve(
     return grid, values.mean(0), values.min(0), values.max(0)
 
 
-def _dmc_task(env_id: str, obs: str) -> tuple[str, str]:
-    # The score files name ball_in_cup-catch 'cup_catch'.
-    task = env_id[4:].replace("-", "_").replace("ball_in_cup", "cup")
-    return task, "pixels" if obs in ("pixels", "both") else "state"
+def _obs(obs: str) -> str:
+    return "pixels" if obs in ("pixels", "both") else "state"
 
 
 def anchors_for(env_id: str, obs: str) -> dict[str, list[tuple[int, float]]]:
-    """Published scores for a dmc task: algorithm -> [(env steps, return)]."""
-    if not env_id.startswith("dmc:") or not ANCHORS.exists():
+    """Published scores for a dmc task (``runtime.reference``): algorithm -> [(env steps,
+    return)], sorted by step; ``{}`` for other envs and tasks the file does not cover."""
+    if not env_id.startswith("dmc:"):
         return {}
-    task, kind = _dmc_task(env_id, obs)
     found: dict[str, list[tuple[int, float]]] = {}
-    with ANCHORS.open() as file:
-        for row in csv.DictReader(file):
-            if row["task"] == task and row["obs"] == kind:
-                found.setdefault(row["algorithm"], []).append(
-                    (int(row["env_steps"]), float(row["return"]))
-                )
-    return found
+    for row in reference.load_dmc_scores(env_id, _obs(obs)):
+        found.setdefault(row.algorithm, []).append((row.env_steps, row.score))
+    return {algorithm: sorted(points) for algorithm, points in found.items()}
 
 
 def dreamerv3_curve(
-    env_id: str, obs: str, path: Path | None = None, until: float | None = None
-) -> dict | None:
-    """DreamerV3's published learning curve for a dmc task and observation type, or None.
-
-    Returns ``{"steps", "mean", "low", "high"}`` (arrays ``[S]``, sorted by env step: the
-    mean return of the 8k-env-step window ending there, over seeds, and the lowest and highest
-    seed) and ``"seeds"`` (int), from ``dreamerv3_curves.csv`` (``path``, default beside the
-    repository). ``until`` keeps the windows up to the first one ending at or after it.
+    env_id: str, obs: str, until: float | None = None
+) -> reference.DreamerV3Curve | None:
+    """DreamerV3's published learning curve for a dmc task and observation type, or None
+    (``runtime.reference.load_dreamerv3_curves``: arrays ``[S]`` by env step, the mean return
+    of the 8k-env-step window ending there over seeds, the lowest and highest seed, and the
+    seed count). ``until`` keeps the windows up to the first one ending at or after it.
     """
-    path = CURVES if path is None else path
-    if not env_id.startswith("dmc:") or not path.exists():
+    if not env_id.startswith("dmc:"):
         return None
-    task, kind = _dmc_task(env_id, obs)
-    rows = []
-    with path.open() as file:
-        for row in csv.DictReader(file):
-            if row["task"] == task and row["obs"] == kind:
-                rows.append(row)
-    if not rows:
-        return None
-    rows.sort(key=lambda row: int(row["env_steps"]))
-    if until is not None:
-        past = [i for i, row in enumerate(rows) if int(row["env_steps"]) >= until]
-        rows = rows[: past[0] + 1] if past else rows
-    column = lambda name: np.array([float(row[name]) for row in rows])  # noqa: E731
-    return {
-        "steps": column("env_steps"),
-        "mean": column("return_mean"),
-        "low": column("return_min_seed"),
-        "high": column("return_max_seed"),
-        "seeds": max(int(row["seeds"]) for row in rows),
-    }
+    curve = reference.load_dreamerv3_curves(env_id, _obs(obs))
+    if curve is None or until is None:
+        return curve
+    past = np.flatnonzero(curve.steps >= until)
+    keep = past[0] + 1 if len(past) else len(curve.steps)
+    return curve._replace(
+        steps=curve.steps[:keep],
+        mean=curve.mean[:keep],
+        low=curve.low[:keep],
+        high=curve.high[:keep],
+    )
+
+
+def _steps_text(steps: int) -> str:
+    """``1000000`` -> ``1M``, ``500000`` -> ``500k``, ``8000`` -> ``8k``."""
+    for size, suffix in ((1_000_000, "M"), (1_000, "k")):
+        if steps >= size:
+            return f"{steps / size:g}{suffix}"
+    return str(steps)
+
+
+def anchor_label(algorithm: str, points: list[tuple[int, float]], low: float, high: float) -> str:
+    """The legend entry of an algorithm's published scores on an x axis from ``low`` to
+    ``high``: its name, and the scores outside the axis with their steps, e.g.
+    ``DreamerV3 @500k: 942, @1M: 963 (beyond axis)``."""
+    name = reference.ALGORITHM_NAMES.get(algorithm, algorithm)
+    outside = [(x, y) for x, y in points if not low <= x <= high]
+    if not outside:
+        return f"{name} (published)"
+    text = ", ".join(f"@{_steps_text(x)}: {y:g}" for x, y in outside)
+    if len(outside) == len(points):
+        return f"{name} {text} (beyond axis)"
+    return f"{name} (published; {text} beyond axis)"
+
+
+def curve_names(groups: list[list[Path]]) -> list[str]:
+    """One legend name per group: the run directory's name (of a resolved path, so ``.`` and
+    ``runs/x/`` name the run), ``group_label`` for seeds. Where two groups would share a name
+    (``runs/a/run``, ``runs/b/run``) each takes its parent's name too: ``a/run``, ``b/run``."""
+    names = [group_label([run.resolve() for run in group]) for group in groups]
+    if len(set(names)) == len(names):
+        return names
+    out = []
+    for group, name in zip(groups, names):
+        if names.count(name) > 1:
+            name = f"{group[0].resolve().parent.name}/{name}"
+        out.append(name)
+    return out
+
+
+def draw(
+    runs: list[Path],
+    metric: str = "eval/return_mean",
+    anchors: bool = True,
+    grouped: bool = True,
+    labels: list[str] | None = None,
+):
+    """The figure ``main`` saves: one panel per env, ``metric`` against env steps for each
+    group of runs (see the module's doc), named by ``labels`` (one per group, in the order
+    groups first appear) or by ``curve_names``. Each panel's x axis spans its runs' steps,
+    from the first logged step to the last; published scores at steps outside it are listed
+    in their legend entry instead of stretching the axis. Returns a matplotlib ``Figure``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = group_runs(runs) if grouped else [[run] for run in runs]
+    if labels is not None and len(labels) != len(groups):
+        raise ValueError(
+            f"labels: {len(labels)} given for {len(groups)} curves "
+            f"({', '.join(curve_names(groups))})"
+        )
+    names = dict(zip(map(id, groups), labels if labels is not None else curve_names(groups)))
+    panels: dict[str, list[list[Path]]] = {}
+    for group in groups:
+        env_id = run_info(group[0]).get("env", {}).get("id", "?")
+        panels.setdefault(env_id, []).append(group)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, (env_id, env_groups) in zip(axes[0], panels.items()):
+        drawn: list[np.ndarray] = []
+        for group in env_groups:
+            if len(group) == 1:
+                steps, values = read_curve(group[0], metric)
+                ax.plot(steps, values, marker="o", markersize=3, label=names[id(group)])
+                drawn.append(np.asarray(steps, float))
+                continue
+            steps, mean, low, high = group_curve(group, metric)
+            (line,) = ax.plot(steps, mean, label=f"{names[id(group)]}, mean and min-max")
+            ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+            drawn.append(steps)
+        drawn = [steps for steps in drawn if len(steps)]
+        # The runs' range: published points past it go to the legend, not onto the axis.
+        x_low = min(steps[0] for steps in drawn) if drawn else 0.0
+        x_high = max(steps[-1] for steps in drawn) if drawn else np.inf
+        obs = run_info(env_groups[0][0]).get("env", {}).get("obs", "state")
+        if anchors:
+            for algorithm, points in anchors_for(env_id, obs).items():
+                inside = [(x, y) for x, y in points if x_low <= x <= x_high]
+                xs, ys = zip(*inside) if inside else ((), ())
+                ax.scatter(
+                    xs, ys, marker="x", s=25, label=anchor_label(algorithm, points, x_low, x_high)
+                )
+            curve = dreamerv3_curve(env_id, obs, until=x_high if drawn else None)
+            if curve is not None:
+                beyond = " (beyond axis)" if curve.steps[0] > x_high else ""
+                ax.plot(
+                    curve.steps,
+                    curve.mean,
+                    linestyle="--",
+                    marker="x",  # a curve cut to one or two windows is still visible
+                    color="0.3",
+                    label=f"DreamerV3 curve (published, training episodes, {curve.seeds} "
+                    f"seeds){beyond}",
+                )
+                ax.fill_between(curve.steps, curve.low, curve.high, color="0.3", alpha=0.12, lw=0)
+        if drawn:
+            pad = 0.0 if x_high > x_low else max(1.0, 0.05 * abs(x_high))  # one logged step
+            ax.set_xlim(x_low - pad, x_high + pad)
+        ax.xaxis.set_major_formatter(lambda x, _: _steps_text(int(x)) if x >= 0 else f"{x:g}")
+        ax.set_title(env_id)
+        ax.set_xlabel("env steps")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.16), frameon=False)
+    return fig
 
 
 def main(argv: list[str]) -> int:
     if any(arg in ("-h", "--help") for arg in argv):
         print(__doc__)
         return 0
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     runs = [Path(a) for a in argv if "=" not in a]
     options = dict(a.split("=", 1) for a in argv if "=" in a)
-    unknown = set(options) - {"out", "metric", "anchors", "group"}
+    unknown = set(options) - {"out", "metric", "anchors", "group", "labels"}
     if unknown or not runs:
         print(
             "usage: python scripts/plot.py <run dir>... [out=curves.png] "
-            "[metric=eval/return_mean] [anchors=true] [group=true]",
+            "[metric=eval/return_mean] [anchors=true] [group=true] [labels=a,b,...]",
             file=sys.stderr,
         )
         return 2
-    metric = options.get("metric", "eval/return_mean")
     out = Path(options.get("out", "curves.png"))
-    show_anchors = options.get("anchors", "true").lower() != "false"
-    grouped = options.get("group", "true").lower() != "false"
-
     for run in runs:
         if not (run / "metrics.jsonl").exists():
             print(
@@ -201,50 +292,23 @@ def main(argv: list[str]) -> int:
                 file=sys.stderr,
             )
             return 2
-    groups = group_runs(runs) if grouped else [[run] for run in runs]
-    panels: dict[str, list[list[Path]]] = {}
-    for group in groups:
-        env_id = run_info(group[0]).get("env", {}).get("id", "?")
-        panels.setdefault(env_id, []).append(group)
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
-    for ax, (env_id, env_groups) in zip(axes[0], panels.items()):
-        for group in env_groups:
-            if len(group) == 1:
-                steps, values = read_curve(group[0], metric)
-                ax.plot(steps, values, marker="o", markersize=3, label=group[0].name)
-                continue
-            steps, mean, low, high = group_curve(group, metric)
-            (line,) = ax.plot(steps, mean, label=f"{group_label(group)}, mean and min-max")
-            ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
-        obs = run_info(env_groups[0][0]).get("env", {}).get("obs", "state")
-        if show_anchors:
-            for algorithm, points in sorted(anchors_for(env_id, obs).items()):
-                xs, ys = zip(*sorted(points))
-                ax.scatter(xs, ys, marker="x", s=25, label=f"{algorithm} (published)")
-            # Up to the panel's last step: the published curve goes on to 500k env steps.
-            last = [read_curve(run, metric)[0][-1:] for group in env_groups for run in group]
-            ends = [steps[0] for steps in last if steps]
-            curve = dreamerv3_curve(env_id, obs, until=max(ends) if ends else None)
-            if curve is not None:
-                (line,) = ax.plot(
-                    curve["steps"],
-                    curve["mean"],
-                    linestyle="--",
-                    marker="x",  # a curve cut to one or two windows is still visible
-                    color="0.3",
-                    label=f"DreamerV3 curve (published, {curve['seeds']} seeds)",
-                )
-                ax.fill_between(
-                    curve["steps"], curve["low"], curve["high"], color="0.3", alpha=0.12, lw=0
-                )
-        ax.set_title(env_id)
-        ax.set_xlabel("env steps")
-        ax.set_ylabel(metric)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    labels = options["labels"].split(",") if "labels" in options else None
+    try:
+        fig = draw(
+            runs,
+            metric=options.get("metric", "eval/return_mean"),
+            anchors=options.get("anchors", "true").lower() != "false",
+            grouped=options.get("group", "true").lower() != "false",
+            labels=labels,
+        )
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=120, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
     print(f"wrote {out}")
     return 0
 

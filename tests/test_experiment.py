@@ -180,3 +180,28 @@ def test_command_refuses_bad_input_in_one_line(tmp_path, capsys):
     assert err.startswith("error: ") and "seeds" in err and "\n" not in err
     assert experiment_main(["launch", str(path)]) == 2
     assert experiment_main(["run", str(path), "threads=3"]) == 2
+
+
+def test_report_draws_the_reference_and_refuses_an_unknown_one(tmp_path):
+    """A report from records alone (written here, no training), with DreamerV3's curve."""
+    reference = {"task": "cartpole-balance", "obs": "proprio"}
+    path = write(tmp_path, reference=reference)
+    experiment = load(tmp_path, path)
+    experiment.results_dir.mkdir(parents=True)
+    (experiment.results_dir / "experiment.yaml").write_bytes(path.read_bytes())
+    for run in experiment.runs:
+        header = {"file_sha256": experiment.sha256, "variant": run.variant, "seed": run.seed}
+        header |= {"commit": "abc", "env_steps": 300}
+        rows = [
+            {"step": step, "eval/return_mean": float(run.seed * 10 + step)} for step in (150, 300)
+        ]
+        run.record.parent.mkdir(parents=True, exist_ok=True)
+        run.record.write_text("\n".join(json.dumps(x) for x in [header, *rows]) + "\n")
+    summary_path, png = harness.report(experiment)
+    summary = json.loads(summary_path.read_text())
+    assert summary["variants"]["dense"]["final_return"]["mean"] == pytest.approx(305.0)
+    assert summary["variants"]["cpc"]["best_return"]["ci95"] == [300.0, 310.0]
+    assert summary["commits"] == ["abc"] and png.stat().st_size > 0
+    bad = write(tmp_path, name="bad", reference={"task": "no-such-task", "obs": "proprio"})
+    with pytest.raises(ExperimentError, match="no published DreamerV3 curve"):
+        load(tmp_path, bad)

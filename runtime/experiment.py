@@ -359,7 +359,9 @@ def run_state(run: RunSpec) -> str:
         return "recorded"
     checkpoints = list_checkpoints(run.run_dir) if run.run_dir.exists() else []
     if checkpoints:
-        return f"stopped at {checkpoints[-1].name.removeprefix('step_')}"
+        state = f"stopped at {checkpoints[-1].name.removeprefix('step_')}"
+        logged = _finished_step(run.run_dir)
+        return f"{state} (logged to {logged})" if logged > int(state.split()[-1]) else state
     return "not started"
 
 
@@ -444,9 +446,15 @@ def run_experiment(
                             f"[{done}/{len(experiment.runs)}] {run.key}: "
                             f"{_run_line(run.record, experiment)} ({minutes:.1f} min)"
                         )
+                    elif rc == 0:  # stopped by a signal: it checkpointed on the way out
+                        failures += 1
+                        echo(
+                            f"[{done}/{len(experiment.runs)}] {run.key}: stopped at env step "
+                            f"{step} of {run.steps}; run the command again to resume it"
+                        )
                     else:
                         failures += 1
-                        why = error or f"exit status {rc}, stopped at env step {step}"
+                        why = error or f"exit status {rc}, at env step {step}"
                         echo(
                             f"[{done}/{len(experiment.runs)}] {run.key}: FAILED ({why}); "
                             f"see {run.run_dir / 'console.log'}"

@@ -374,8 +374,15 @@ def _command(run: RunSpec) -> list[str]:
     return [f"resume={run.run_dir}", f"run.steps={run.steps}"]
 
 
-def _worker(train_main: TrainMain, args: list[str], console: str) -> tuple[int, str]:
-    """One training run in a worker process, its output appended to ``console``."""
+def _worker(train_main: TrainMain, args: list[str], console: str) -> tuple[int, str, float]:
+    """One training run in a worker process, its output appended to ``console``: ``(exit
+    status, the last line of an exception or "", seconds it took)``."""
+    start = time.time()
+    rc, error = _train_logged(train_main, args, console)
+    return rc, error, time.time() - start
+
+
+def _train_logged(train_main: TrainMain, args: list[str], console: str) -> tuple[int, str]:
     import torch
 
     torch.set_num_threads(1)
@@ -389,6 +396,25 @@ def _worker(train_main: TrainMain, args: list[str], console: str) -> tuple[int, 
             text = traceback.format_exc()
             print(text, flush=True)
             return 1, text.strip().splitlines()[-1]
+
+
+def _lock(path: Path):
+    """An advisory ``flock`` on ``path`` for as long as the returned file stays open: a second
+    ``run`` of the same experiment would clear and restart the first one's fresh runs."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return None
+    handle = open(path, "a+")  # noqa: SIM115 (kept open on purpose)
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise ExperimentError(
+            f"{path.parent} is in use by another `experiment run` of this experiment: wait for "
+            "it to finish (or stop it), then run again"
+        ) from None
+    return handle
 
 
 def run_experiment(
@@ -411,6 +437,8 @@ def run_experiment(
     if not pending:
         return 0
     experiment.results_dir.mkdir(parents=True, exist_ok=True)
+    experiment.runs_root.mkdir(parents=True, exist_ok=True)
+    lock = _lock(experiment.runs_root / ".lock")  # noqa: F841 (held while this runs)
     copy = experiment.results_dir / "experiment.yaml"
     if not copy.exists():
         shutil.copyfile(experiment.path, copy)
@@ -428,17 +456,16 @@ def run_experiment(
                     shutil.rmtree(run.run_dir)  # stopped before its first checkpoint
                 run.run_dir.mkdir(parents=True, exist_ok=True)
                 args = _command(run)
-                start = time.time()
                 future = pool.submit(_worker, train_main, args, str(run.run_dir / "console.log"))
-                futures[future] = (run, state, start)
+                futures[future] = run
             remaining = set(futures)
             while remaining:
                 finished, remaining = wait(remaining, return_when=FIRST_COMPLETED)
                 for future in finished:
-                    run, state, start = futures[future]
-                    rc, error = future.result()
+                    run = futures[future]
+                    rc, error, seconds = future.result()
                     done += 1
-                    minutes = (time.time() - start) / 60
+                    minutes = seconds / 60
                     step = _finished_step(run.run_dir)
                     if rc == 0 and step >= run.steps:
                         write_record(experiment, run, source)

@@ -205,3 +205,14 @@ def test_report_draws_the_reference_and_refuses_an_unknown_one(tmp_path):
     bad = write(tmp_path, name="bad", reference={"task": "no-such-task", "obs": "proprio"})
     with pytest.raises(ExperimentError, match="no published DreamerV3 curve"):
         load(tmp_path, bad)
+
+
+def test_a_second_run_of_the_same_experiment_is_refused(tmp_path):
+    experiment = load(tmp_path, write(tmp_path))
+    experiment.runs_root.mkdir(parents=True)
+    held = harness._lock(experiment.runs_root / ".lock")
+    try:
+        with pytest.raises(ExperimentError, match="in use by another `experiment run`"):
+            run_experiment(experiment, train_main, echo=lambda line: None)
+    finally:
+        held.close()

@@ -11,6 +11,10 @@ default here), plus ``updates=`` (timed updates, default 10), ``warmup=`` (defau
 - ``matmul_flops_per_s``: a large matmul timed in the same run (the practical limit),
 - ``mfu``: achieved FLOP/s over that limit.
 
+``parts=true`` (eager runs) adds ``parts``: seconds per update of the world-model step and of
+the behaviour step (imagination + actor-critic), wall and process CPU time, and ``top_ops``:
+the ops with the most self CPU time in one update (the autograd profiler).
+
 The batch is sampled from a replay filled with random-policy steps of the real env, so shapes,
 dtypes and value ranges match training.
 
@@ -38,7 +42,7 @@ from pathlib import Path
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-BENCH_KEYS = ("updates", "warmup", "json", "world_size", "baseline", "compile", "act")
+BENCH_KEYS = ("updates", "warmup", "json", "world_size", "baseline", "compile", "act", "parts")
 COMPILE_CHOICES = ("both", "true", "false", "auto")
 
 
@@ -84,6 +88,7 @@ def _parse(argv: list[str]):
         "baseline": bool(bench.get("baseline", True)),
         "compile": compile_choice,
         "act": bool(bench.get("act", False)),
+        "parts": bool(bench.get("parts", False)),
     }
     if options["updates"] < 1 or options["warmup"] < 0 or options["world_size"] < 1:
         raise ValueError("updates must be >= 1, warmup >= 0 and world_size >= 1")
@@ -210,7 +215,61 @@ def _time_mode(config, batches: list, options, device) -> dict:
         )
     if compiled:
         out["caches"] = _compile_cache_counters()
+    elif options["parts"]:
+        out["parts"] = _part_seconds(agent, batches[1 + warmup :], device)
+        out["top_ops"] = _top_ops(agent, batches[-1])
     return {"agent": agent, "batch": batches[-1], **out}
+
+
+def _part_seconds(agent, batches, device) -> dict:
+    """Seconds per update of the world-model step and the behaviour step (imagination and
+    the actor-critic losses) of an eager Dreamer-style agent, as ``agent.update`` runs them:
+    wall time and this process's CPU time (``time.process_time``, which other processes on
+    the machine disturb far less than the wall clock)."""
+    import torch
+
+    if getattr(agent, "joint", False) or not hasattr(agent, "train_behaviour"):
+        return {}  # one optimizer over everything (laprop): no separate steps to time
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    totals = {"world_model": [0.0, 0.0], "behaviour": [0.0, 0.0]}
+
+    def clocks() -> tuple[float, float]:
+        sync()
+        return time.perf_counter(), time.process_time()
+
+    for batch in batches:
+        if getattr(agent, "context", False):
+            batch = agent._with_context(batch)
+        with agent.accelerator.train_step(batch):
+            data = agent.preprocess(batch)
+            wall, cpu = clocks()
+            post, _ = agent.train_world_model(data)
+            mid_wall, mid_cpu = clocks()
+            agent.train_behaviour(post, data)
+            end_wall, end_cpu = clocks()
+        totals["world_model"][0] += mid_wall - wall
+        totals["world_model"][1] += mid_cpu - cpu
+        totals["behaviour"][0] += end_wall - mid_wall
+        totals["behaviour"][1] += end_cpu - mid_cpu
+    n = len(batches)
+    return {
+        f"{part}_{clock}_seconds": value / n
+        for part, (wall, cpu) in totals.items()
+        for clock, value in (("wall", wall), ("cpu", cpu))
+    }
+
+
+def _top_ops(agent, batch, count: int = 15) -> list[dict]:
+    """The ops that take the most time in one update (self CPU time, the autograd profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        agent.update(batch)
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [
+        {"op": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1000.0}
+        for e in rows[:count]
+    ]
 
 
 def _spaces(config) -> tuple:

@@ -223,7 +223,16 @@ def test_bench_reports_ops_and_syncs_per_update(tmp_path):
     script = "scripts/bench_train_step.py"
     args = ["preset=debug", "env=gym:Pendulum-v1", "accelerator.threads=1"]
     run = subprocess.run(
-        [sys.executable, script, *args, "compile=false", "updates=2", "warmup=1", f"json={out}"],
+        [
+            sys.executable,
+            script,
+            *args,
+            "compile=false",
+            "updates=2",
+            "warmup=1",
+            "parts=true",
+            f"json={out}",
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -234,6 +243,14 @@ def test_bench_reports_ops_and_syncs_per_update(tmp_path):
     assert update["compiled"] is False and update["compile_seconds"] == 0.0
     assert update["host_syncs_per_update"] == 0 and update["aten_ops_per_update"] > 1000
     assert result["seconds_per_update"] == update["seconds_per_update"] > 0
+    # parts=true: the world-model and behaviour steps, each on both clocks, and the top ops.
+    assert set(update["parts"]) == {
+        f"{part}_{clock}_seconds"
+        for part in ("world_model", "behaviour")
+        for clock in ("wall", "cpu")
+    }
+    assert all(value > 0 for value in update["parts"].values())
+    assert len(update["top_ops"]) == 15 and update["top_ops"][0]["calls"] >= 1
     bad = subprocess.run(
         [sys.executable, script, *args, "compile=sometimes"], capture_output=True, text=True
     )

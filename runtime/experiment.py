@@ -231,7 +231,9 @@ def load_experiment(
 def _run_spec(experiment: Experiment, variant: str, seed: int) -> RunSpec:
     run_dir = experiment.runs_root / f"{variant}-s{seed}"
     merged = {**experiment.base, **experiment.variants[variant]}
-    for key in ("seed", "run.dir", "resume", "init"):
+    # init= (a new run from another run's weights, e.g. one shared stage-1 perception) may
+    # be given; resume= is the harness's own business.
+    for key in ("seed", "run.dir", "resume"):
         if key in merged:
             raise ExperimentError(
                 f"{experiment.path}: {key} is set by the experiment per run; remove it from "

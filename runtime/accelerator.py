@@ -50,13 +50,10 @@ def resolve_device(config: AcceleratorConfig) -> torch.device:
 
 
 def resolve_precision(config: Config) -> str:
-    """fp32 | bf16 | fp16: ``ipu.precision`` for ipu-sim, else ``accelerator.precision`` unless
-    ``auto``, else ``agent.precision`` (conflicts are rejected by ``runtime.config.validate``)."""
-    if config.accelerator.name == "ipu-sim":
-        return config.ipu.precision
-    if config.accelerator.precision != "auto":
-        return config.accelerator.precision
-    return config.agent.precision
+    """fp32 | bf16 | fp16: ``accelerator.precision``, the one precision key, with ``auto`` as
+    fp32 on every accelerator (``AcceleratorConfig.resolved_precision``). On ipu-sim it is fp32
+    or fp16: ``runtime.config.validate`` refuses bf16 there."""
+    return config.accelerator.resolved_precision
 
 
 # A compiled update pays on cpu once it has repaid its cold compile: see the README's speed

@@ -105,8 +105,6 @@ class AgentConfig:
     # with its backward; CUDA graphs on cuda): true, false, or auto (see
     # runtime.accelerator.resolve_compile).
     compile: bool | Literal["auto"] = "auto"
-    # bf16 autocast for the forward passes (losses and optimizer states stay fp32).
-    precision: Literal["fp32", "bf16"] = "fp32"
 
 
 @dataclass
@@ -195,27 +193,33 @@ class AcceleratorConfig:
     # Torch intra-op threads; 0 = leave torch's default. 1 is best beside env workers.
     threads: int = field(default=1, metadata=at_least(0))
     deterministic: bool = False
-    # fp32, bf16 autocast, or fp16 autocast with a gradient scaler. auto: agent.precision
-    # (fp32 unless set); with ipu-sim the precision is ipu.precision.
+    # fp32, bf16 (autocast) or fp16 (autocast + gradient scaler); auto: fp32. ipu-sim: fp32 or
+    # fp16 (no bf16). The one precision key, for every accelerator: autocast covers the forward
+    # passes (losses and optimizer states stay fp32); fp16 on ipu-sim also emulates fp16
+    # storage (weights rounded after every step, see ipu.stochastic_rounding).
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # cuda only: TF32 tensor-core matmuls for fp32 work (off when deterministic=true).
     tf32: bool = True
+
+    @property
+    def resolved_precision(self) -> str:
+        """fp32 | bf16 | fp16: ``precision`` with ``auto`` resolved (fp32 on every accelerator,
+        ipu-sim included)."""
+        return "fp32" if self.precision == "auto" else self.precision
 
 
 @dataclass
 class IPUConfig:
     """The simulated IPU (``accelerator=ipu-sim``; see ``runtime/ipu_sim``). Results are computed
-    on the host; IPU limits are enforced and IPU speed is estimated, never measured."""
+    on the host; IPU limits are enforced and IPU speed is estimated, never measured. Its
+    precision is ``accelerator.precision`` (fp32 or fp16)."""
 
     # Device constants (each tagged sourced/derived/assumed in runtime/ipu_sim/presets.py):
     # ipu2 (GC200), bow (Bow IPU), ipu1 (GC2), small (4 tiles, for tests).
     preset: Literal["ipu2", "bow", "ipu1", "small"] = "ipu2"
     num_ipus: int = field(default=1, metadata=at_least(1))
-    # fp16: emulated fp16 storage (weights rounded to fp16 after every step) and fp16 autocast
-    # with loss scaling. The IPU has no bf16.
-    precision: Literal["fp32", "fp16"] = "fp32"
-    # fp16 only: weights are rounded fp32 -> fp16 stochastically (seeded by `seed`), as the
-    # IPU's hardware stochastic rounding does; false rounds to nearest.
+    # accelerator.precision=fp16 only: weights are rounded fp32 -> fp16 stochastically (seeded
+    # by `seed`), as the IPU's hardware stochastic rounding does; false rounds to nearest.
     stochastic_rounding: bool = True
     # Micro-batches per step for the pipeline estimate; must be >= the pipeline stages.
     # 0 = the number of stages.
@@ -446,6 +450,59 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"{key}: unsupported annotation {tp!r}")
 
 
+# Keys that no longer exist -> what replaces them ({value}: the value given). Set by a user (the
+# command line, a preset, an experiment file) each is refused in one line naming its replacement
+# (``parse_overrides``, ``_apply``), before anything is built. A saved run's config (its
+# config.yaml, a checkpoint's manifest) is translated instead: ``upgrade_saved_config``.
+REMOVED_KEYS: dict[str, str] = {
+    "agent.precision": "use accelerator.precision={value} (one key for every accelerator)",
+    "ipu.precision": (
+        "use accelerator.precision={value} (one key for every accelerator; the IPU runs fp32 "
+        "or fp16)"
+    ),
+}
+
+
+def _removed_key(key: str, value: Any) -> ConfigError | None:
+    """The one-line refusal of a removed key (``REMOVED_KEYS``), or None for any other key."""
+    hint = REMOVED_KEYS.get(key)
+    if hint is None:
+        return None
+    if not isinstance(value, str) or value not in ("fp32", "bf16", "fp16"):
+        value = "fp32|bf16|fp16"
+    return ConfigError(f"{key} was removed: {hint.format(value=value)}")
+
+
+def upgrade_saved_config(data: dict[str, Any]) -> dict[str, Any]:
+    """A saved run's config in today's keys: the precision keys runs saved before
+    ``accelerator.precision`` became the only one (``agent.precision``, ``ipu.precision``) are
+    dropped, and the precision they chose moves to ``accelerator.precision`` where ``auto``
+    would now pick another one, so the run goes on (or is evaluated) at the precision it
+    trained with. Old runs saved ``agent: {precision: fp32}`` and ``ipu: {precision: fp32}``:
+    those go silently, as ``auto`` is fp32."""
+    agent, ipu = data.get("agent"), data.get("ipu")
+    if not any(isinstance(s, dict) and "precision" in s for s in (agent, ipu)):
+        return data
+    sections = {
+        name: dict(data[name])
+        for name in ("agent", "ipu", "accelerator")
+        if isinstance(data.get(name), dict)
+    }
+    agent_precision = sections.get("agent", {}).pop("precision", "fp32")
+    ipu_precision = sections.get("ipu", {}).pop("precision", "fp32")
+    accelerator = sections.setdefault("accelerator", {})
+    if isinstance(data.get("accelerator"), str):  # hand-written `accelerator: <name>`
+        accelerator["name"] = data["accelerator"]
+    if accelerator.get("precision", "auto") == "auto":
+        # How the run resolved its precision: ipu.precision on ipu-sim, else agent.precision.
+        trained = ipu_precision if accelerator.get("name") == "ipu-sim" else agent_precision
+        if trained != "fp32":
+            accelerator["precision"] = trained
+    if not accelerator and "accelerator" not in data:
+        del sections["accelerator"]
+    return {**data, **sections}
+
+
 def _unknown_key(prefix: str, name: str, valid: list[str]) -> ConfigError:
     full = f"{prefix}{name}"
     candidates = [f"{prefix}{v}" for v in valid]
@@ -460,7 +517,7 @@ def _apply(config: Any, updates: dict[str, Any], prefix: str = "") -> None:
     fields = {f.name: f for f in dataclasses.fields(config)}
     for name, value in updates.items():
         if name not in fields:
-            raise _unknown_key(prefix, name, list(fields))
+            raise _removed_key(f"{prefix}{name}", value) or _unknown_key(prefix, name, list(fields))
         key = f"{prefix}{name}"
         current = getattr(config, name)
         if dataclasses.is_dataclass(current):
@@ -488,30 +545,19 @@ def _check_ranges(config: Any, prefix: str = "") -> None:
 
 
 def _check_accelerator(config: Config) -> None:
-    """Precision settings that contradict each other, and what the simulated IPU cannot do."""
-    acc, agent = config.accelerator, config.agent
+    """What the simulated IPU cannot do: bf16 (it runs fp32 or fp16) and a compiled update."""
+    acc = config.accelerator
     if acc.name == "ipu-sim":
-        ipu = config.ipu.precision
-        if agent.precision != "fp32":
+        if acc.precision == "bf16":
             raise ConfigError(
-                f"agent.precision={agent.precision}: the IPU has no bf16; with "
-                f"accelerator=ipu-sim set ipu.precision=fp16 (or fp32) instead"
+                "accelerator.precision=bf16 with accelerator=ipu-sim: the IPU has no bf16: use "
+                "accelerator.precision=fp16 or fp32"
             )
-        if acc.precision not in ("auto", ipu):
-            raise ConfigError(
-                f"accelerator.precision={acc.precision} conflicts with ipu.precision={ipu}: the "
-                f"simulated IPU takes its precision from ipu.precision (fp32 or fp16)"
-            )
-        if agent.compile is True:
+        if config.agent.compile is True:
             raise ConfigError(
                 "agent.compile=true with accelerator=ipu-sim: the simulated IPU runs eager on the "
                 "host (its op trace is the cost model); set agent.compile=false"
             )
-    elif acc.precision not in ("auto", agent.precision) and agent.precision != "fp32":
-        raise ConfigError(
-            f"accelerator.precision={acc.precision} conflicts with agent.precision="
-            f"{agent.precision}; set one of them (accelerator.precision wins over the default)"
-        )
 
 
 def _check_agent(config: Config) -> registry.AgentEntry:
@@ -682,6 +728,9 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
+        removed = _removed_key(key, value)
+        if removed is not None:  # before resume= looks at the keys or anything is built
+            raise removed
         # YAML reads 'dmc:walker-walk' fine but would turn e.g. '1:30' into an int (sexagesimal
         # in YAML 1.1); keep the literal text when the parsed value is not a plain scalar match.
         if isinstance(value, int | float) and not isinstance(value, bool) and ":" in raw:
@@ -780,7 +829,8 @@ def build_config(
         flat.pop(key, None)
     config = config_class()()
     if base:
-        _apply(config, base)  # a resumed run's config already holds its presets' values
+        # A resumed run's config already holds its presets' values.
+        _apply(config, upgrade_saved_config(base))
     presets = flat.pop("preset", None)
     named = _agent_override(flat)
     entry = _agent_entry(named) if named is not None else None
@@ -817,12 +867,13 @@ def save_yaml(config: Config, path: str | Path) -> None:
 
 
 def load_yaml(path: str | Path) -> Config:
-    """A config written by ``save_yaml`` (a run's ``config.yaml``), validated."""
+    """A config written by ``save_yaml`` (a run's ``config.yaml``, removed keys of an older
+    version translated: ``upgrade_saved_config``), validated."""
     data = _read_yaml(Path(path), str(path))
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config sections")
     config = config_class()()
-    _apply(config, data)
+    _apply(config, upgrade_saved_config(data))
     return validate(config)
 
 

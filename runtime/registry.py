@@ -32,7 +32,7 @@ class AgentEntry:
     name:          the value of ``agent.name`` (``agent=<name>`` on the command line).
     make:          ``(config, obs_space, action_space) -> Agent`` (see ``agents.base``).
     agent_fields:  a dataclass of the agent's own ``agent.*`` keys; merged with the shared
-                   ``runtime.config.AgentConfig`` (``name``, ``compile``, ``precision``).
+                   ``runtime.config.AgentConfig`` (``name``, ``compile``).
     sections:      top-level config sections it owns, ``{"world_model": WorldModelConfig}``.
                    Sections and ``agent.*`` fields of every registered agent exist in every
                    config (a preset may set them for several agents); each agent reads its own.

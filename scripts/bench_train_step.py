@@ -330,7 +330,12 @@ def _single_main(config, options) -> int:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from runtime.accelerator import configure_threads, resolve_device, seed_everything
+    from runtime.accelerator import (
+        configure_threads,
+        resolve_device,
+        resolve_precision,
+        seed_everything,
+    )
     from runtime.config import to_dict
 
     configure_threads(config.accelerator)
@@ -361,7 +366,8 @@ def _single_main(config, options) -> int:
         finally:
             torch._dynamo.config.disable = False
     flops = counter.get_total_flops()
-    dtype = torch.bfloat16 if config.agent.precision == "bf16" else torch.float32
+    precision = resolve_precision(config)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     limit = matmul_flops_per_s(device, dtype)
     steps_per_update = cfg.batch_size * cfg.batch_length
 
@@ -392,7 +398,7 @@ def _single_main(config, options) -> int:
         "device_name": _device_name(device),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "precision": config.agent.precision,
+        "precision": precision,
         "batch": [cfg.batch_size, cfg.batch_length],
         "replay_ratio": config.run.replay_ratio,
         **{k: main[k] for k in ("seconds_per_update", "updates_per_s", "env_steps_per_s")},

@@ -205,15 +205,15 @@ print({m: {k: round(r[m][k], 5) for k in ('seconds_per_update', 'host_syncs_per_
     "$LOGS/$name.json" 2>/dev/null)"
 }
 # Most wanted first: what is skipped when the budget runs out is the end of this list.
-bench tiny_bf16 100 preset=dreamer_tiny agent.precision=bf16 act=true "${STATES[@]}"
+bench tiny_bf16 100 preset=dreamer_tiny accelerator.precision=bf16 act=true "${STATES[@]}"
 # OP3 planning step: on-device slot matching against scipy's host matching.
 step bench_planner 60 "$PYTHON" scripts/bench_planner.py "device=$ACCEL" \
   "populations=$POPULATIONS" repeats=5 json="$LOGS/bench_planner.json"
 result bench_planner $? 4
-bench tiny_bf16_pixels 100 preset=dreamer_tiny agent.precision=bf16 "${PIXELS[@]}"
+bench tiny_bf16_pixels 100 preset=dreamer_tiny accelerator.precision=bf16 "${PIXELS[@]}"
 
-bench xs_bf16 100 preset=xs agent.precision=bf16 "${STATES[@]}"
-bench tiny_bf16_warm 60 preset=dreamer_tiny agent.precision=bf16 "${STATES[@]}" # warm caches
+bench xs_bf16 100 preset=xs accelerator.precision=bf16 "${STATES[@]}"
+bench tiny_bf16_warm 60 preset=dreamer_tiny accelerator.precision=bf16 "${STATES[@]}" # warm caches
 
 # Kernel time over wall time for the compiled xs update (bf16).
 step kernel_share 90 "$PYTHON" - "$ACCEL" "agent.compile=$([ "$COMPILE" = false ] && echo false || echo true)" \
@@ -230,7 +230,7 @@ from runtime.config import build_config  # noqa: E402
 
 accel = sys.argv[1]
 config = build_config(["agent=dreamer", "preset=xs", "env=gym:Pendulum-v1",
-                       f"accelerator={accel}", "agent.precision=bf16", *sys.argv[2:]])
+                       f"accelerator={accel}", "accelerator.precision=bf16", *sys.argv[2:]])
 sync = torch.cuda.synchronize if accel == "cuda" else (lambda: None)
 agent, batches = bench._agent_and_batches(config, 6 if accel == "cuda" else 3, 0)
 for batch in batches[:-1]:
@@ -248,9 +248,9 @@ print({"wall_s": round(wall, 5), "kernel_s": round(kernel, 5),
 EOF
 result kernel_share $? 1
 
-bench s_bf16 100 preset=s agent.precision=bf16 "${STATES[@]}"
-bench tiny_fp32 80 preset=dreamer_tiny agent.precision=fp32 "${STATES[@]}"
-bench xs_bf16_pixels 100 preset=xs agent.precision=bf16 "${PIXELS[@]}"
+bench s_bf16 100 preset=s accelerator.precision=bf16 "${STATES[@]}"
+bench tiny_fp32 80 preset=dreamer_tiny accelerator.precision=fp32 "${STATES[@]}"
+bench xs_bf16_pixels 100 preset=xs accelerator.precision=bf16 "${PIXELS[@]}"
 # The training-step and accelerator tests as CI runs them (dry: without the slow compiles).
 step pytest_train_step 150 "$PYTHON" -m pytest -q -p no:cacheprovider \
   -m "$([ "$DRY" = 1 ] && echo "not slow and not gpu" || echo "not gpu")" \

@@ -58,7 +58,8 @@ def _gim_report(config, args: dict) -> dict:
     torch.manual_seed(config.seed)
     stages = _gim_stages(modules)
     x = torch.randn(batch, 3, 64, 64)
-    common = {"preset": ipu.preset, "micro_batches": micro, "precision": ipu.precision}
+    precision = config.accelerator.resolved_precision
+    common = {"preset": ipu.preset, "micro_batches": micro, "precision": precision}
     rows = {}
     for label, n, detached in (
         ("gim_1_ipu", 1, True),

@@ -53,8 +53,12 @@ def read_curve(run_dir: Path, metric: str) -> tuple[list[int], list[float]]:
 
 
 def run_info(run_dir: Path) -> dict:
+    """The run's saved config in today's keys (an older run groups with a newer one)."""
+    from runtime.config import upgrade_saved_config
+
     path = run_dir / "config.yaml"
-    return yaml.safe_load(path.read_text()) if path.exists() else {}
+    info = yaml.safe_load(path.read_text()) if path.exists() else {}
+    return upgrade_saved_config(info) if isinstance(info, dict) else {}
 
 
 def config_identity(run_dir: Path) -> str | None:

@@ -105,21 +105,46 @@ def test_config_names_and_precision_rules():
     config = build_config(["accelerator=ipu-sim", "preset=debug"])
     assert config.accelerator.name == "ipu-sim" and config.ipu.preset == "ipu2"
     assert resolve_device(config.accelerator).type == "cpu"
-    assert resolve_precision(config) == "fp32"
-    fp16 = build_config(["accelerator=ipu-sim", "ipu.precision=fp16", "preset=debug"])
-    assert resolve_precision(fp16) == "fp16"
-    assert resolve_precision(build_config(["agent.precision=bf16", "preset=debug"])) == "bf16"
-    assert resolve_precision(build_config(["accelerator.precision=fp16", "preset=debug"])) == "fp16"
+    assert config.accelerator.precision == "auto" and resolve_precision(config) == "fp32"
+    for name in ("cpu", "ipu-sim"):
+        for precision in ("fp32", "fp16"):
+            config = build_config([f"accelerator={name}", f"accelerator.precision={precision}"])
+            assert resolve_precision(config) == precision
+    assert resolve_precision(build_config(["accelerator.precision=bf16", "preset=debug"])) == "bf16"
+    assert resolve_precision(build_config(["preset=debug"])) == "fp32"  # auto
     for args, words in (
-        (["accelerator=ipu-sim", "agent.precision=bf16"], "the IPU has no bf16"),
-        (["accelerator=ipu-sim", "accelerator.precision=fp16"], "ipu.precision"),
+        (["accelerator=ipu-sim", "accelerator.precision=bf16"], "the IPU has no bf16: use "),
         (["accelerator=ipu-sim", "agent.compile=true"], "agent.compile"),
-        (["accelerator.precision=fp16", "agent.precision=bf16"], "conflicts"),
         (["accelerator=ipu_sim", "preset=debug"], "did you mean .ipu-sim."),
         (["ipu.preset=ipu3"], "ipu.preset"),
     ):
         with pytest.raises(ConfigError, match=words):
             build_config(args)
+
+
+def test_ipu_sim_refuses_bf16_in_one_line():
+    for args in (
+        ["accelerator=ipu-sim", "accelerator.precision=bf16"],
+        {"accelerator": "ipu-sim", "accelerator.precision": "bf16"},  # an experiment file's
+    ):
+        with pytest.raises(ConfigError) as info:
+            build_config(args)
+        assert str(info.value) == (
+            "accelerator.precision=bf16 with accelerator=ipu-sim: the IPU has no bf16: use "
+            "accelerator.precision=fp16 or fp32"
+        )
+
+
+@pytest.mark.parametrize("precision", ["auto", "fp32", "fp16"])
+def test_ipu_sim_device_runs_the_accelerator_precision(precision):
+    """The simulated IPU's own precision comes from accelerator.precision (auto: fp32)."""
+    config = build_config(
+        ["accelerator=ipu-sim", f"accelerator.precision={precision}", "preset=debug"]
+    )
+    acc = make_accelerator(config)
+    expected = "fp32" if precision == "auto" else precision
+    assert acc.name == "ipu-sim" and acc.precision == expected
+    assert acc.half == (expected == "fp16") and (acc.scaler is not None) == acc.half
 
 
 def test_make_accelerator_kinds():

@@ -133,3 +133,127 @@ def test_script_args_follow_the_train_grammar():
         parse_script_args(["rep=3"], defaults)
     with pytest.raises(ConfigError, match="reps: expected int"):
         parse_script_args(["reps=many"], defaults)
+
+
+# --------------------------------------------------------------------------------------
+# One precision key: agent.precision and ipu.precision were removed
+# --------------------------------------------------------------------------------------
+
+REMOVED = {
+    "agent.precision=bf16": (
+        "agent.precision was removed: use accelerator.precision=bf16 (one key for every "
+        "accelerator)"
+    ),
+    "ipu.precision=fp16": (
+        "ipu.precision was removed: use accelerator.precision=fp16 (one key for every "
+        "accelerator; the IPU runs fp32 or fp16)"
+    ),
+}
+
+
+def _one_line_refusal(build) -> str:
+    with pytest.raises(ConfigError) as info:
+        build()
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("arg", list(REMOVED))
+def test_removed_precision_keys_are_refused_on_the_command_line(arg):
+    key, value = arg.split("=")
+    assert _one_line_refusal(lambda: parse_overrides(["preset=debug", arg])) == REMOVED[arg]
+    assert _one_line_refusal(lambda: build_config({key: value})) == REMOVED[arg]  # experiment
+    # A value that is no precision still names the key that replaces it.
+    assert "use accelerator.precision=fp32|bf16|fp16" in _one_line_refusal(
+        lambda: parse_overrides([f"{key}=x"])
+    )
+
+
+@pytest.mark.parametrize("arg", list(REMOVED))
+def test_removed_precision_keys_are_refused_in_a_preset(arg, tmp_path):
+    (section, name), value = arg.split("=")[0].split("."), arg.split("=")[1]
+    preset = tmp_path / "old.yaml"
+    preset.write_text(yaml.safe_dump({section: {name: value}}))
+    assert _one_line_refusal(lambda: build_config([f"preset=debug,{preset}"])) == REMOVED[arg]
+
+
+@pytest.mark.parametrize("arg", list(REMOVED))
+def test_train_refuses_removed_precision_keys_before_anything_else(arg, tmp_path, capsys):
+    """One line on stderr, exit 2, before resume= looks at the run (none exists here)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import train as train_script
+
+    for argv in ([arg, "preset=debug"], [f"resume={tmp_path / 'none'}", arg]):
+        assert train_script.main(argv) == 2
+        assert capsys.readouterr().err == f"error: {REMOVED[arg]}\n"
+
+
+def _old_run_config(*overrides: str, agent: str = "fp32", ipu: str = "fp32") -> dict:
+    """A config.yaml as a run saved it before the one precision key: agent.precision and
+    ipu.precision beside accelerator.precision."""
+    data = to_dict(build_config(["preset=debug", *overrides]))
+    data["agent"]["precision"] = agent
+    data["ipu"]["precision"] = ipu
+    return data
+
+
+def test_an_old_run_config_with_the_removed_keys_still_loads(tmp_path):
+    new = to_dict(build_config(["preset=debug"]))
+    old = _old_run_config()  # the defaults every old run saved: dropped silently
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(old, sort_keys=False))
+    assert to_dict(load_yaml(path)) == new
+    assert to_dict(build_config([], base=old)) == new  # a checkpoint manifest's config
+    assert "precision" not in to_dict(load_yaml(path))["agent"]
+    assert old["agent"]["precision"] == "fp32"  # the caller's dict is left as it was
+
+
+@pytest.mark.parametrize(
+    "overrides,agent,ipu,expected",
+    [
+        ((), "bf16", "fp32", "bf16"),  # auto was agent.precision: the run trained in bf16
+        (("accelerator=cuda",), "bf16", "fp16", "bf16"),  # ipu.precision ignored off ipu-sim
+        (("accelerator=cpu",), "fp32", "fp16", "auto"),
+        (("accelerator=ipu-sim",), "fp32", "fp16", "fp16"),  # ipu-sim ran ipu.precision
+        (("accelerator=ipu-sim",), "fp32", "fp32", "auto"),
+        (("accelerator.precision=fp16",), "fp32", "fp32", "fp16"),  # an explicit key stays
+    ],
+)
+def test_an_old_run_keeps_the_precision_it_trained_with(overrides, agent, ipu, expected):
+    old = _old_run_config(*overrides, agent=agent, ipu=ipu)
+    config = build_config(["run.steps=600"], base=old)
+    assert config.accelerator.precision == expected and config.run.steps == 600
+
+
+def test_an_old_run_with_the_removed_keys_resumes(tmp_path, capsys):
+    import sys
+    from pathlib import Path
+
+    from runtime.checkpoint import load_checkpoint
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import train as train_script
+
+    runs = {}
+    for name, agent in (("fp32", "fp32"), ("bf16", "bf16")):
+        run_dir = tmp_path / name
+        args = ["agent=random", "preset=debug", "env=gym:Pendulum-v1", f"run.dir={run_dir}"]
+        args += ["run.steps=40", "run.eval_episodes=0", "run.checkpoint_every=20"]
+        args += ["run.log_every=20", "logging.console=false", "logging.wandb=false"]
+        assert train_script.main(args) == 0, capsys.readouterr().err
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        config["agent"]["precision"], config["ipu"]["precision"] = agent, "fp32"
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        runs[name] = run_dir
+    for name, run_dir in runs.items():
+        assert train_script.main([f"resume={run_dir}", "run.steps=60"]) == 0, (
+            capsys.readouterr().err
+        )
+        assert load_checkpoint(run_dir).step == 60
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert "precision" not in saved["agent"] and "precision" not in saved["ipu"]
+        assert saved["accelerator"]["precision"] == ("auto" if name == "fp32" else "bf16")

@@ -305,7 +305,7 @@ def test_all_weight_layers_come_from_the_layer_factory():
     "overrides",
     [
         ("world_model.latent=gaussian",),
-        ("agent.precision=bf16",),
+        ("accelerator.precision=bf16",),
         ("agent.actor_grad=reinforce", "world_model.norm=rms", "world_model.initial=zero"),
     ],
 )

@@ -12,9 +12,9 @@ and the largest items in the error; pipeline placement with non-decreasing stage
 gradient accumulation >= the stages; block-sparse layers limited to the supported block sizes
 (1, 4, 8, 16; fp32 up to 8) with a fixed number of non-zeros.
 
-Emulated, opt-in (``numerics``; ``ipu.precision=fp16``): fp16 storage and autocast compute, loss
-scaling, stochastic rounding of fp32 -> fp16 casts (seeded; unbiased in expectation; a
-statistical emulation, not the hardware's bit stream).
+Emulated, opt-in (``numerics``; ``accelerator.precision=fp16``): fp16 storage and autocast
+compute, loss scaling, stochastic rounding of fp32 -> fp16 casts (seeded; unbiased in
+expectation; a statistical emulation, not the hardware's bit stream).
 
 Estimated (``cost``): a roofline time per op and per pipeline stage from the ops actually run,
 block-sparse FLOP savings at the layer density, pipeline fill/drain, Greedy InfoMax stages

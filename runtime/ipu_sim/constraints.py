@@ -236,7 +236,7 @@ def check_sparse_blocks(layers: Sequence[SparseLayer], preset: IPUPreset, half: 
             raise IPUConstraintError(
                 f"ipu-sim: sparse layer '{layer.name}' uses {layer.block}x{layer.block} blocks in "
                 f"fp32; fp32 block-sparse supports blocks up to {fp32_max}x{fp32_max}: set "
-                f"sparse.block={fp32_max} or ipu.precision=fp16"
+                f"sparse.block={fp32_max} or accelerator.precision=fp16"
             )
 
 

@@ -60,7 +60,10 @@ class IPUSimAccelerator(Accelerator):
         deterministic: bool = False,
     ) -> None:
         if precision not in ("fp32", "fp16"):
-            raise ValueError(f"ipu.precision: the IPU runs fp32 or fp16, got {precision!r}")
+            raise ValueError(
+                f"accelerator.precision: the IPU runs fp32 or fp16 (it has no bf16), got "
+                f"{precision!r}"
+            )
         super().__init__("cpu", precision, deterministic=deterministic)
         self.name = "ipu-sim"
         self.preset = get_preset(preset)
@@ -88,7 +91,7 @@ class IPUSimAccelerator(Accelerator):
         return cls(
             ipu.preset,
             ipu.num_ipus,
-            ipu.precision,
+            config.accelerator.resolved_precision,
             stochastic_rounding=ipu.stochastic_rounding,
             gradient_accumulation=ipu.gradient_accumulation,
             placement=ipu.placement,

@@ -135,7 +135,7 @@ class MemoryPlan:
             f"{fmt_bytes(budget)} = {p.tiles.value:.0f} tiles x {fmt_bytes(p.tile_memory.value)}"
             f" x {p.usable_memory.value:.2f} usable): needs {fmt_bytes(row['total'])} = {parts}; "
             f"largest items: {largest}. Fix: a larger ipu.preset, more ipu.num_ipus (pipeline "
-            f"stages), ipu.precision=fp16, sparse layers, or a smaller model"
+            f"stages), accelerator.precision=fp16, sparse layers, or a smaller model"
         )
 
 

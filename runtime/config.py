@@ -233,7 +233,7 @@ class IPUConfig:
 @dataclass
 class DistributedConfig:
     """Data-parallel training under ``torchrun`` (``runtime.distributed``). A plain
-    ``python scripts/train.py`` run (no ``WORLD_SIZE`` > 1 in the environment) ignores it."""
+    ``imagine-rl train`` run (no ``WORLD_SIZE`` > 1 in the environment) ignores it."""
 
     # auto: nccl when the accelerator is cuda, else gloo. gloo also moves cuda tensors (through
     # the host), which lets several ranks share one GPU.
@@ -277,7 +277,7 @@ class RunConfig:
     checkpoint_every: int = field(default=5000, metadata=at_least(1))
     keep_checkpoints: int = field(default=3, metadata=at_least(1))
     log_every: int = field(default=1000, metadata=at_least(1))
-    # Presets run one after another by `scripts/train.py`, each a whole run: this command's
+    # Presets run one after another by `imagine-rl train`, each a whole run: this command's
     # presets with the stage's appended, then the command line (every stage gets it). Stage i
     # starts from stage i-1's weights (init=); all but the last write to <run.dir>/<stage>/,
     # the last to run.dir. Re-running the command skips finished stages and resumes a

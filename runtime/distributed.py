@@ -159,7 +159,7 @@ def init_distributed(
     if missing:
         raise DistributedError(
             f"WORLD_SIZE={world_size} but {', '.join(missing)} unset: launch with torchrun "
-            "(e.g. torchrun --standalone --nproc_per_node=2 scripts/train.py ...)"
+            "(e.g. torchrun --standalone --nproc_per_node=2 --no-python imagine-rl train ...)"
         )
     backend = resolve_backend(backend, device_type)
     if device_type == "cuda":

@@ -4,7 +4,7 @@ over from one working session to the next.
 
 An experiment file (YAML)::
 
-    name: sparse-dreamer-pendulum          # results/<name>/, runs/experiments/<name>/
+    name: sparse-pendulum                   # results/<name>/, runs/experiments/<name>/
     description: what it asks               # optional
     base: {env: gym:Pendulum-v1, run.steps: 5000}       # overrides, as on the command line
     variants:                               # variant name -> its overrides (may be empty)
@@ -168,7 +168,7 @@ def load_experiment(
         raise ExperimentError(f"{path}: missing key(s) {', '.join(missing)}")
     name = spec["name"]
     if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
-        raise ExperimentError(f"{path}: name must be a folder name such as 'sparse-dreamer'")
+        raise ExperimentError(f"{path}: name must be a folder name such as 'sparse-pendulum'")
     seeds = spec["seeds"]
     if not isinstance(seeds, list) or not seeds:
         raise ExperimentError(f"{path}: seeds must be a non-empty list of integers, e.g. [0, 1, 2]")
@@ -421,13 +421,17 @@ def _lock(path: Path):
 
 def run_experiment(
     experiment: Experiment,
-    train_main: TrainMain,
+    train_main: TrainMain | None = None,
     workers: int | None = None,
     echo: Callable[[str], None] = print,
 ) -> int:
     """Run every unrecorded (variant, seed) of ``experiment`` in ``workers`` processes (default
-    the file's ``workers``), recording each as it finishes. Returns the number of runs that
-    failed (0 when all are recorded)."""
+    the file's ``workers``), recording each as it finishes. ``train_main``: ``(argv) -> exit
+    status`` run in each worker (a picklable module-level function: workers are spawned);
+    default ``runtime.run.train_main``. Returns the number of runs that failed (0 when all are
+    recorded)."""
+    if train_main is None:
+        from runtime.run import train_main
     workers = workers or experiment.workers
     source = git_commit()
     pending = [run for run in experiment.runs if run_state(run) != "recorded"]

@@ -1,6 +1,7 @@
 """Factories the training loop and the scripts build from a config (env and replay).
 
-The agent factory is not here: ``runtime`` never imports ``agents``; scripts pass it in.
+The agent factory is not here: ``runtime`` never imports ``agents``; ``runtime.run`` builds
+agents through ``runtime.registry``, other callers of ``runtime.loop.train`` pass their own.
 """
 
 from __future__ import annotations

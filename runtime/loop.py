@@ -378,7 +378,7 @@ class Trainer:
                     raise TrainingError(
                         f"cannot restore the replay of {checkpoint.path} ({error}); to go on "
                         "with its weights, optimizers and counters and an empty replay, resume "
-                        f"with `python scripts/train.py resume={self.run_dir} resume.replay=fresh`"
+                        f"with `imagine-rl train resume={self.run_dir} resume.replay=fresh`"
                     ) from error
         else:
             # The checkpoint holds rank 0's RNG and replay shard; other ranks draw afresh and
@@ -450,7 +450,7 @@ class Trainer:
             rank = f" on rank {self.ctx.rank}" if self.ctx.enabled else ""
             raise TrainingError(
                 f"env '{self.config.env.id}' crashed at env step {self.counters.env_steps}{rank} "
-                f"({error}); {saved}: resume with `python scripts/train.py resume={self.run_dir}`"
+                f"({error}); {saved}: resume with `imagine-rl train resume={self.run_dir}`"
             ) from error.__cause__
         # Recorded only once the env accepted the action, so replay and counters agree.
         self.replay.add(recorded.step)

@@ -42,9 +42,7 @@ def main(argv: list[str]) -> int:
             print("\n".join(harness.status_lines(experiment)))
             return 0
         if action == "run":
-            from scripts.train import main as train_main
-
-            failed = harness.run_experiment(experiment, train_main, workers=workers)
+            failed = harness.run_experiment(experiment, workers=workers)
             return 1 if failed else 0
         summary_path, png = harness.report(experiment)
     except harness.ExperimentError as error:

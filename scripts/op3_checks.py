@@ -162,7 +162,7 @@ def test_scenes(config, scenes: int, seed: int):
 def check_ari(args: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     import torch
 
-    from worldmodels.segmentation import foreground_ari
+    from runtime.metrics import foreground_ari
 
     config, loaded = _config(args, overrides)
     seed = args["seed"]

@@ -250,6 +250,7 @@ def test_a_corrupt_replay_chunk_is_refused_and_fresh_replay_goes_on(stopped_run,
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert chunk.name in lines[0] and "resume.replay=fresh" in lines[0]
+    assert f"`imagine-rl train resume={copy} resume.replay=fresh`" in lines[0]
     assert (copy / "checkpoints" / "step_400").is_dir()  # the checkpoint is still there
 
     fresh = run_script("train.py", f"resume={copy}", "resume.replay=fresh", "run.steps=600")

@@ -11,8 +11,8 @@ import yaml
 
 from runtime import experiment as harness
 from runtime.experiment import ExperimentError, load_experiment, run_experiment
+from runtime.run import train_main
 from scripts.experiment import main as experiment_main
-from scripts.train import main as train_main
 
 BASE = {
     "preset": "debug",
@@ -58,7 +58,8 @@ def test_runs_are_recorded_skipped_resumed_and_reported(tmp_path):
     assert harness.run_state(stopped) == "stopped at 150"
 
     lines: list[str] = []
-    assert run_experiment(experiment, train_main, echo=lines.append) == 0
+    # The workers' default train_main: runtime.run.train_main.
+    assert run_experiment(experiment, echo=lines.append) == 0
     assert lines[0] == "experiment tiny: 4 runs, 0 recorded, 4 to run on 2 worker(s)"
     assert len(lines) == 5 and all("updates/s" in line for line in lines[1:])
     for run in experiment.runs:

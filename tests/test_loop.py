@@ -204,7 +204,9 @@ def test_env_crash_saves_checkpoint_and_explains(tmp_path):
     config = small_config(tmp_path, "run.eval_episodes=0", "run.checkpoint_every=1000")
     with pytest.raises(TrainingError, match="crashed at env step") as info:
         Pieces(config, tmp_path, crash_at=30).run()
-    assert "resume" in str(info.value)
+    # The installed command, not a script path, says how to go on.
+    assert f"resume with `imagine-rl train resume={tmp_path}`" in str(info.value)
+    assert "scripts/" not in str(info.value)
     checkpoint = load_checkpoint(tmp_path)
     counters = checkpoint.train_state["counters"]
     # Saved at the last completed vector step: the crashing step is not counted or stored.

@@ -12,8 +12,8 @@ import torch
 import agents.op3 as op3_module
 from agents.op3 import OP3Agent, cem, matched_slot_distance, slot_distances
 from runtime.config import ConfigError, build_config
+from runtime.metrics import adjusted_rand_index, foreground_ari
 from worldmodels.layers import LayerFactory
-from worldmodels.segmentation import adjusted_rand_index, foreground_ari
 from worldmodels.slots import (
     MIN_SCALE,
     SlotDynamics,

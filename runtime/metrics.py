@@ -1,7 +1,10 @@
-"""Segmentation quality: the adjusted Rand index (ARI) between two labelings of each image.
+"""Evaluation metrics. Segmentation quality: the adjusted Rand index (ARI) between two
+labelings of each image.
 
 ``foreground_ari`` is the object-centric literature's FG-ARI: pixels whose true label is the
-background are left out, so a model is not rewarded for splitting the background.
+background are left out, so a model is not rewarded for splitting the background. It lives in
+the runtime (not beside the slot world models) because evaluating a checkpoint
+(``runtime.run.evaluate``) scores any agent with a ``segment`` method against an env's masks.
 """
 
 from __future__ import annotations

@@ -503,10 +503,9 @@ def run_experiment(
 
 def _run_line(record: Path, experiment: Experiment) -> str:
     values = run_metrics(read_record(record)[1], experiment.metric, experiment.threshold)
-    return (
-        f"final {values['final_return']:.1f}, best {values['best_return']:.1f}, "
-        f"{values['updates_per_second']:.2f} updates/s"
-    )
+    rate = values["updates_per_second"]
+    speed = f"{rate:.2f} updates/s" if rate is not None else "no updates"
+    return f"final {values['final_return']:.1f}, best {values['best_return']:.1f}, {speed}"
 
 
 def status_lines(experiment: Experiment) -> list[str]:

@@ -217,3 +217,12 @@ def test_a_second_run_of_the_same_experiment_is_refused(tmp_path):
             run_experiment(experiment, train_main, echo=lambda line: None)
     finally:
         held.close()
+
+
+def test_the_progress_line_of_a_run_without_updates(tmp_path):
+    """A baseline that never updates (agent=random with no learning) has no update rate."""
+    experiment = load(tmp_path, write(tmp_path))
+    record = tmp_path / "record.jsonl"
+    rows = [{"step": 1000, "eval/return_mean": -1250.0, "perf/wall_seconds": 20.0}]
+    record.write_text("\n".join(json.dumps(x) for x in [{"variant": "dense"}, *rows]) + "\n")
+    assert harness._run_line(record, experiment) == "final -1250.0, best -1250.0, no updates"

@@ -22,7 +22,7 @@ metrics come with ``log_metrics()`` and its state is saved under ``state_dict()[
 
 Contrastive slot dynamics (``op3.representation=reconstruction+cpc|cpc``; see
 ``worldmodels/slots.py``): ``loss/cpc`` weighted by ``op3.cpc_scale``; ``ranking_metrics``
-gives C-SWM's Hits@1 and MRR of predicted slots (``scripts/op3_checks.py check=hits``).
+gives C-SWM's Hits@1 and MRR of predicted slots (``scripts/dev/op3_checks.py check=hits``).
 
 Config: ``op3.*`` (``agents.op3_config.OP3Config``); presets ``op3`` (CPU sizes) and ``debug``.
 """
@@ -49,7 +49,7 @@ from worldmodels.layers import LayerFactory
 from worldmodels.slots import SlotSpec, SlotWorldModel, hungarian_order
 
 # ------------------------------------------------------------------------------------------
-# Planning pieces (used by the agent and by scripts/op3_checks.py)
+# Planning pieces (used by the agent and by scripts/dev/op3_checks.py)
 # ------------------------------------------------------------------------------------------
 
 

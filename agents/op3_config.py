@@ -32,7 +32,7 @@ class OP3Config(SlotSpec):
     cpc_scale: float = field(default=1.0, metadata=at_least(0))
     # Train only the dynamics: the perception (encoder, slot attention, decoder, background)
     # is frozen, e.g. after `train.py init=<run>` from a perception pretrained by
-    # `op3_checks.py check=ari save=<run>` (the two-stage recipe in the README).
+    # `scripts/dev/op3_checks.py check=ari save=<run>` (the two-stage recipe in the README).
     freeze_perception: bool = False
     lr: float = field(default=1e-3, metadata=at_least(0))
     # Linear learning-rate warm-up over this many updates (slot attention needs it).
@@ -126,5 +126,5 @@ def check_new_run(config, has_init_weights: bool) -> None:
         raise ConfigError(
             "op3.freeze_perception=true trains only the dynamics, on slots from a frozen "
             "perception: start from a trained one with init=<run dir> (e.g. from "
-            "`scripts/op3_checks.py check=ari save=<run dir>`; see README)"
+            "`scripts/dev/op3_checks.py check=ari save=<run dir>`; see README)"
         )

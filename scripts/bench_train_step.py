@@ -1,4 +1,7 @@
-"""Time the agent's training step: ``python scripts/bench_train_step.py preset=s env=dmc:cartpole-balance json=out.json``.
+"""Time the agent's training step: ``imagine-rl bench preset=s env=dmc:cartpole-balance json=out.json``.
+
+``imagine-rl bench`` runs this script (``python scripts/bench_train_step.py`` takes the same
+arguments).
 
 Takes the same ``key=value`` config overrides as ``train.py`` (``agent=dreamer`` is the
 default here), plus ``updates=`` (timed updates, default 10), ``warmup=`` (default 2) and
@@ -161,6 +164,10 @@ def main(argv: list[str]) -> int:
     from runtime import distributed
     from runtime.config import ConfigError
 
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(__doc__.rstrip())
+        print(f"\nbench keys: {', '.join(BENCH_KEYS)}; config keys: imagine-rl train --help")
+        return 0
     try:
         config, options = _parse(argv)
     except (ConfigError, ValueError) as error:

@@ -2,6 +2,9 @@
 
 Each command runs the ``main(argv)`` of its script with exactly that script's arguments, so
 ``imagine-rl train preset=debug`` is ``python scripts/train.py preset=debug``.
+
+The other benchmarks and the research checks are development tools, not commands: they live in
+``scripts/dev`` (not installed) and run from a checkout, ``python scripts/dev/<tool>.py``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ COMMANDS = {
     "evaluate": ("scripts.evaluate", "evaluate a checkpoint: returns, videos, success, ARI"),
     "plot": ("scripts.plot", "plot metrics.jsonl curves of runs, with reference curves"),
     "experiment": ("scripts.experiment", "run|status|report an experiment file (seeds x variants)"),
+    "bench": ("scripts.bench_train_step", "time the training step on this machine (json=)"),
 }
 
 

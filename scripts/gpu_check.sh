@@ -207,7 +207,7 @@ print({m: {k: round(r[m][k], 5) for k in ('seconds_per_update', 'host_syncs_per_
 # Most wanted first: what is skipped when the budget runs out is the end of this list.
 bench tiny_bf16 100 preset=dreamer_tiny accelerator.precision=bf16 act=true "${STATES[@]}"
 # OP3 planning step: on-device slot matching against scipy's host matching.
-step bench_planner 60 "$PYTHON" scripts/bench_planner.py "device=$ACCEL" \
+step bench_planner 60 "$PYTHON" scripts/dev/bench_planner.py "device=$ACCEL" \
   "populations=$POPULATIONS" repeats=5 json="$LOGS/bench_planner.json"
 result bench_planner $? 4
 bench tiny_bf16_pixels 100 preset=dreamer_tiny accelerator.precision=bf16 "${PIXELS[@]}"

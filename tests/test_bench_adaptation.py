@@ -1,4 +1,4 @@
-"""``scripts/bench_adaptation.py`` end to end under the ``debug`` preset (tiny numbers)."""
+"""``scripts/dev/bench_adaptation.py`` end to end under the ``debug`` preset (tiny numbers)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "scripts" / "dev"))
 
 import bench_adaptation  # noqa: E402
 

@@ -54,14 +54,33 @@ def test_installed_command_trains_evaluates_and_plots(tmp_path):
 
 def test_installed_command_lists_commands_and_refuses_unknown_ones():
     listing = run_command("--help")
-    for name in ("train", "evaluate", "plot", "experiment"):
+    for name in ("train", "evaluate", "plot", "experiment", "bench"):
         assert f"  {name}" in listing.stdout
     wrong = run_command("evalute", check=False)
     assert wrong.returncode == 2
     assert wrong.stderr.strip() == (
         "error: unknown command 'evalute': did you mean 'evaluate'? commands: train, evaluate, plot, "
-        "experiment"
+        "experiment, bench"
     )
+
+
+def test_bench_command_is_the_training_step_benchmark(tmp_path):
+    """``imagine-rl bench`` is ``scripts/bench_train_step.py`` with its arguments: its help, a
+    bad key refused in one line, and a tiny timed run writing the documented JSON."""
+    from scripts import bench_train_step, cli
+
+    assert cli.COMMANDS["bench"][0] == bench_train_step.__name__
+    shown = run_command("bench", "--help")
+    assert shown.stdout.startswith("Time the agent's training step")
+    assert "bench keys: updates, warmup, json" in shown.stdout
+    bad = run_command("bench", "preset=debug", "updates=0", check=False)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().startswith("error: updates must be >= 1")
+    out = tmp_path / "bench.json"
+    args = ["preset=debug", "env=gym:Pendulum-v1", "updates=1", "warmup=0", f"json={out}"]
+    run_command("bench", *args, "accelerator.threads=1", cwd=tmp_path)
+    result = json.loads(out.read_text())
+    assert result["updates_per_s"] > 0 and "mfu" in result
 
 
 def test_help_lists_sections_and_a_sections_keys():

@@ -23,7 +23,7 @@ from runtime.loop import evaluate_policy, train
 from runtime.replay import SequenceReplay, fill_with_random_policy
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "scripts" / "dev"))
 
 import bench_adaptation  # noqa: E402
 

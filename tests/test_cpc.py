@@ -537,7 +537,7 @@ def test_bench_gim_memory_script(tmp_path):
     result = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "scripts" / "bench_gim_memory.py"),
+            str(ROOT / "scripts" / "dev" / "bench_gim_memory.py"),
             "preset=dreamer_debug",
             "modules=2",
             "representations=cpc",
@@ -584,7 +584,7 @@ def test_cpc_checks_script_runs(tmp_path):
         result = subprocess.run(
             [
                 sys.executable,
-                str(ROOT / "scripts" / "cpc_checks.py"),
+                str(ROOT / "scripts" / "dev" / "cpc_checks.py"),
                 *args,
                 *common,
                 f"json={out}",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -359,7 +360,10 @@ def test_train_script_stops_with_the_budget_error_on_the_small_preset(tmp_path):
 
 
 def _ipu_report_main():
-    spec = importlib.util.spec_from_file_location("ipu_report", ROOT / "scripts" / "ipu_report.py")
+    dev = ROOT / "scripts" / "dev"
+    if str(dev) not in sys.path:  # the tool imports the harness beside it
+        sys.path.insert(0, str(dev))
+    spec = importlib.util.spec_from_file_location("ipu_report", dev / "ipu_report.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.main

@@ -636,7 +636,7 @@ def test_op3_checks_planning_and_sweep(tmp_path):
 
     run = tmp_path / "run"
     run_script(
-        "op3_checks.py",
+        "dev/op3_checks.py",
         "check=ari",
         "updates=2",
         "episodes=4",
@@ -647,7 +647,7 @@ def test_op3_checks_planning_and_sweep(tmp_path):
     )
     out = tmp_path / "plan.json"
     run_script(
-        "op3_checks.py",
+        "dev/op3_checks.py",
         "check=planning",
         f"checkpoint={run}",
         "planning_episodes=2",
@@ -663,7 +663,7 @@ def test_op3_checks_planning_and_sweep(tmp_path):
         assert len(result["successes"]) == 2 and result["seconds_per_step"] > 0
     out = tmp_path / "sweep.json"
     run_script(
-        "op3_checks.py",
+        "dev/op3_checks.py",
         "check=sweep",
         f"checkpoint={run}",
         "planning_episodes=1",
@@ -685,6 +685,6 @@ def test_op3_checks_planning_and_sweep(tmp_path):
         (["check=sweep", "grid=op3.keep_scale=0,1"], "pass checkpoint="),
         (["check=planning", "planners=orcle"], "planners: expected some of"),
     ]:
-        result = run_script("op3_checks.py", *bad, check=False)
+        result = run_script("dev/op3_checks.py", *bad, check=False)
         assert result.returncode == 2 and message in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1

@@ -1,6 +1,6 @@
 """Contrastive slot dynamics (``op3.representation=reconstruction+cpc|cpc``, C-SWM-style
 ``loss/cpc``) and C-SWM's ranking measures (``agents.op3.ranking_metrics``,
-``scripts/op3_checks.py check=hits``)."""
+``scripts/dev/op3_checks.py check=hits``)."""
 
 from __future__ import annotations
 
@@ -483,7 +483,7 @@ def test_op3_checks_hits_runs(tmp_path):
 
     out = tmp_path / "hits.json"
     run_script(
-        "op3_checks.py",
+        "dev/op3_checks.py",
         "check=hits",
         "test_episodes=3",
         "hits_steps=1,2",

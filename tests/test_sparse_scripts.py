@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def run(script: str, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / script), *args],
+        [sys.executable, str(ROOT / "scripts" / "dev" / script), *args],
         capture_output=True,
         text=True,
         env=env,

@@ -1,6 +1,6 @@
 """Adaptation speed of world models after one mechanism of the task changes.
 
-    python scripts/bench_adaptation.py env=dmc:cartpole-balance preset=dreamer_tiny,dreamer_cpu \\
+    python scripts/dev/bench_adaptation.py env=dmc:cartpole-balance preset=dreamer_tiny,dreamer_cpu \\
         intervention="body_mass:pole_1*2" models=dense,rigl,factored seeds=0,1,2 \\
         pretrain_updates=1000 adapt_updates=300 json=adaptation.json png=adaptation.png
 
@@ -40,13 +40,13 @@ Writes ``json`` (per model: every run's curves and areas, and mean/std over seed
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import harness
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
@@ -75,16 +75,10 @@ MODELS = ("dense", "rigl", "factored", "factored-fixed", "factored-dynamic", "fa
 
 def parse(argv: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(bench options, config overrides); raises ``ConfigError``/``ValueError``."""
-    from runtime.config import ConfigError, parse_overrides, parse_script_args
+    from runtime.config import ConfigError, parse_overrides
 
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        raise SystemExit(0)
-    overrides = parse_overrides(argv)
-    bench_argv = [a for a in argv if a.split("=", 1)[0].lstrip("+") in DEFAULTS]
-    options = parse_script_args(bench_argv, DEFAULTS)
-    for key in DEFAULTS:
-        overrides.pop(key, None)
+    options, rest = harness.parse_with_rest(argv, DEFAULTS, __doc__)
+    overrides = parse_overrides(rest)
     overrides.setdefault("agent", "dreamer")
     if "@" in options["intervention"]:
         raise ConfigError(
@@ -353,8 +347,7 @@ def main(argv: list[str]) -> int:
                 f"({options['context']} + {options['horizon']}): held-out windows hold both"
             )
     except (ConfigError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return harness.error(error)
     configure_threads(base.accelerator)
     ar = base.env.action_repeat
     total = options["pretrain_updates"] + options["adapt_updates"]
@@ -407,17 +400,14 @@ def main(argv: list[str]) -> int:
                     flush=True,
                 )
     except (ConfigError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return harness.error(error)
     for entry in result["models"].values():
         entry["summary"] = summarize(entry["runs"])
     result["config"] = to_dict(build_config(dict(overrides)))
-    path = Path(options["json"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
+    harness.write_json(options["json"], result)
     plot(result, Path(options["png"]))
     print_table(result)
-    print(f"wrote {path} and {options['png']}")
+    print(f"png: {options['png']}")
     return 0
 
 
@@ -458,6 +448,4 @@ def print_table(result: dict) -> None:
 
 
 if __name__ == "__main__":
-    from runtime.config import run_script
-
-    sys.exit(run_script(main, sys.argv[1:]))
+    harness.run(main)

@@ -1,6 +1,6 @@
 """Research checks of the OP3-like agent (scripts, not tests).
 
-``python scripts/op3_checks.py check=ari json=ari.json [minutes=25] [checkpoint=<dir>]``:
+``python scripts/dev/op3_checks.py check=ari json=ari.json [minutes=25] [checkpoint=<dir>]``:
 segmentation quality. Without ``checkpoint=``, the slot world model of ``preset=op3`` (plus
 any ``op3.<key>=value`` given here) is trained from scratch on single frames of random
 interactions with ``env=`` (``episodes`` episodes: the first frame, the goal image and
@@ -14,7 +14,7 @@ the trained agent as a checkpoint that ``evaluate.py`` and ``check=planning`` ac
 ``checkpoint=`` (a run directory or checkpoint of ``train.py agent=op3``) only the held-out
 ARI of that model is measured.
 
-``python scripts/op3_checks.py check=planning json=plan.json [checkpoint=<dir>]``: success
+``python scripts/dev/op3_checks.py check=planning json=plan.json [checkpoint=<dir>]``: success
 rate on ``env=`` (``blocks:push-3``) over ``episodes`` episodes (the same seeds for every
 planner) of three planners: ``random`` (uniform actions), ``oracle`` (CEM with the true
 simulator: every candidate is rolled out in a copy of the env restored with
@@ -27,13 +27,13 @@ later undone counts here, not in ``success_rate``), the final mean goal distance
 and ``seconds_per_step`` (acting and env step). ``env.terminate_on_success=true`` ends an
 episode on the step that reaches success (then the two rates agree).
 
-``python scripts/op3_checks.py check=sweep checkpoint=<dir>
+``python scripts/dev/op3_checks.py check=sweep checkpoint=<dir>
 grid='op3.cem_population=64,128;op3.keep_scale=0,1' json=sweep.json``: the learned planner of ``check=planning`` on
 the same ``planning_episodes`` episodes for every combination of the grid's ``op3.*`` /
 ``env.*`` values (on top of any overrides given directly); rows sorted by success rate, then
 final goal distance.
 
-``python scripts/op3_checks.py check=hits json=hits.json [checkpoint=<dir>]``: C-SWM's
+``python scripts/dev/op3_checks.py check=hits json=hits.json [checkpoint=<dir>]``: C-SWM's
 latent-space ranking measures (Kipf et al. 2020) on ``test_episodes`` held-out episodes of
 uniformly random actions with ``env=`` (seeds from 3,000,000 + ``seed``). From each episode's
 first frame the model predicts the slots ``k`` steps ahead open loop (``imagine`` with the
@@ -51,13 +51,12 @@ Common keys: ``json=``, ``seed=`` (0), ``threads=`` (1). See ``DEFAULTS``.
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import harness
 import numpy as np
 
 os.environ.setdefault("MUJOCO_GL", "egl")
@@ -517,12 +516,13 @@ def main(argv: list[str]) -> int:
     import torch
 
     from runtime.checkpoint import CheckpointError
-    from runtime.config import ConfigError, parse_script_args
+    from runtime.config import ConfigError
 
-    # op3.<key>=value (and env.<key>=value) go to the agent's config, the rest are ours.
-    overrides = [a for a in argv if a.split("=", 1)[0].startswith(("op3.", "env."))]
     try:
-        args = parse_script_args([a for a in argv if a not in overrides], DEFAULTS)
+        # op3.<key>=value (and env.<key>=value) go to the agent's config, the rest are ours.
+        args, overrides = harness.parse_with_rest(
+            argv, DEFAULTS, __doc__, ours=lambda key: not key.startswith(("op3.", "env."))
+        )
         if args["check"] not in CHECKS:
             raise ConfigError(f"check: expected one of {sorted(CHECKS)}, got {args['check']!r}")
         report_fn = CHECKS[args["check"]]
@@ -540,8 +540,7 @@ def main(argv: list[str]) -> int:
                 _config(args, [*overrides, *cell])
         _config(args, overrides)  # a bad key fails here, before any work
     except (ConfigError, CheckpointError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return harness.error(error)
     torch.set_num_threads(max(1, args["threads"]))
     start = time.perf_counter()
     report = report_fn(args, overrides)
@@ -549,13 +548,9 @@ def main(argv: list[str]) -> int:
     report["args"] = args
     report["overrides"] = overrides
     if args["json"]:
-        Path(args["json"]).parent.mkdir(parents=True, exist_ok=True)
-        Path(args["json"]).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"json: {args['json']}")
+        harness.write_json(args["json"], report)
     return 0
 
 
 if __name__ == "__main__":
-    from runtime.config import run_script
-
-    sys.exit(run_script(main, sys.argv[1:]))
+    harness.run(main)

@@ -1,4 +1,4 @@
-"""OP3 planning speed: ``python scripts/bench_planner.py [populations=64,128,256,512] [json=...]``.
+"""OP3 planning speed: ``python scripts/dev/bench_planner.py [populations=64,128,256,512] [json=...]``.
 
 Times one greedy planning step of the OP3 agent (``OP3Agent.plan``: CEM with
 ``op3.cem_iterations`` iterations over the slot world model of preset ``op3``, untrained
@@ -18,13 +18,12 @@ device (``cpu``; ``cuda`` on a GPU machine). Prints and, with ``json=<path>``, w
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Any
+
+import harness
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
@@ -60,15 +59,14 @@ def time_plan(agent, slots, goal, repeats: int, warmup: int) -> float:
 
 
 def main(argv: list[str]) -> int:
-    from runtime.config import ConfigError, parse_script_args
+    from runtime.config import ConfigError
 
     try:
-        args = parse_script_args(argv, DEFAULTS, doc=__doc__)
+        args = harness.parse(argv, DEFAULTS, __doc__)
         if min(args["populations"]) < 8:
             raise ConfigError(f"populations: expected values >= 8, got {args['populations']}")
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return harness.error(error)
     import gymnasium as gym
     import numpy as np
     import torch
@@ -123,13 +121,9 @@ def main(argv: list[str]) -> int:
         "rows": rows,
     }
     if args["json"]:
-        Path(args["json"]).parent.mkdir(parents=True, exist_ok=True)
-        Path(args["json"]).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"json: {args['json']}")
+        harness.write_json(args["json"], report)
     return 0
 
 
 if __name__ == "__main__":
-    from runtime.config import run_script
-
-    sys.exit(run_script(main, sys.argv[1:]))
+    harness.run(main)

@@ -1,6 +1,6 @@
 """Soak test: does a long training run stay bounded in memory and disk?
 
-    python scripts/soak.py minutes=60 every=60 json=runs/soak/soak.json \\
+    python scripts/dev/soak.py minutes=60 every=60 json=runs/soak/soak.json \\
         preset=dreamer_tiny env=dmc:cartpole-balance env.obs=pixels replay.capacity=20000
 
 Starts ``scripts/train.py`` with the given config overrides (``run.steps`` defaults to a value
@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+import harness
+
 DEFAULTS: dict[str, Any] = {"minutes": 60.0, "every": 60.0, "json": None, "threads": 1}
 TRAIN_DEFAULTS = {"run.steps": 10**9, "run.dir": "runs/soak"}
 
@@ -95,25 +96,22 @@ def replay_bytes_at_capacity(config: Any) -> int:
 
 
 def main(argv: list[str]) -> int:
-    from runtime.config import ConfigError, build_config, parse_overrides, parse_script_args
+    from runtime.config import ConfigError, build_config, parse_overrides
 
     try:
-        own = [a for a in argv if a.split("=", 1)[0] in DEFAULTS]
-        options = parse_script_args(own, DEFAULTS)
-        train_args = [a for a in argv if a not in own]
+        options, train_args = harness.parse_with_rest(argv, DEFAULTS, __doc__)
         given = parse_overrides(train_args)
         train_args += [f"{k}={v}" for k, v in TRAIN_DEFAULTS.items() if k not in given]
         import agents  # noqa: F401 - registers the agents the config names
 
         config = build_config(train_args)
     except (ConfigError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return harness.error(error)
     run_dir = Path(config.run.dir)
     out = Path(options["json"] or run_dir / "soak.json")
     capacity_bytes = replay_bytes_at_capacity(config)
     env = {**os.environ, "OMP_NUM_THREADS": str(options["threads"])}
-    command = [sys.executable, str(ROOT / "scripts" / "train.py"), *train_args]
+    command = [sys.executable, str(harness.ROOT / "scripts" / "train.py"), *train_args]
     print(" ".join(command), flush=True)
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     start = time.time()
@@ -153,13 +151,10 @@ def main(argv: list[str]) -> int:
         "samples": samples,
         "stderr_tail": stderr[-2000:],
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out} (exit code {process.returncode})")
+    harness.write_json(out, result)
+    print(f"exit code {process.returncode}")
     return 0 if process.returncode == 0 else 1
 
 
 if __name__ == "__main__":
-    from runtime.config import run_script
-
-    sys.exit(run_script(main, sys.argv[1:]))
+    harness.run(main)

@@ -1,4 +1,4 @@
-"""Pixel env throughput: ``python scripts/bench_render.py [envs=a,b] [size=64] [steps=300]``.
+"""Pixel env throughput: ``python scripts/dev/bench_render.py [envs=a,b] [size=64] [steps=300]``.
 
 For each env id: env steps per second of one ``envs.make_env(id, obs=pixels, size=size)`` (the
 full wrapper stack; every step renders) over ``steps`` steps of uniformly random actions after
@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from importlib.metadata import version
-from pathlib import Path
 from typing import Any
+
+import harness
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
@@ -51,13 +51,12 @@ def steps_per_second(env_id: str, size: int, steps: int, seed: int) -> tuple[flo
 
 
 def main(argv: list[str]) -> int:
-    from runtime.config import ConfigError, parse_script_args
+    from runtime.config import ConfigError
 
     try:
-        args = parse_script_args(argv, DEFAULTS, doc=__doc__)
+        args = harness.parse(argv, DEFAULTS, __doc__)
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return harness.error(error)
     result: dict[str, Any] = {"mujoco": version("mujoco"), "dm_control": version("dm-control")}
     for env_id in args["envs"]:
         wall, cpu = steps_per_second(env_id, args["size"], args["steps"], args["seed"])
@@ -65,11 +64,9 @@ def main(argv: list[str]) -> int:
         result[f"{env_id} per cpu second"] = round(cpu, 1)
     print(json.dumps(result))
     if args["json"]:
-        Path(args["json"]).write_text(json.dumps(result, indent=1))
+        harness.write_json(args["json"], result)
     return 0
 
 
 if __name__ == "__main__":
-    from runtime.config import run_script
-
-    sys.exit(run_script(main, sys.argv[1:]))
+    harness.run(main)

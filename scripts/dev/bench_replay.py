@@ -1,8 +1,8 @@
-"""Benchmark SequenceReplay: ``python scripts/bench_replay.py [key=value ...]``.
+"""Benchmark SequenceReplay: ``python scripts/dev/bench_replay.py [key=value ...]``.
 
 Example::
 
-    python scripts/bench_replay.py json=out.json capacity=100000 batch_size=16 batch_length=64 \
+    python scripts/dev/bench_replay.py json=out.json capacity=100000 batch_size=16 batch_length=64 \
         size=64
 
 Fills a replay with pixel steps (``uint8 [N, 3, size, size]`` plus state, action, reward and
@@ -17,13 +17,12 @@ Keys: ``capacity`` (steps, 100000), ``batch_size`` (16), ``batch_length`` (64), 
 
 from __future__ import annotations
 
-import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import harness
 import numpy as np
 
 DEFAULTS: dict[str, Any] = {
@@ -122,16 +121,15 @@ def bench(args: dict[str, Any], directory: Path | None, scratch: Path) -> dict[s
 
 
 def main(argv: list[str]) -> int:
-    from runtime.config import ConfigError, parse_script_args
+    from runtime.config import ConfigError
 
     try:
-        args = parse_script_args(argv, DEFAULTS)
+        args = harness.parse(argv, DEFAULTS, __doc__)
         for key in ("capacity", "batch_size", "batch_length", "size", "num_envs", "chunk_size"):
             if not isinstance(args[key], int) or args[key] < 1:
                 raise ConfigError(f"{key} must be a positive int, got {args[key]!r}")
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return harness.error(error)
 
     with tempfile.TemporaryDirectory(prefix="bench_replay-") as tmp:
         scratch = Path(tmp)
@@ -154,11 +152,9 @@ def main(argv: list[str]) -> int:
         f"load: {result['load_s'] * 1e3:.1f} ms"
     )
     if args["json"]:
-        Path(str(args["json"])).write_text(json.dumps(result, indent=2) + "\n")
+        harness.write_json(args["json"], result)
     return 0
 
 
 if __name__ == "__main__":
-    from runtime.config import run_script
-
-    sys.exit(run_script(main, sys.argv[1:]))
+    harness.run(main)

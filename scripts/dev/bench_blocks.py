@@ -1,8 +1,8 @@
-"""Blocks env throughput and random-policy baseline: ``python scripts/bench_blocks.py [key=value ...]``.
+"""Blocks env throughput and random-policy baseline: ``python scripts/dev/bench_blocks.py [key=value ...]``.
 
 Example::
 
-    OMP_NUM_THREADS=1 python scripts/bench_blocks.py env=blocks:push-3 episodes=200 \
+    OMP_NUM_THREADS=1 python scripts/dev/bench_blocks.py env=blocks:push-3 episodes=200 \
         json=runs/bench_blocks.json
 
 For each action mode (``modes``, default both): env steps per second of one
@@ -18,12 +18,10 @@ Keys: ``env`` (blocks:push-3), ``modes`` (pick_place,pusher), ``size`` (64), ``s
 
 from __future__ import annotations
 
-import json
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
+import harness
 import numpy as np
 
 DEFAULTS: dict[str, Any] = {
@@ -75,13 +73,12 @@ def bench_mode(env_id: str, mode: str, args: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    from runtime.config import ConfigError, parse_script_args
+    from runtime.config import ConfigError
 
     try:
-        args = parse_script_args(argv, DEFAULTS)
+        args = harness.parse(argv, DEFAULTS, __doc__)
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return harness.error(error)
     import envs
 
     envs.check_env_id(args["env"])
@@ -99,14 +96,11 @@ def main(argv: list[str]) -> int:
             f"over {result['episodes']} episodes of {result['episode_length']} steps"
         )
     if args["json"]:
-        out = Path(str(args["json"]))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"env": args["env"], "size": args["size"], "modes": results}))
-        print(f"json: {out}")
+        harness.write_json(
+            args["json"], {"env": args["env"], "size": args["size"], "modes": results}
+        )
     return 0
 
 
 if __name__ == "__main__":
-    from runtime.config import run_script
-
-    sys.exit(run_script(main, sys.argv[1:]))
+    harness.run(main)

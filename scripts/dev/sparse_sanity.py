@@ -1,7 +1,7 @@
 """Sanity check of sparse training: an MLP at 90% sparsity trained with RigL, SET and a static
 mask against the dense MLP, on a synthetic supervised task, over a few seeds.
 
-    python scripts/sparse_sanity.py [json=sparse_sanity.json] [seeds=3] [steps=3000]
+    python scripts/dev/sparse_sanity.py [json=sparse_sanity.json] [seeds=3] [steps=3000]
         [density=0.1] [hidden=256] [distribution=erk] [methods=dense,static,set,rigl]
 
 Task (generated, no download): inputs ``x ~ N(0, I_256)``, labels ``argmax`` of a fixed random
@@ -16,12 +16,10 @@ Runs on one CPU thread in about 2-3 minutes with the defaults.
 
 from __future__ import annotations
 
-import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
+import harness
 import torch
 from torch import nn
 
@@ -42,13 +40,10 @@ DEFAULTS = {
 
 
 def parse_args(argv: list[str]) -> dict:
-    from runtime.config import ConfigError, parse_script_args
+    from runtime.config import ConfigError
 
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        raise SystemExit(0)
     try:
-        return parse_script_args(argv, DEFAULTS)
+        return harness.parse(argv, DEFAULTS, __doc__)
     except ConfigError as error:
         raise SystemExit(f"sparse_sanity: {error}") from None
 
@@ -149,13 +144,9 @@ def main(argv: list[str]) -> dict:
         }
         print(f"{method:>6}: {summary[method]['mean']:.4f} +- {summary[method]['std']:.4f}")
     result = {"args": args, "summary": summary, "runs": runs}
-    path = Path(args["json"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
+    harness.write_json(args["json"], result)
     return result
 
 
 if __name__ == "__main__":
-    from runtime.config import run_script
-
-    sys.exit(run_script(main, sys.argv[1:]))
+    harness.run(main)

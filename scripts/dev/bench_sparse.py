@@ -1,6 +1,6 @@
 """Micro-benchmark: dense vs dense-masked vs the compressed fast path for square sparse layers.
 
-    python scripts/bench_sparse.py json=bench.json [sizes=256,512,1024,2048] [batches=2,500]
+    python scripts/dev/bench_sparse.py json=bench.json [sizes=256,512,1024,2048] [batches=2,500]
         [densities=0.5,0.2,0.1,0.05] [blocks=1,16] [threads=1] [reps=5]
 
 Writes a JSON list of rows, one per (size, batch, density, block):
@@ -17,13 +17,11 @@ measured) is recorded because the numbers are only meaningful on a quiet machine
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
+import harness
 import torch
 from torch import nn
 
@@ -42,14 +40,11 @@ DEFAULTS = {
 
 
 def parse_args(argv: list[str]) -> dict:
-    from runtime.config import ConfigError, parse_script_args
+    from runtime.config import ConfigError
 
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        raise SystemExit(0)
     aliases = {"size": "sizes", "batch": "batches", "density": "densities", "block": "blocks"}
     try:
-        return parse_script_args(argv, DEFAULTS, aliases)
+        return harness.parse(argv, DEFAULTS, __doc__, aliases)
     except ConfigError as error:
         raise SystemExit(f"bench_sparse: {error}") from None
 
@@ -139,13 +134,10 @@ def main(argv: list[str]) -> list[dict]:
                         f"(fwd+bwd ratio {row['fast_fwd_bwd_ratio']:.3f}, load {row['load_avg']})",
                         flush=True,
                     )
-                    path = Path(args["json"])
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    path.write_text(json.dumps(rows, indent=1))
+                    harness.write_json(args["json"], rows, quiet=True)
+    print(f"json: {args['json']}")
     return rows
 
 
 if __name__ == "__main__":
-    from runtime.config import run_script
-
-    sys.exit(run_script(main, sys.argv[1:]))
+    harness.run(main)

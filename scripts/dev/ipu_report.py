@@ -2,9 +2,9 @@
 
 Three ways::
 
-    python scripts/ipu_report.py run=runs/x                       # the report train.py saved
-    python scripts/ipu_report.py preset=debug ipu.preset=bow      # one Dreamer update, estimated
-    python scripts/ipu_report.py gim=true ipu.num_ipus=4          # a 4-module Greedy-InfoMax-style
+    python scripts/dev/ipu_report.py run=runs/x                       # the report train.py saved
+    python scripts/dev/ipu_report.py preset=debug ipu.preset=bow      # one Dreamer update, estimated
+    python scripts/dev/ipu_report.py gim=true ipu.num_ipus=4          # a 4-module Greedy-InfoMax-style
                                                                   # encoder, 1 IPU vs N pipelined
 
 ``run=<dir>`` reads ``<dir>/ipu_report.json`` (written by ``train.py`` with
@@ -24,11 +24,23 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
+
+import harness
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-SCRIPT_KEYS = ("run", "json", "constants", "updates", "gim", "gim.modules", "gim.micro_batches")
-SCRIPT_KEYS += ("gim.batch",)
+# This script's keys; every other key=value is a config override.
+DEFAULTS: dict[str, Any] = {
+    "run": None,
+    "json": None,
+    "constants": True,
+    "updates": 1,
+    "gim": False,
+    "gim.modules": 4,
+    "gim.micro_batches": 8,
+    "gim.batch": 16,
+}
 
 
 def _gim_stages(modules: int):
@@ -51,9 +63,7 @@ def _gim_report(config, args: dict) -> dict:
 
     from runtime.ipu_sim import estimate_pipeline
 
-    modules = int(args.get("gim.modules", 4))
-    micro = int(args.get("gim.micro_batches", 8))
-    batch = int(args.get("gim.batch", 16))
+    modules, micro, batch = args["gim.modules"], args["gim.micro_batches"], args["gim.batch"]
     ipu = config.ipu
     torch.manual_seed(config.seed)
     stages = _gim_stages(modules)
@@ -91,11 +101,9 @@ def main(argv: list[str]) -> int:
     from runtime.config import ConfigError, build_config, parse_overrides
 
     try:
-        args = parse_overrides(argv)
-        script = {k: args.pop(k) for k in SCRIPT_KEYS if k in args}
-        out_json = script.get("json")
-        constants = bool(script.get("constants", True))
-        if "run" in script:
+        script, rest = harness.parse_with_rest(argv, DEFAULTS, __doc__)
+        args = parse_overrides(rest)
+        if script["run"] is not None:
             path = Path(str(script["run"])) / "ipu_report.json"
             if not path.exists():
                 raise ConfigError(
@@ -109,26 +117,24 @@ def main(argv: list[str]) -> int:
             args.setdefault("agent", "dreamer")
             config = build_config(args)
     except (ConfigError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return harness.error(error)
 
     from runtime.accelerator import AcceleratorError
     from runtime.ipu_sim import format_report
 
     try:
-        if config is not None and script.get("gim"):
+        if config is not None and script["gim"]:
             report = _gim_report(config, script)
             _print_gim(report)
         else:
             if config is not None:
-                report = _dreamer_report(config, int(script.get("updates", 1)))
-            print(format_report(report, constants=constants))
+                report = _dreamer_report(config, script["updates"])
+            print(format_report(report, constants=script["constants"]))
     except AcceleratorError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    if out_json:
-        Path(str(out_json)).write_text(json.dumps(report, indent=2))
-        print(f"written: {out_json}")
+    if script["json"]:
+        harness.write_json(script["json"], report)
     return 0
 
 
@@ -159,6 +165,4 @@ def _dreamer_report(config, updates: int) -> dict:
 
 
 if __name__ == "__main__":
-    from runtime.config import run_script
-
-    sys.exit(run_script(main, sys.argv[1:]))
+    harness.run(main)

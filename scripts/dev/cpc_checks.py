@@ -1,4 +1,4 @@
-"""Research checks of the CPC pieces (scripts, not tests): ``python scripts/cpc_checks.py check=mi``.
+"""Research checks of the CPC pieces (scripts, not tests): ``python scripts/dev/cpc_checks.py check=mi``.
 
 ``check=mi``: InfoNCE on correlated Gaussians with known mutual information. ``x, y`` in
 ``R^dims`` with per-dimension correlation ``rho`` have ``I(x; y) = -dims/2 * log(1 - rho^2)``
@@ -42,14 +42,12 @@ Common keys: ``json=`` (output path), ``seed=`` (0), ``threads=`` (1). See ``DEF
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
+import harness
 import numpy as np
 
 os.environ.setdefault("MUJOCO_GL", "egl")
@@ -422,29 +420,25 @@ def check_probe(args: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str]) -> int:
     import torch
 
-    from runtime.config import ConfigError, parse_script_args
+    from runtime.config import ConfigError
 
     try:
-        args = parse_script_args(argv, DEFAULTS, doc=__doc__)
+        args = harness.parse(argv, DEFAULTS, __doc__)
         if args["check"] not in ("mi", "probe"):
             raise ConfigError(f"check: expected 'mi' or 'probe', got {args['check']!r}")
         if args["check"] == "probe":
             probe_env_config(args)  # a bad env setting fails here, before any work
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return harness.error(error)
     torch.set_num_threads(max(1, args["threads"]))
     start = time.perf_counter()
     report = check_mi(args) if args["check"] == "mi" else check_probe(args)
     report["wall_seconds"] = round(time.perf_counter() - start, 1)
     report["args"] = args
     if args["json"]:
-        Path(args["json"]).parent.mkdir(parents=True, exist_ok=True)
-        Path(args["json"]).write_text(json.dumps(report, indent=2) + "\n")
+        harness.write_json(args["json"], report)
     return 0
 
 
 if __name__ == "__main__":
-    from runtime.config import run_script
-
-    sys.exit(run_script(main, sys.argv[1:]))
+    harness.run(main)

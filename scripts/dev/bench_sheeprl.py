@@ -4,7 +4,7 @@ SheepRL is not a dependency of imagine-rl: run this in its own virtual environme
 
     python -m venv /tmp/sheeprl-venv
     /tmp/sheeprl-venv/bin/pip install torch==2.13.0 sheeprl==0.8.4
-    OMP_NUM_THREADS=2 /tmp/sheeprl-venv/bin/python scripts/bench_sheeprl.py \\
+    OMP_NUM_THREADS=2 /tmp/sheeprl-venv/bin/python scripts/dev/bench_sheeprl.py \\
         json=sheeprl.json updates=20 warmup=3 threads=2 -- \\
         exp=dreamer_v3 algo=dreamer_v3_XS env=gym env.id=CartPole-v1 ...
 
@@ -14,7 +14,10 @@ lets SheepRL collect its ``learning_starts`` steps and train as usual, then time
 calls after ``warmup`` untimed ones, counts the FLOPs of one more call with
 ``torch.utils.flop_counter`` (untimed), times a 2048x2048 matmul like ``bench_train_step.py``
 and writes ``{"updates_per_s", "seconds_per_update", "flops_per_update",
-"matmul_flops_per_s", "mfu", ...}`` to ``json=`` before ending the process.
+"matmul_flops_per_s", "mfu", ...}`` to ``json=`` before ending the process. ``threads=``
+sets torch's threads (0, the default: leave torch's own). The arguments go through
+``scripts/dev/harness.py``, which imports ``runtime.config`` from this checkout when
+imagine-rl is not installed in SheepRL's environment (it needs PyYAML and torch there).
 """
 
 from __future__ import annotations
@@ -24,6 +27,11 @@ import os
 import platform
 import sys
 import time
+
+import harness
+
+# This script's keys; everything after `--` goes to SheepRL.
+DEFAULTS = {"json": None, "updates": 20, "warmup": 3, "threads": 0}
 
 
 def _matmul_flops_per_s(size: int = 2048, seconds: float = 1.0) -> float:
@@ -40,20 +48,11 @@ def _matmul_flops_per_s(size: int = 2048, seconds: float = 1.0) -> float:
 
 
 def main(argv: list[str]) -> int:
-    if "--" in argv:
-        split = argv.index("--")
-        ours, theirs = argv[:split], argv[split + 1 :]
-    else:
-        ours, theirs = argv, []
-    args = dict(arg.split("=", 1) for arg in ours)
-    unknown = set(args) - {"json", "updates", "warmup", "threads"}
-    if unknown:
-        print(
-            f"error: unknown argument(s) {sorted(unknown)}; valid: json, updates, warmup, threads"
-        )
-        return 2
-    updates, warmup = int(args.get("updates", 20)), int(args.get("warmup", 3))
-    out_path = args.get("json")
+    try:
+        args, theirs = harness.parse_with_rest(argv, DEFAULTS, __doc__, ours=lambda key: True)
+    except ValueError as error:  # runtime.config.ConfigError
+        return harness.error(error)
+    updates, warmup = args["updates"], args["warmup"]
 
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -62,10 +61,11 @@ def main(argv: list[str]) -> int:
         from sheeprl.algos.dreamer_v3 import dreamer_v3
         from sheeprl.cli import run
     except ImportError as error:
-        print(f"error: sheeprl is not importable here ({error}); see this script's docstring")
-        return 2
-    if "threads" in args:
-        torch.set_num_threads(int(args["threads"]))
+        return harness.error(
+            f"sheeprl is not importable here ({error}); see this script's docstring"
+        )
+    if args["threads"] > 0:
+        torch.set_num_threads(args["threads"])
 
     original = dreamer_v3.train
     times: list[float] = []
@@ -94,9 +94,8 @@ def main(argv: list[str]) -> int:
                 "overrides": theirs,
             }
             print(json.dumps({k: v for k, v in result.items() if k != "seconds_per_update_all"}))
-            if out_path:
-                with open(out_path, "w") as f:
-                    json.dump(result, f, indent=2)
+            if args["json"]:
+                harness.write_json(args["json"], result)
             sys.stdout.flush()
             os._exit(0)  # SheepRL would go on training; the measurement is done
         start = time.perf_counter()
@@ -112,4 +111,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    harness.run(main)

@@ -1,6 +1,6 @@
 """Peak activation memory of one update, end-to-end vs Greedy InfoMax.
 
-``python scripts/bench_gim_memory.py modules=4 json=out.json [config overrides ...]``
+``python scripts/dev/bench_gim_memory.py modules=4 json=out.json [config overrides ...]``
 
 Builds a Dreamer agent on a synthetic pixel task (``3 x size x size`` images, a 1-d continuous
 action; no env needed) for every ``representation`` in ``representations=`` and
@@ -24,10 +24,9 @@ from __future__ import annotations
 
 import gc
 import json
-import sys
-from pathlib import Path
 from typing import Any
 
+import harness
 import numpy as np
 
 BENCH_DEFAULTS: dict[str, Any] = {
@@ -171,19 +170,16 @@ def measure(overrides: dict[str, Any], size: int, warmup: int) -> dict[str, Any]
 def main(argv: list[str]) -> int:
     import torch
 
-    from runtime.config import ConfigError, parse_overrides, parse_script_args
+    from runtime.config import ConfigError, parse_overrides
 
     try:
-        raw = parse_overrides(argv)
-        bench_argv = [a for a in argv if a.split("=", 1)[0].lstrip("+") in BENCH_DEFAULTS]
-        args = parse_script_args(bench_argv, BENCH_DEFAULTS)
-        overrides = {k: v for k, v in raw.items() if k not in BENCH_DEFAULTS}
+        args, rest = harness.parse_with_rest(argv, BENCH_DEFAULTS, __doc__)
+        overrides = parse_overrides(rest)
         overrides.setdefault("preset", "dreamer_tiny")
         overrides.setdefault("accelerator", "cpu")
         overrides.setdefault("agent", "dreamer")
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return harness.error(error)
     torch.set_num_threads(max(1, args["threads"]))
     runs = []
     try:
@@ -202,8 +198,7 @@ def main(argv: list[str]) -> int:
                     f"{result['update_peak_activation_mib']:.1f} MiB"
                 )
     except (ConfigError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return harness.error(error)
     ratios = {}
     for representation in args["representations"]:
         e2e, greedy = (r for r in runs if r["representation"] == representation)
@@ -213,12 +208,9 @@ def main(argv: list[str]) -> int:
     report = {"overrides": overrides, "modules": args["modules"], "runs": runs, "ratios": ratios}
     print("greedy / end-to-end peak:", json.dumps(ratios))
     if args["json"]:
-        Path(args["json"]).parent.mkdir(parents=True, exist_ok=True)
-        Path(args["json"]).write_text(json.dumps(report, indent=2) + "\n")
+        harness.write_json(args["json"], report)
     return 0
 
 
 if __name__ == "__main__":
-    from runtime.config import run_script
-
-    sys.exit(run_script(main, sys.argv[1:]))
+    harness.run(main)

@@ -51,17 +51,17 @@ import numpy as np
 import torch
 from torch import nn
 
-import sparse
-from agents import dreamer_config
-from agents.base import Agent, State
-from agents.dreamer_config import SPARSE_SKIP_DEFAULT
-from agents.sparsity import cached_masks, sparsify_model
-from runtime import distributed
-from runtime.accelerator import make_accelerator
-from runtime.config import Config
-from runtime.optimizers import LaProp
-from runtime.registry import AgentEntry, register_agent
-from worldmodels import (
+from imagine_rl import sparse
+from imagine_rl.agents import dreamer_config
+from imagine_rl.agents.base import Agent, State
+from imagine_rl.agents.dreamer_config import SPARSE_SKIP_DEFAULT
+from imagine_rl.agents.sparsity import cached_masks, sparsify_model
+from imagine_rl.runtime import distributed
+from imagine_rl.runtime.accelerator import make_accelerator
+from imagine_rl.runtime.config import Config
+from imagine_rl.runtime.optimizers import LaProp
+from imagine_rl.runtime.registry import AgentEntry, register_agent
+from imagine_rl.worldmodels import (
     Actor,
     Critic,
     LayerFactory,
@@ -74,9 +74,9 @@ from worldmodels import (
     preprocess_obs,
     replay_lambda_return,
 )
-from worldmodels.cpc import CPCSpec
-from worldmodels.factored import FactoredSpec
-from worldmodels.rssm import RSSMSettings
+from imagine_rl.worldmodels.cpc import CPCSpec
+from imagine_rl.worldmodels.factored import FactoredSpec
+from imagine_rl.worldmodels.rssm import RSSMSettings
 
 _FLAGS = ("is_first", "is_last", "is_terminal")
 

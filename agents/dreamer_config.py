@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from runtime.config import ConfigError, at_least
-from worldmodels.factored import FactoredSettings
-from worldmodels.rssm import RSSMSettings
+from imagine_rl.runtime.config import ConfigError, at_least
+from imagine_rl.worldmodels.factored import FactoredSettings
+from imagine_rl.worldmodels.rssm import RSSMSettings
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -208,7 +208,7 @@ def validate(config) -> None:
             f"world_model.classes: a categorical latent needs >= 2 classes, got {w.classes}"
         )
     if config.agent.name == "dreamer" and config.env.obs != "state":
-        from worldmodels.networks import image_sizes
+        from imagine_rl.worldmodels.networks import image_sizes
 
         sizes = image_sizes()
         if config.env.size not in sizes:

@@ -37,16 +37,16 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-import sparse
-from agents import op3_config
-from agents.base import Agent, State
-from agents.dreamer import planned_updates, sparse_skip
-from agents.sparsity import cached_masks, sparsify_model
-from runtime.accelerator import make_accelerator
-from runtime.config import Config
-from runtime.registry import AgentEntry, register_agent
-from worldmodels.layers import LayerFactory
-from worldmodels.slots import SlotSpec, SlotWorldModel, hungarian_order
+from imagine_rl import sparse
+from imagine_rl.agents import op3_config
+from imagine_rl.agents.base import Agent, State
+from imagine_rl.agents.dreamer import planned_updates, sparse_skip
+from imagine_rl.agents.sparsity import cached_masks, sparsify_model
+from imagine_rl.runtime.accelerator import make_accelerator
+from imagine_rl.runtime.config import Config
+from imagine_rl.runtime.registry import AgentEntry, register_agent
+from imagine_rl.worldmodels.layers import LayerFactory
+from imagine_rl.worldmodels.slots import SlotSpec, SlotWorldModel, hungarian_order
 
 # ------------------------------------------------------------------------------------------
 # Planning pieces (used by the agent and by scripts/dev/op3_checks.py)

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runtime.config import ConfigError, at_least
-from worldmodels.slots import SlotSpec
+from imagine_rl.runtime.config import ConfigError, at_least
+from imagine_rl.worldmodels.slots import SlotSpec
 
 NAME = "op3"
 PRESET_DIR = Path(__file__).parent / "presets"

@@ -8,8 +8,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from agents.base import Agent, State
-from runtime.registry import AgentEntry, register_agent
+from imagine_rl.agents.base import Agent, State
+from imagine_rl.runtime.registry import AgentEntry, register_agent
 
 
 class RandomAgent(Agent):

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import gymnasium as gym
 
-from agents import dreamer, op3, random_agent
-from agents.base import Agent
-from runtime.config import Config
-from runtime.registry import AgentEntry, agent_entry, agent_names, register_agent
+from imagine_rl.agents import dreamer, op3, random_agent
+from imagine_rl.agents.base import Agent
+from imagine_rl.runtime.config import Config
+from imagine_rl.runtime.registry import AgentEntry, agent_entry, agent_names, register_agent
 
 BUILTIN = (dreamer.ENTRY, op3.ENTRY, random_agent.ENTRY)
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-import sparse
+from imagine_rl import sparse
 
 
 def sparsify_model(

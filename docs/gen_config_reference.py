@@ -15,6 +15,7 @@ import importlib
 import re
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import yaml
@@ -26,17 +27,18 @@ KEY_LINE = re.compile(r"^  (?P<key>[A-Za-z_][\w.]*) \((?P<type>.*)\) = (?P<defau
 
 
 def _config_module():
-    """``runtime.config`` under the package's import name (``imagine_rl.runtime`` once the
-    package is one namespace, plain ``runtime`` from a checkout before that)."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    for name in ("imagine_rl.runtime.config", "runtime.config"):
-        try:
-            return importlib.import_module(name)
-        except ModuleNotFoundError as error:
-            if error.name is None or not name.startswith(error.name):
-                raise
-    raise ModuleNotFoundError("neither imagine_rl.runtime.config nor runtime.config imports")
+    """``imagine_rl.runtime.config``, installed (``pip install -e .``) or, when it is not, from
+    this checkout: its folders are imagine_rl's subpackages (pyproject.toml's package-dir), so
+    a namespace ``imagine_rl`` whose path is the checkout finds them."""
+    try:
+        return importlib.import_module("imagine_rl.runtime.config")
+    except ModuleNotFoundError as error:
+        if error.name != "imagine_rl":
+            raise
+    package = types.ModuleType("imagine_rl")
+    package.__path__ = [str(ROOT)]
+    sys.modules["imagine_rl"] = package
+    return importlib.import_module("imagine_rl.runtime.config")
 
 
 def _markdown(text: str) -> str:

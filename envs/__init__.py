@@ -57,7 +57,7 @@ def _rebind_mujoco_gl() -> None:
     except Exception as e:  # noqa: BLE001 - best effort; only a warning is lost
         _warnings.warn(
             f"envs: mujoco was imported before envs and its GL backend could not be switched "
-            f"to MUJOCO_GL={_os.environ['MUJOCO_GL']} ({e!r}); import envs first",
+            f"to MUJOCO_GL={_os.environ['MUJOCO_GL']} ({e!r}); import imagine_rl.envs first",
             stacklevel=3,
         )
 
@@ -66,10 +66,10 @@ _configure_mujoco_gl()
 # pygame (gymnasium's classic-control renderer) needs no window for rgb_array frames.
 _os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
 
-from envs.blocks import BlocksEnv  # noqa: E402
-from envs.dmc import DMCEnv  # noqa: E402
-from envs.make import OBS_MODES, make_env, make_vector_env  # noqa: E402
-from envs.registry import UnknownEnvError, check_env_id, list_env_ids, parse_env_id  # noqa: E402
+from imagine_rl.envs.blocks import BlocksEnv  # noqa: E402
+from imagine_rl.envs.dmc import DMCEnv  # noqa: E402
+from imagine_rl.envs.make import OBS_MODES, make_env, make_vector_env  # noqa: E402
+from imagine_rl.envs.registry import UnknownEnvError, check_env_id, list_env_ids, parse_env_id  # noqa: E402
 
 __all__ = [
     "OBS_MODES",

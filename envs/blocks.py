@@ -33,7 +33,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from envs.rendering import RENDER_QUALITIES, MujocoFrameRenderer
+from imagine_rl.envs.rendering import RENDER_QUALITIES, MujocoFrameRenderer
 
 BLOCKS_TASKS: tuple[str, ...] = ("push", "stack")
 BLOCKS_ACTIONS: tuple[str, ...] = ("pick_place", "pusher")

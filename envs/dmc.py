@@ -7,8 +7,8 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from envs.distractors import DistractorVideo, composite
-from envs.rendering import RENDER_QUALITIES, MujocoFrameRenderer
+from imagine_rl.envs.distractors import DistractorVideo, composite
+from imagine_rl.envs.rendering import RENDER_QUALITIES, MujocoFrameRenderer
 
 
 def default_camera(domain: str) -> int:

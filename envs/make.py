@@ -9,11 +9,11 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from envs.blocks import BLOCKS_ACTIONS, DEFAULT_TIME_LIMITS, BlocksEnv, parse_blocks_name
-from envs.dmc import DMCEnv
-from envs.registry import parse_env_id, split_dmc_name
-from envs.rendering import RENDER_QUALITIES
-from envs.wrappers import (
+from imagine_rl.envs.blocks import BLOCKS_ACTIONS, DEFAULT_TIME_LIMITS, BlocksEnv, parse_blocks_name
+from imagine_rl.envs.dmc import DMCEnv
+from imagine_rl.envs.registry import parse_env_id, split_dmc_name
+from imagine_rl.envs.rendering import RENDER_QUALITIES
+from imagine_rl.envs.wrappers import (
     ActionRepeat,
     DictObservation,
     GoalObservation,
@@ -173,7 +173,7 @@ def make_env(
             raise ValueError(f"camera is only supported for MuJoCo envs, not {env_id!r}")
         env = gym.make(name, **kwargs)
         if mujoco_env and render_quality == "fast":
-            from envs.rendering import configure_model
+            from imagine_rl.envs.rendering import configure_model
 
             configure_model(env.unwrapped.model, size, "fast")
         env = PhysicsErrorGuard(env)
@@ -182,7 +182,7 @@ def make_env(
     if action_repeat > 1:
         env = ActionRepeat(env, int(action_repeat))
     if intervention is not None:
-        from envs.interventions import Interventions
+        from imagine_rl.envs.interventions import Interventions
 
         # Counts env steps (frames) as the training loop does: action_repeat per agent step.
         env = Interventions(env, intervention, frames_per_step=int(action_repeat))

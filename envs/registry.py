@@ -12,7 +12,7 @@ import difflib
 from functools import cache
 from typing import Literal, NamedTuple
 
-from envs.blocks import blocks_names, parse_blocks_name
+from imagine_rl.envs.blocks import blocks_names, parse_blocks_name
 
 SUITES: tuple[str, ...] = ("gym", "dmc", "blocks")
 

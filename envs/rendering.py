@@ -88,7 +88,7 @@ class MujocoFrameRenderer:
             backend = os.environ.get("MUJOCO_GL", "<unset>")
             raise RuntimeError(
                 f"could not create a MuJoCo offscreen renderer with MUJOCO_GL={backend} ({e!r}). "
-                "Headless Linux needs libEGL (MUJOCO_GL=egl, default set by `import envs`) or "
+                "Headless Linux needs libEGL (MUJOCO_GL=egl, default set by `import imagine_rl.envs`) or "
                 "libOSMesa (MUJOCO_GL=osmesa); set MUJOCO_GL before anything imports mujoco."
             ) from e
         if quality == "fast":

@@ -7,7 +7,7 @@ from typing import Any, SupportsFloat
 import gymnasium as gym
 import numpy as np
 
-from envs.rendering import close_at_exit, disable_expensive_flags, resize_frame
+from imagine_rl.envs.rendering import close_at_exit, disable_expensive_flags, resize_frame
 
 
 class ActionRepeat(gym.Wrapper, gym.utils.RecordConstructorArgs):

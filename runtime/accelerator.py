@@ -24,11 +24,11 @@ from collections.abc import Callable
 
 import torch
 
-from runtime import distributed
-from runtime.accelerator_base import PRECISIONS, Accelerator, seed_everything
-from runtime.config import AcceleratorConfig, Config, ConfigError
-from runtime.errors import AcceleratorError
-from runtime.ipu_sim import IPUSimAccelerator
+from imagine_rl.runtime import distributed
+from imagine_rl.runtime.accelerator_base import PRECISIONS, Accelerator, seed_everything
+from imagine_rl.runtime.config import AcceleratorConfig, Config, ConfigError
+from imagine_rl.runtime.errors import AcceleratorError
+from imagine_rl.runtime.ipu_sim import IPUSimAccelerator
 
 
 def resolve_device(config: AcceleratorConfig) -> torch.device:

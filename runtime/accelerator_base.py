@@ -41,8 +41,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from runtime import distributed
-from runtime.config import ConfigError
+from imagine_rl.runtime import distributed
+from imagine_rl.runtime.config import ConfigError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 

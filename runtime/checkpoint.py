@@ -32,8 +32,8 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from runtime.config import to_dict
-from runtime.replay import SequenceReplay
+from imagine_rl.runtime.config import to_dict
+from imagine_rl.runtime.replay import SequenceReplay
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

@@ -25,9 +25,9 @@ from typing import Any, Literal
 
 import yaml
 
-import sparse
-from runtime import registry
-from sparse import SparseSettings
+from imagine_rl import sparse
+from imagine_rl.runtime import registry
+from imagine_rl.sparse import SparseSettings
 
 # Presets of the runtime's own sections (env, run); agents ship theirs (AgentEntry.preset_dir).
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -658,7 +658,7 @@ def validate(config: Config) -> Config:
                 f"{config.env.id!r}; set env.terminate_on_success=false or pick a blocks: task"
             )
     if config.env.intervention is not None:
-        from envs.interventions import parse_interventions
+        from imagine_rl.envs.interventions import parse_interventions
 
         try:
             parse_interventions(config.env.intervention)

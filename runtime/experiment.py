@@ -51,8 +51,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from runtime.checkpoint import list_checkpoints
-from runtime.config import ConfigError, build_config
+from imagine_rl.runtime.checkpoint import list_checkpoints
+from imagine_rl.runtime.config import ConfigError, build_config
 
 REQUIRED_KEYS = ("name", "base", "variants", "seeds")
 OPTIONAL_KEYS = ("description", "workers", "threshold", "metric", "reference")
@@ -196,7 +196,7 @@ def load_experiment(
             "obs: proprio|vision}}"
         )
     if reference is not None:
-        from runtime.reference import load_dreamerv3_curves
+        from imagine_rl.runtime.reference import load_dreamerv3_curves
 
         if load_dreamerv3_curves(str(reference["task"]), str(reference["obs"])) is None:
             raise ExperimentError(
@@ -431,7 +431,7 @@ def run_experiment(
     default ``runtime.run.train_main``. Returns the number of runs that failed (0 when all are
     recorded)."""
     if train_main is None:
-        from runtime.run import train_main
+        from imagine_rl.runtime.run import train_main
     workers = workers or experiment.workers
     source = git_commit()
     pending = [run for run in experiment.runs if run_state(run) != "recorded"]
@@ -683,7 +683,7 @@ def _plot_reference(ax: Any, reference: dict, xmax: int) -> None:
     """DreamerV3's published curve for the task (training episodes of its stochastic policy,
     per 8k-step window, mean over its seeds with the lowest and highest seed mean) within the
     runs' range, from the reference data shipped with the package."""
-    from runtime.reference import load_dreamerv3_curves
+    from imagine_rl.runtime.reference import load_dreamerv3_curves
 
     curve = load_dreamerv3_curves(reference["task"], reference["obs"])
     if curve is None:

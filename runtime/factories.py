@@ -13,9 +13,9 @@ from typing import Any
 
 import gymnasium as gym
 
-from runtime import distributed
-from runtime.config import Config, ConfigError
-from runtime.replay import SequenceReplay
+from imagine_rl.runtime import distributed
+from imagine_rl.runtime.config import Config, ConfigError
+from imagine_rl.runtime.replay import SequenceReplay
 
 ENV_MODES = ("train", "eval")
 
@@ -57,7 +57,7 @@ def make_env_factory(config: Config, video: bool | None = None, **overrides: Any
     ``asynchronous``, that a caller deliberately sets otherwise than the config, e.g.
     ``asynchronous=False`` for one throwaway env: the difference stays visible at the call.
     """
-    import envs
+    from imagine_rl import envs
 
     want_video = config.run.video if video is None else video
 
@@ -99,7 +99,7 @@ def make_single_env(
     video frames); ``overrides`` are ``envs.make_env`` keyword arguments a caller deliberately
     sets otherwise than the config.
     """
-    import envs
+    from imagine_rl import envs
 
     settings = {**_env_settings(config, mode, video=False), **overrides}
     with _env_setting_errors(config):

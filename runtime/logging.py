@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 import yaml
 
-from runtime.config import Config, to_dict
+from imagine_rl.runtime.config import Config, to_dict
 
 NAMESPACES = ("train/", "eval/", "loss/", "world_model/", "sparse/", "perf/")
 

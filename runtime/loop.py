@@ -34,12 +34,12 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from runtime import distributed
-from runtime.checkpoint import LoadedCheckpoint, save_checkpoint
-from runtime.collect import AgentPolicy, Collector, EnvStepError
-from runtime.config import Config, to_dict
-from runtime.logging import Logger
-from runtime.replay import ReplayError, SequenceReplay
+from imagine_rl.runtime import distributed
+from imagine_rl.runtime.checkpoint import LoadedCheckpoint, save_checkpoint
+from imagine_rl.runtime.collect import AgentPolicy, Collector, EnvStepError
+from imagine_rl.runtime.config import Config, to_dict
+from imagine_rl.runtime.logging import Logger
+from imagine_rl.runtime.replay import ReplayError, SequenceReplay
 
 EnvFactory = Callable[[str, int, int], gym.vector.VectorEnv]  # (mode, num_envs, seed)
 AgentFactory = Callable[[gym.spaces.Dict, gym.Space], Any]  # (obs space, action space)

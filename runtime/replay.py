@@ -60,8 +60,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from runtime.collect import Collector, RandomPolicy
-from runtime.config import ReplayConfig, ReplayFractions
+from imagine_rl.runtime.collect import Collector, RandomPolicy
+from imagine_rl.runtime.config import ReplayConfig, ReplayFractions
 
 FORMAT_VERSION = 1
 _FLAG_KEYS = ("is_first", "is_last", "is_terminal")

@@ -4,7 +4,7 @@ experiments harness and the tests all go through here; the commands only parse a
 
 ::
 
-    from runtime import run
+    from imagine_rl.runtime import run
 
     result = run.train({"preset": "debug", "env": "gym:Pendulum-v1", "run.dir": "runs/x"})
     result = run.train(["preset=debug", "run.dir=runs/x"])      # key=value strings, as typed
@@ -76,7 +76,7 @@ def train(
 
     Under ``torchrun`` every rank calls it with the same overrides; only rank 0 writes and
     prints. Returns a ``RunResult`` (see the module doc for its statuses)."""
-    from runtime.config import ConfigError, parse_overrides
+    from imagine_rl.runtime.config import ConfigError, parse_overrides
 
     # wandb's own console capture and prompts would block a headless run.
     os.environ.setdefault("WANDB_SILENT", "true")
@@ -148,7 +148,7 @@ def resume_allows(key: str) -> bool:
 
 def check_resume_overrides(overrides: Mapping[str, Any], run_dir: Path) -> None:
     """Refuse, in one line (``ConfigError``), an override that ``resume=`` cannot apply."""
-    from runtime.config import ConfigError
+    from imagine_rl.runtime.config import ConfigError
 
     refused = [key for key in overrides if not resume_allows(key)]
     if refused:
@@ -230,8 +230,14 @@ def plan_stages(config, overrides: Mapping[str, Any], init: Any, command: str) -
     own ``run.dir``. A stage that already has a checkpoint keeps the settings it was trained
     with: a change the command makes to one that ``resume=`` cannot change is refused.
     """
-    from runtime import registry
-    from runtime.config import ConfigError, build_config, load_yaml, stage_dir_name, to_dict
+    from imagine_rl.runtime import registry
+    from imagine_rl.runtime.config import (
+        ConfigError,
+        build_config,
+        load_yaml,
+        stage_dir_name,
+        to_dict,
+    )
 
     root = Path(config.run.dir)
     names = list(config.run.stages)
@@ -320,7 +326,7 @@ def plan_stages(config, overrides: Mapping[str, Any], init: Any, command: str) -
 def run_stages(stages: list[Stage]) -> RunResult:
     """Run the planned stages in order, each a whole run; stop at the first that fails or is
     stopped by a signal (its checkpoint is where the same command goes on)."""
-    from runtime import distributed
+    from imagine_rl.runtime import distributed
 
     main = _is_main_process()
     result = RunResult(0)
@@ -356,14 +362,14 @@ def run_stages(stages: list[Stage]) -> RunResult:
 def _run(overrides: dict[str, Any], command: str, stage: Stage | None = None) -> RunResult:
     """One training run from parsed overrides (``resume=`` and ``init=`` included), or, when
     the config has ``run.stages``, each of its stages through here again (``stage`` set)."""
-    from runtime import registry
-    from runtime.checkpoint import (
+    from imagine_rl.runtime import registry
+    from imagine_rl.runtime.checkpoint import (
         CheckpointError,
         is_weights_only,
         list_checkpoints,
         load_checkpoint,
     )
-    from runtime.config import ConfigError, build_config, load_yaml, to_dict
+    from imagine_rl.runtime.config import ConfigError, build_config, load_yaml, to_dict
 
     overrides = dict(overrides)
     stages = None
@@ -448,8 +454,8 @@ def _run(overrides: dict[str, Any], command: str, stage: Stage | None = None) ->
     if stages is not None:
         return run_stages(stages)
 
-    from runtime import distributed
-    from runtime.accelerator import resolve_device
+    from imagine_rl.runtime import distributed
+    from imagine_rl.runtime.accelerator import resolve_device
 
     try:
         device = resolve_device(config.accelerator)  # e.g. accelerator=cuda without a GPU
@@ -491,9 +497,9 @@ def _train(config, run_dir: Path, checkpoint, ctx, init_weights=None, stage=None
     ``init_weights`` (``init=``): the new agent starts from them, with fresh optimizers and
     counters. ``stage``: this run is that stage of a staged run (how to go on after a signal
     is its command)."""
-    from runtime import distributed
-    from runtime.accelerator import configure_threads, seed_everything
-    from runtime.factories import make_env_factory
+    from imagine_rl.runtime import distributed
+    from imagine_rl.runtime.accelerator import configure_threads, seed_everything
+    from imagine_rl.runtime.factories import make_env_factory
 
     where = f"rank {ctx.rank}: " if ctx.enabled else ""
     configure_threads(config.accelerator)
@@ -501,7 +507,7 @@ def _train(config, run_dir: Path, checkpoint, ctx, init_weights=None, stage=None
     seed_everything(distributed.rank_seed(config.seed, ctx.rank), config.accelerator.deterministic)
     make_env = make_env_factory(config)
     try:
-        import envs
+        from imagine_rl import envs
 
         envs.check_env_id(config.env.id)
         # Some settings are checked only when an env is built (camera, size, the body and
@@ -526,13 +532,13 @@ def _train(config, run_dir: Path, checkpoint, ctx, init_weights=None, stage=None
 
 def _train_locked(config, run_dir, checkpoint, ctx, make_env, init_weights, stage) -> RunResult:
     """``_train`` once the run directory is locked: config.yaml, logger, the loop, the report."""
-    from runtime import distributed, registry
-    from runtime.accelerator import AcceleratorError
-    from runtime.config import save_yaml
-    from runtime.factories import make_replay_factory
-    from runtime.logging import Logger, make_logger
-    from runtime.loop import TrainingError
-    from runtime.loop import train as train_loop
+    from imagine_rl.runtime import distributed, registry
+    from imagine_rl.runtime.accelerator import AcceleratorError
+    from imagine_rl.runtime.config import save_yaml
+    from imagine_rl.runtime.factories import make_replay_factory
+    from imagine_rl.runtime.logging import Logger, make_logger
+    from imagine_rl.runtime.loop import TrainingError
+    from imagine_rl.runtime.loop import train as train_loop
 
     main = ctx.is_main
     where = f"rank {ctx.rank}: " if ctx.enabled else ""
@@ -647,7 +653,7 @@ def _is_main_process() -> bool:
 
 def _newest_step(run_dir: Path) -> int | None:
     """The env step of the checkpoint a resume of ``run_dir`` would load; None without one."""
-    from runtime.checkpoint import list_checkpoints, load_checkpoint
+    from imagine_rl.runtime.checkpoint import list_checkpoints, load_checkpoint
 
     return load_checkpoint(run_dir).step if list_checkpoints(run_dir) else None
 
@@ -706,7 +712,7 @@ def _accelerator_report(agent, run_dir: Path) -> None:
         return
     import json
 
-    from runtime.ipu_sim import format_report
+    from imagine_rl.runtime.ipu_sim import format_report
 
     (run_dir / "ipu_report.json").write_text(json.dumps(report, indent=2))
     print("\n" + format_report(report, constants=False))
@@ -737,8 +743,8 @@ def rebuild_agent(
     ``obs_space``/``action_space``: one env's spaces; default: those of one eval env built from
     the config. Raises ``CheckpointError`` (the agent cannot be rebuilt or its weights do not
     fit) or ``ConfigError`` in one line."""
-    from runtime.checkpoint import LoadedCheckpoint, load_checkpoint
-    from runtime.config import build_config
+    from imagine_rl.runtime.checkpoint import LoadedCheckpoint, load_checkpoint
+    from imagine_rl.runtime.config import build_config
 
     loaded = (
         checkpoint
@@ -754,8 +760,8 @@ def rebuild_agent(
 
 
 def _eval_env(config, num_envs: int, seed: int, video: bool = False):
-    from runtime.config import ConfigError
-    from runtime.factories import make_env_factory
+    from imagine_rl.runtime.config import ConfigError
+    from imagine_rl.runtime.factories import make_env_factory
 
     try:
         return make_env_factory(config, video=video)("eval", num_envs, seed)
@@ -764,8 +770,8 @@ def _eval_env(config, num_envs: int, seed: int, video: bool = False):
 
 
 def _load_agent(loaded, config, obs_space, action_space):
-    from runtime import registry
-    from runtime.checkpoint import CheckpointError
+    from imagine_rl.runtime import registry
+    from imagine_rl.runtime.checkpoint import CheckpointError
 
     def refused(error: Exception) -> CheckpointError:
         return CheckpointError(
@@ -812,11 +818,11 @@ def evaluate(
     line for bad input; prints nothing."""
     import numpy as np
 
-    from runtime.accelerator import configure_threads, seed_everything
-    from runtime.checkpoint import load_checkpoint
-    from runtime.config import ConfigError, build_config
-    from runtime.logging import write_video
-    from runtime.loop import SuccessCounter, evaluate_policy
+    from imagine_rl.runtime.accelerator import configure_threads, seed_everything
+    from imagine_rl.runtime.checkpoint import load_checkpoint
+    from imagine_rl.runtime.config import ConfigError, build_config
+    from imagine_rl.runtime.logging import write_video
+    from imagine_rl.runtime.loop import SuccessCounter, evaluate_policy
 
     for key, value in (("episodes", episodes), ("num_envs", num_envs)):
         if value < 1:
@@ -870,7 +876,7 @@ def evaluate(
     if successes.outcomes:
         result["success_rate"] = successes.rate
     if seg_pixels and ari_frames > 0:
-        from runtime.metrics import foreground_ari
+        from imagine_rl.runtime.metrics import foreground_ari
 
         pixels = np.concatenate(seg_pixels)[:ari_frames]
         truth = np.concatenate(seg_masks)[:ari_frames]

@@ -69,8 +69,8 @@ def matmul_flops_per_s(device, dtype, size: int = 2048, seconds: float = 1.0) ->
 
 def _parse(argv: list[str]):
     """(config, bench options) from ``key=value`` arguments; raises ConfigError/ValueError."""
-    import envs
-    from runtime.config import build_config, parse_overrides
+    from imagine_rl import envs
+    from imagine_rl.runtime.config import build_config, parse_overrides
 
     args = parse_overrides(argv)
     bench = {k: args.pop(k) for k in BENCH_KEYS if k in args}
@@ -104,7 +104,7 @@ def _parse(argv: list[str]):
 def _training_env(config, seed: int):
     """One training env of ``config`` (its ``env`` settings, as ``train.py`` builds them), run
     in this process: a worker process would only slow a one-env fill."""
-    from runtime.factories import make_env_factory
+    from imagine_rl.runtime.factories import make_env_factory
 
     return make_env_factory(config, video=False, asynchronous=False)("train", 1, seed)
 
@@ -112,8 +112,8 @@ def _training_env(config, seed: int):
 def _agent_and_batches(config, count: int, seed: int):
     """A fresh agent and ``count`` replay batches of random-policy steps of the real env."""
 
-    import agents
-    from runtime.replay import SequenceReplay, fill_with_random_policy
+    from imagine_rl import agents
+    from imagine_rl.runtime.replay import SequenceReplay, fill_with_random_policy
 
     cfg = config.replay
     env = _training_env(config, seed)
@@ -161,8 +161,8 @@ def _write(result: dict, path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from runtime import distributed
-    from runtime.config import ConfigError
+    from imagine_rl.runtime import distributed
+    from imagine_rl.runtime.config import ConfigError
 
     if any(arg in ("-h", "--help") for arg in argv):
         print(__doc__.rstrip())
@@ -185,8 +185,8 @@ def _time_mode(config, batches: list, options, device) -> dict:
     included), steady seconds per update, aten ops and host syncs of one update."""
     import torch
 
-    import agents
-    from runtime.profiling import count_dispatch, count_profiled
+    from imagine_rl import agents
+    from imagine_rl.runtime.profiling import count_dispatch, count_profiled
 
     warmup = options["warmup"]
     agent = agents.make_agent(config, *_spaces(config))
@@ -307,7 +307,7 @@ def _act_seconds(config, device, env_counts=(1, 16), steps: int = 50) -> dict:
     import numpy as np
     import torch
 
-    import agents
+    from imagine_rl import agents
 
     space, action_space = _spaces(config)
     agent = agents.make_agent(config, space, action_space)
@@ -337,13 +337,13 @@ def _single_main(config, options) -> int:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from runtime.accelerator import (
+    from imagine_rl.runtime.accelerator import (
         configure_threads,
         resolve_device,
         resolve_precision,
         seed_everything,
     )
-    from runtime.config import to_dict
+    from imagine_rl.runtime.config import to_dict
 
     configure_threads(config.accelerator)
     device = resolve_device(config.accelerator)
@@ -473,9 +473,9 @@ def _rank_main(config, options) -> int:
     """One rank of a data-parallel benchmark (see the module docstring)."""
     import torch
 
-    from runtime import distributed
-    from runtime.accelerator import configure_threads, resolve_device, seed_everything
-    from runtime.config import to_dict
+    from imagine_rl.runtime import distributed
+    from imagine_rl.runtime.accelerator import configure_threads, resolve_device, seed_everything
+    from imagine_rl.runtime.config import to_dict
 
     configure_threads(config.accelerator)
     device = resolve_device(config.accelerator)
@@ -572,7 +572,7 @@ def _rank_main(config, options) -> int:
 
 def _gather_floats(value: float) -> list[float]:
     """``value`` of every rank, in rank order (a sum of one-hot slots on the control group)."""
-    from runtime import distributed
+    from imagine_rl.runtime import distributed
 
     ctx = distributed.context()
     slots = [0.0] * ctx.world_size
@@ -581,6 +581,6 @@ def _gather_floats(value: float) -> list[float]:
 
 
 if __name__ == "__main__":
-    from runtime.config import run_script
+    from imagine_rl.runtime.config import run_script
 
     sys.exit(run_script(main, sys.argv[1:]))

@@ -15,11 +15,23 @@ import sys
 
 # command -> (module, one-line description)
 COMMANDS = {
-    "train": ("scripts.train", "train an agent (resume=, init=; --help [section] lists keys)"),
-    "evaluate": ("scripts.evaluate", "evaluate a checkpoint: returns, videos, success, ARI"),
-    "plot": ("scripts.plot", "plot metrics.jsonl curves of runs, with reference curves"),
-    "experiment": ("scripts.experiment", "run|status|report an experiment file (seeds x variants)"),
-    "bench": ("scripts.bench_train_step", "time the training step on this machine (json=)"),
+    "train": (
+        "imagine_rl.scripts.train",
+        "train an agent (resume=, init=; --help [section] lists keys)",
+    ),
+    "evaluate": (
+        "imagine_rl.scripts.evaluate",
+        "evaluate a checkpoint: returns, videos, success, ARI",
+    ),
+    "plot": ("imagine_rl.scripts.plot", "plot metrics.jsonl curves of runs, with reference curves"),
+    "experiment": (
+        "imagine_rl.scripts.experiment",
+        "run|status|report an experiment file (seeds x variants)",
+    ),
+    "bench": (
+        "imagine_rl.scripts.bench_train_step",
+        "time the training step on this machine (json=)",
+    ),
 }
 
 
@@ -45,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    from runtime.config import run_script
+    from imagine_rl.runtime.config import run_script
 
     module = importlib.import_module(COMMANDS[command][0])
     return run_script(module.main, rest)

@@ -42,16 +42,16 @@ DEFAULTS: dict[str, Any] = {
 
 
 def main(argv: list[str]) -> int:
-    from runtime.checkpoint import CheckpointError
-    from runtime.config import ConfigError, parse_script_args
+    from imagine_rl.runtime.checkpoint import CheckpointError
+    from imagine_rl.runtime.config import ConfigError, parse_script_args
 
     try:
         args = parse_script_args(argv, DEFAULTS, doc=__doc__)
         if args["checkpoint"] is None:
             raise ConfigError("missing checkpoint=<checkpoint dir or run dir>")
         out = args.pop("json")
-        import agents  # noqa: F401 (the built-in agents, also without an installed entry point)
-        from runtime import run
+        from imagine_rl import agents  # noqa: F401 (the built-in agents, also without an installed entry point)
+        from imagine_rl.runtime import run
 
         result = run.evaluate(**args)
     except (ConfigError, CheckpointError, ValueError) as error:
@@ -76,6 +76,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from runtime.config import run_script
+    from imagine_rl.runtime.config import run_script
 
     sys.exit(run_script(main, sys.argv[1:]))

@@ -33,8 +33,8 @@ def main(argv: list[str]) -> int:
             return 2
         workers = int(value)
 
-    import agents  # noqa: F401 (registers the built-in agents)
-    from runtime import experiment as harness
+    from imagine_rl import agents  # noqa: F401 (registers the built-in agents)
+    from imagine_rl.runtime import experiment as harness
 
     try:
         experiment = harness.load_experiment(path)
@@ -57,6 +57,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from runtime.config import run_script
+    from imagine_rl.runtime.config import run_script
 
     sys.exit(run_script(main, sys.argv[1:]))

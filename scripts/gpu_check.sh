@@ -93,9 +93,9 @@ if ! ls "$WHEELS"/*.whl >/dev/null 2>&1; then
   exit 2
 fi
 note "wheels: $(ls "$WHEELS"/*.whl | wc -l) in $WHEELS, $(du -cb "$WHEELS"/*.whl | tail -1 | cut -f1) bytes"
-# The project from a copy (its build writes build/ and *.egg-info beside the sources), with no
-# dependencies: its metadata carries the agents' entry point. PYTHONPATH puts the working
-# tree first, so the code that runs is the tree's.
+# The project from a copy of the working tree (its build writes build/ and *.egg-info beside
+# the sources), with no dependencies: the package imagine_rl, and its metadata carries the
+# agents' entry point.
 mkdir -p "$WORK/src"
 cp -r pyproject.toml README.md agents envs runtime scripts sparse worldmodels "$WORK/src/"
 if ! step install 120 "$PYTHON" -m pip install --no-index --no-deps --no-compile --no-cache-dir \
@@ -107,9 +107,13 @@ if ! step install 120 "$PYTHON" -m pip install --no-index --no-deps --no-compile
 fi
 if ! step install_project 120 "$PYTHON" -m pip install --no-index --no-deps --no-build-isolation \
   --no-cache-dir --target "$SITE" "$WORK/src"; then
-  # No usable setuptools there: the metadata alone (the agents' entry point) is what the
-  # sources on PYTHONPATH need.
-  note "install_project failed ($(tail -1 "$LOGS/install_project.log")); writing its metadata"
+  # No usable setuptools there: the package as links to the tree's folders (pyproject's
+  # package-dir: imagine_rl.<folder> is <folder>/) and its metadata (the agents' entry point).
+  note "install_project failed ($(tail -1 "$LOGS/install_project.log")); linking the sources"
+  mkdir -p "$SITE/imagine_rl"
+  for folder in agents envs runtime scripts sparse worldmodels; do
+    ln -sfn "$REPO/$folder" "$SITE/imagine_rl/$folder"
+  done
   "$PYTHON" - "$SITE" <<'EOF' 2>&1 | tee -a "$LOGS/summary.txt"
 import pathlib
 import sys
@@ -131,7 +135,7 @@ EOF
   unset 'FAILED[-1]' # the metadata stands in for the install
 fi
 note "installed into a --target folder with pip --no-index in ${SECONDS}s"
-export PYTHONPATH=$REPO:$SITE${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 cd "$REPO"
 
 nvidia-smi >"$LOGS/nvidia-smi.txt" 2>&1 || note "nvidia-smi: not available"
@@ -170,9 +174,8 @@ class Block(importlib.abc.MetaPathFinder):
 
 
 sys.meta_path.insert(0, Block())
-sys.path.insert(0, "scripts")
-import bench_train_step as bench  # noqa: E402
-from runtime.config import build_config  # noqa: E402
+from imagine_rl.scripts import bench_train_step as bench  # noqa: E402
+from imagine_rl.runtime.config import build_config  # noqa: E402
 
 for env in (["env=gym:Pendulum-v1"], ["env=blocks:push-2", "env.obs=pixels"]):
     config = build_config(["agent=dreamer", "preset=dreamer_tiny", f"accelerator={sys.argv[1]}",
@@ -221,12 +224,11 @@ step kernel_share 90 "$PYTHON" - "$ACCEL" "agent.compile=$([ "$COMPILE" = false 
 import sys
 import time
 
-sys.path.insert(0, "scripts")
-import bench_train_step as bench  # noqa: E402
+from imagine_rl.scripts import bench_train_step as bench  # noqa: E402
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from runtime.config import build_config  # noqa: E402
+from imagine_rl.runtime.config import build_config  # noqa: E402
 
 accel = sys.argv[1]
 config = build_config(["agent=dreamer", "preset=xs", "env=gym:Pendulum-v1",

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from runtime import reference
+from imagine_rl.runtime import reference
 
 # Config keys that may differ between the seeds of one config.
 SEED_KEYS = (("seed",), ("run", "dir"))
@@ -54,7 +54,7 @@ def read_curve(run_dir: Path, metric: str) -> tuple[list[int], list[float]]:
 
 def run_info(run_dir: Path) -> dict:
     """The run's saved config in today's keys (an older run groups with a newer one)."""
-    from runtime.config import upgrade_saved_config
+    from imagine_rl.runtime.config import upgrade_saved_config
 
     path = run_dir / "config.yaml"
     info = yaml.safe_load(path.read_text()) if path.exists() else {}
@@ -318,6 +318,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from runtime.config import run_script
+    from imagine_rl.runtime.config import run_script
 
     sys.exit(run_script(main, sys.argv[1:]))

@@ -38,9 +38,9 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 
 def main(argv: list[str]) -> int:
-    import agents  # noqa: F401 (the built-in agents, also without an installed entry point)
-    from runtime import run
-    from runtime.config import ConfigError, describe
+    from imagine_rl import agents  # noqa: F401 (the built-in agents, also without an installed entry point)
+    from imagine_rl.runtime import run
+    from imagine_rl.runtime.config import ConfigError, describe
 
     flags = [i for i, arg in enumerate(argv) if arg in ("-h", "--help")]
     if flags:
@@ -59,6 +59,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from runtime.config import run_script
+    from imagine_rl.runtime.config import run_script
 
     sys.exit(run_script(main, sys.argv[1:]))

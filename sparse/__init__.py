@@ -2,7 +2,7 @@
 
 Usage::
 
-    from sparse import SparseConfig, sparsify
+    from imagine_rl.sparse import SparseConfig, sparsify
 
     model = build_model()
     cfg = SparseConfig(density=0.1, method="rigl", distribution="erk", block=1,

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from agents.registry import make_agent
-from runtime.accelerator import (
+from imagine_rl.agents.registry import make_agent
+from imagine_rl.runtime.accelerator import (
     Accelerator,
     accelerator_names,
     make_accelerator,
@@ -19,7 +19,7 @@ from runtime.accelerator import (
     resolve_device,
     resolve_precision,
 )
-from runtime.config import ConfigError, build_config
+from imagine_rl.runtime.config import ConfigError, build_config
 
 torch.set_num_threads(1)
 
@@ -155,7 +155,7 @@ def test_make_accelerator_kinds():
 
 
 def test_accelerators_are_looked_up_by_name(monkeypatch):
-    import runtime.accelerator as registry
+    import imagine_rl.runtime.accelerator as registry
 
     assert accelerator_names() == ("auto", "cpu", "cuda", "ipu-sim")
     monkeypatch.setattr(registry, "_FACTORIES", dict(registry._FACTORIES))

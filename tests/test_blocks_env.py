@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
-import envs
-from envs.blocks import (
+from imagine_rl import envs
+from imagine_rl.envs.blocks import (
     PALETTE,
     TABLE_HALF,
     WORKSPACE_HALF,
     BlocksEnv,
 )
-from runtime.config import ConfigError, build_config
+from imagine_rl.runtime.config import ConfigError, build_config
 
 MODES = ("pick_place", "pusher")
 
@@ -114,7 +114,7 @@ def test_config_keys_validated() -> None:
 
 
 def test_env_factory_passes_blocks_settings() -> None:
-    from runtime.factories import make_env_factory
+    from imagine_rl.runtime.factories import make_env_factory
 
     config = build_config(
         ["env=blocks:push-2", "env.obs=pixels", "env.goal_obs=true", "env.blocks_action=pusher"]
@@ -310,7 +310,7 @@ def test_oracle_pick_place_solves_in_n_steps(task: str) -> None:
 def test_terminate_on_success(terminate: bool) -> None:
     """Off: the episode runs to the time limit whatever happens. On: it terminates on exactly
     the step that reaches success, and not before. Both through the factory's settings."""
-    from runtime.factories import make_single_env
+    from imagine_rl.runtime.factories import make_single_env
 
     config = build_config(
         ["env=blocks:push-3", f"env.terminate_on_success={str(terminate).lower()}"]

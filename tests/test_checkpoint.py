@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from runtime.checkpoint import (
+from imagine_rl.runtime.checkpoint import (
     CheckpointError,
     list_checkpoints,
     load_checkpoint,
     save_checkpoint,
 )
-from runtime.config import Config, to_dict
-from runtime.replay import SequenceReplay
+from imagine_rl.runtime.config import Config, to_dict
+from imagine_rl.runtime.replay import SequenceReplay
 
 
 def trained_state(seed: int = 0) -> tuple[dict, dict]:

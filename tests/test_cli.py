@@ -67,7 +67,7 @@ def test_installed_command_lists_commands_and_refuses_unknown_ones():
 def test_bench_command_is_the_training_step_benchmark(tmp_path):
     """``imagine-rl bench`` is ``scripts/bench_train_step.py`` with its arguments: its help, a
     bad key refused in one line, and a tiny timed run writing the documented JSON."""
-    from scripts import bench_train_step, cli
+    from imagine_rl.scripts import bench_train_step, cli
 
     assert cli.COMMANDS["bench"][0] == bench_train_step.__name__
     shown = run_command("bench", "--help")
@@ -127,7 +127,7 @@ from pathlib import Path
 if __name__ == "__main__":
     marker, block_at, script, *args = sys.argv[1:]
     sys.path.insert(0, str(Path(script).parent))  # as `python scripts/train.py` has it
-    from runtime.logging import JsonlBackend
+    from imagine_rl.runtime.logging import JsonlBackend
 
     write = JsonlBackend.write
 
@@ -203,8 +203,7 @@ def test_kill_9_then_resume_logs_every_step_once(tmp_path):
 
 
 def test_plot_reads_older_files_with_duplicate_steps(tmp_path):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import plot
+    from imagine_rl.scripts import plot
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()

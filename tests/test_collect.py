@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from toy_env import make_counting_vector_env
 
-from agents.random_agent import RandomAgent
-from runtime.collect import Collector, RandomPolicy, StepRecorder
-from runtime.config import build_config
-from runtime.logging import make_logger
-from runtime.loop import evaluate_policy, train
-from runtime.replay import SequenceReplay, fill_with_random_policy
+from imagine_rl.agents.random_agent import RandomAgent
+from imagine_rl.runtime.collect import Collector, RandomPolicy, StepRecorder
+from imagine_rl.runtime.config import build_config
+from imagine_rl.runtime.logging import make_logger
+from imagine_rl.runtime.loop import evaluate_policy, train
+from imagine_rl.runtime.replay import SequenceReplay, fill_with_random_policy
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts" / "dev"))
@@ -144,7 +144,7 @@ def test_adaptation_benchmark_collects_the_rule(monkeypatch, truncate):
     def factory(config, video=None):
         return lambda mode, n, seed: counting_env(truncate, n)
 
-    monkeypatch.setattr("runtime.factories.make_env_factory", factory)
+    monkeypatch.setattr("imagine_rl.runtime.factories.make_env_factory", factory)
     config = build_config(["preset=debug"])
     before, after, _ = bench_adaptation.collect(config, None, 30, seed=1, switch=None)
     assert after == []
@@ -170,7 +170,7 @@ def test_adaptation_benchmark_starts_a_stream_at_the_switch(monkeypatch):
     def factory(config, video=None):
         return lambda mode, n, seed: Switching(counting_env(False, n))
 
-    monkeypatch.setattr("runtime.factories.make_env_factory", factory)
+    monkeypatch.setattr("imagine_rl.runtime.factories.make_env_factory", factory)
     config = build_config(["preset=debug"])
     before, after, message = bench_adaptation.collect(config, "x", 30, seed=1, switch=12)
     assert (len(before), len(after), message) == (12, 18, "changed")

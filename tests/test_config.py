@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from runtime.config import (
+from imagine_rl.runtime.config import (
     Config,
     ConfigError,
     available_presets,
@@ -121,7 +121,7 @@ def test_parse_overrides_keeps_env_ids_as_text():
 
 
 def test_script_args_follow_the_train_grammar():
-    from runtime.config import parse_script_args
+    from imagine_rl.runtime.config import parse_script_args
 
     defaults = {"sizes": [256, 512], "reps": 5, "lr": 1e-3, "json": "out.json", "tag": None}
     args = parse_script_args(
@@ -181,11 +181,8 @@ def test_removed_precision_keys_are_refused_in_a_preset(arg, tmp_path):
 @pytest.mark.parametrize("arg", list(REMOVED))
 def test_train_refuses_removed_precision_keys_before_anything_else(arg, tmp_path, capsys):
     """One line on stderr, exit 2, before resume= looks at the run (none exists here)."""
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-    import train as train_script
+    from imagine_rl.scripts import train as train_script
 
     for argv in ([arg, "preset=debug"], [f"resume={tmp_path / 'none'}", arg]):
         assert train_script.main(argv) == 2
@@ -230,13 +227,9 @@ def test_an_old_run_keeps_the_precision_it_trained_with(overrides, agent, ipu, e
 
 
 def test_an_old_run_with_the_removed_keys_resumes(tmp_path, capsys):
-    import sys
-    from pathlib import Path
 
-    from runtime.checkpoint import load_checkpoint
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-    import train as train_script
+    from imagine_rl.runtime.checkpoint import load_checkpoint
+    from imagine_rl.scripts import train as train_script
 
     runs = {}
     for name, agent in (("fp32", "fp32"), ("bf16", "bf16")):

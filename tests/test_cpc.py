@@ -17,10 +17,10 @@ import pytest
 import torch
 from gymnasium.utils.env_checker import check_env
 
-from agents.dreamer import DreamerAgent
-from agents.registry import make_agent
-from runtime.config import ConfigError, build_config
-from worldmodels import (
+from imagine_rl.agents.dreamer import DreamerAgent
+from imagine_rl.agents.registry import make_agent
+from imagine_rl.runtime.config import ConfigError, build_config
+from imagine_rl.worldmodels import (
     LOSS_KEYS,
     CPCSpec,
     GreedyInfoMax,
@@ -490,7 +490,7 @@ def test_config_keys_and_errors():
 
 
 def test_distractor_env_passes_check_env():
-    import envs
+    from imagine_rl import envs
 
     env = envs.make_env("dmc:cartpole-balance", obs="pixels", size=64, distractors=True, seed=0)
     with warnings.catch_warnings():
@@ -500,7 +500,7 @@ def test_distractor_env_passes_check_env():
 
 
 def test_distractors_replace_the_background_only():
-    import envs
+    from imagine_rl import envs
 
     plain = envs.make_env("dmc:cartpole-balance", obs="pixels", size=64, seed=3)
     noisy = envs.make_env("dmc:cartpole-balance", obs="pixels", size=64, seed=3, distractors=True)

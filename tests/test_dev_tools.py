@@ -1,8 +1,9 @@
 """The development tools in ``scripts/dev``: not installed, and one argument/JSON harness.
 
 The benchmarks other than ``imagine-rl bench`` and the research checks live in ``scripts/dev``,
-which has no ``__init__.py`` so that ``pip install`` leaves it out; each tool parses its
-``key=value`` arguments, prints its ``--help`` and writes its JSON through ``harness.py``.
+which has no ``__init__.py`` and is not in pyproject's package list, so ``pip install`` leaves
+it out; each tool parses its ``key=value`` arguments, prints its ``--help`` and writes its JSON
+through ``harness.py``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import setuptools
 
 ROOT = Path(__file__).resolve().parent.parent
 DEV = ROOT / "scripts" / "dev"
@@ -21,7 +21,7 @@ sys.path.insert(0, str(DEV))
 
 import harness  # noqa: E402
 
-from runtime.config import ConfigError  # noqa: E402
+from imagine_rl.runtime.config import ConfigError  # noqa: E402
 
 TOOLS = sorted(p.stem for p in DEV.glob("*.py") if p.stem != "harness")
 
@@ -29,13 +29,13 @@ TOOLS = sorted(p.stem for p in DEV.glob("*.py") if p.stem != "harness")
 def test_the_folder_is_not_a_package_and_is_left_out_of_the_install():
     assert not (DEV / "__init__.py").exists()
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
-    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
-    options = dict(find["find"])
-    # pyproject's find defaults to namespace packages, which would take in any folder.
-    assert options.pop("namespaces", True) is False
-    packages = setuptools.find_packages(str(ROOT), **options)
-    assert "scripts" in packages
-    assert not [p for p in packages if p.startswith("scripts.dev")]
+    # The packages are listed one by one (tests/test_namespace.py: every folder with an
+    # __init__.py, under imagine_rl); scripts/dev is not among them.
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "packages"
+    ]
+    assert "imagine_rl.scripts" in packages
+    assert not [p for p in packages if p.startswith("imagine_rl.scripts.dev")]
     # The installed scripts are the commands behind `imagine-rl` (and their package).
     installed = sorted(p.stem for p in (ROOT / "scripts").glob("*.py"))
     assert installed == [

@@ -19,11 +19,11 @@ import pytest
 import torch
 from toy_env import make_counting_vector_env
 
-from runtime import distributed
-from runtime.checkpoint import list_checkpoints, load_checkpoint
-from runtime.config import build_config
-from runtime.logging import make_logger
-from runtime.loop import train
+from imagine_rl.runtime import distributed
+from imagine_rl.runtime.checkpoint import list_checkpoints, load_checkpoint
+from imagine_rl.runtime.config import build_config
+from imagine_rl.runtime.logging import make_logger
+from imagine_rl.runtime.loop import train
 
 WORLD = 2
 # Extra overrides for a run of this file on a GPU machine, e.g. "accelerator=cuda" (gloo moves
@@ -75,13 +75,13 @@ class _Pieces:
         return make_counting_vector_env(num_envs, seed, crash_at=crash)
 
     def make_agent(self, obs_space, action_space):
-        import agents
+        from imagine_rl import agents
 
         self.agent = agents.make_agent(self.config, obs_space, action_space)
         return self.agent
 
     def make_replay(self):
-        from runtime.factories import make_replay_factory
+        from imagine_rl.runtime.factories import make_replay_factory
 
         return make_replay_factory(self.config, self.run_dir)()
 
@@ -127,8 +127,8 @@ def _entry(target, rank: int, world: int, port: int, out: str, *args) -> None:
 
 
 def _train_worker(rank: int, out: Path, run_dir: str) -> None:
-    import runtime.loop as loop
-    from runtime.accelerator import seed_everything
+    import imagine_rl.runtime.loop as loop
+    from imagine_rl.runtime.accelerator import seed_everything
 
     saving = loop.save_checkpoint
 
@@ -165,7 +165,7 @@ def _mismatch_worker(rank: int, out: Path) -> None:
 
 def _failing_worker(rank: int, out: Path, run_dir: str) -> None:
     config = _config(Path(run_dir), "run.steps=100000", "run.eval_episodes=0")
-    from runtime.accelerator import seed_everything
+    from imagine_rl.runtime.accelerator import seed_everything
 
     seed_everything(distributed.rank_seed(config.seed, rank))
     try:
@@ -320,7 +320,7 @@ def test_launch_errors_are_one_line(monkeypatch):
 def test_rigl_grows_where_the_reduced_dense_gradient_points():
     # Data-parallel RigL: the sparsifier scores the gradient its grad_reduce returns (the mean
     # over ranks in training), not this process's own.
-    from sparse import SparseConfig, sparsify
+    from imagine_rl.sparse import SparseConfig, sparsify
 
     lin = torch.nn.Linear(6, 2, bias=False)
     config = SparseConfig(

@@ -88,7 +88,6 @@ def _env(bin_dir: Path | None = None) -> dict[str, str]:
         OMP_NUM_THREADS="1",
         MUJOCO_GL=env.get("MUJOCO_GL", "egl"),
         WANDB_MODE="offline",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
     )
     if bin_dir is not None:
         env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
@@ -190,7 +189,7 @@ def test_config_reference_is_up_to_date():
 
 def test_config_reference_lists_every_key_of_help():
     """Each key `--help <section>` prints is a row of the page (the same source)."""
-    from runtime.config import describe
+    from imagine_rl.runtime.config import describe
 
     page = (DOCS / "reference" / "config.md").read_text()
     sections = re.findall(r"^  (\w+) ", describe(), re.M)

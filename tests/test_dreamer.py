@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from agents.dreamer import DreamerAgent
-from agents.registry import available_agents, make_agent
-from runtime.config import build_config
-from worldmodels import BlockLinear
+from imagine_rl.agents.dreamer import DreamerAgent
+from imagine_rl.agents.registry import available_agents, make_agent
+from imagine_rl.runtime.config import build_config
+from imagine_rl.worldmodels import BlockLinear
 
 torch.set_num_threads(1)
 
@@ -475,7 +475,7 @@ def test_laprop_warmup_starts_from_a_zero_learning_rate():
 
 
 def test_laprop_rejects_greedy_infomax():
-    from runtime.config import ConfigError
+    from imagine_rl.runtime.config import ConfigError
 
     with pytest.raises(ConfigError, match="agent.optimizer=laprop cannot train"):
         build_config(

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
-import envs
-from envs.rendering import resize_frame
-from envs.wrappers import ActionRepeat
+from imagine_rl import envs
+from imagine_rl.envs.rendering import resize_frame
+from imagine_rl.envs.wrappers import ActionRepeat
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,8 +60,7 @@ def test_mujoco_and_dm_control_versions_fit_together() -> None:
 
 def test_import_sets_mujoco_gl_when_unset() -> None:
     env = {k: v for k, v in os.environ.items() if k != "MUJOCO_GL"}
-    env["PYTHONPATH"] = str(REPO)
-    code = "import os, envs; print(os.environ['MUJOCO_GL'])"
+    code = "import os; from imagine_rl import envs; print(os.environ['MUJOCO_GL'])"
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, check=True
     )
@@ -75,14 +74,13 @@ def test_import_sets_mujoco_gl_when_unset() -> None:
 
 def test_mujoco_imported_before_envs_still_renders_headless() -> None:
     env = {k: v for k, v in os.environ.items() if k != "MUJOCO_GL"}
-    env["PYTHONPATH"] = str(REPO)
     code = (
-        "import mujoco, envs\n"
+        "import mujoco\nfrom imagine_rl import envs\n"
         "e = envs.make_env('dmc:cartpole-swingup', obs='pixels', size=16)\n"
         "print(e.reset(seed=0)[0]['pixels'].std() > 5); e.close()"
     )
     out = subprocess.run(
-        [sys.executable, "-W", "error::UserWarning:envs", "-c", code],
+        [sys.executable, "-W", "error::UserWarning:imagine_rl.envs", "-c", code],
         env=env,
         cwd=REPO,
         capture_output=True,

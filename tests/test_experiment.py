@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import yaml
 
-from runtime import experiment as harness
-from runtime.experiment import ExperimentError, load_experiment, run_experiment
-from runtime.run import train_main
-from scripts.experiment import main as experiment_main
+from imagine_rl.runtime import experiment as harness
+from imagine_rl.runtime.experiment import ExperimentError, load_experiment, run_experiment
+from imagine_rl.runtime.run import train_main
+from imagine_rl.scripts.experiment import main as experiment_main
 
 BASE = {
     "preset": "debug",

@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import sys
 from pathlib import Path
 
 import gymnasium as gym
@@ -15,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from agents.dreamer import DreamerAgent
-from runtime.config import ConfigError, build_config
-from runtime.logging import JsonlBackend, Logger
-from worldmodels import RSSM, LayerFactory, RSSMConfig
-from worldmodels.factored import FactoredSpec, FactorGraphLinear
+from imagine_rl.agents.dreamer import DreamerAgent
+from imagine_rl.runtime.config import ConfigError, build_config
+from imagine_rl.runtime.logging import JsonlBackend, Logger
+from imagine_rl.worldmodels import RSSM, LayerFactory, RSSMConfig
+from imagine_rl.worldmodels.factored import FactoredSpec, FactorGraphLinear
 
 torch.set_num_threads(1)
 
@@ -228,8 +227,7 @@ def test_logger_writes_images_as_png(tmp_path):
 
 
 def test_training_run_logs_the_graph_image_and_applies_the_intervention(tmp_path, caplog):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-    import train
+    from imagine_rl.scripts import train
 
     run_dir = tmp_path / "run"
     args = [
@@ -250,12 +248,12 @@ def test_training_run_logs_the_graph_image_and_applies_the_intervention(tmp_path
         "logging.wandb=false",
         "logging.console=false",
     ]
-    with caplog.at_level(logging.WARNING, logger="envs.interventions"):
+    with caplog.at_level(logging.WARNING, logger="imagine_rl.envs.interventions"):
         assert train.main(args) == 0
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     image = [r["world_model/graph_path"] for r in rows if "world_model/graph_path" in r]
     assert len(image) == 1 and Path(image[0]).name == "world_model_graph_300.png"
     assert Path(image[0]).exists()
     assert any(r.get("world_model/graph_edges") == G for r in rows)
-    messages = [r.getMessage() for r in caplog.records if r.name == "envs.interventions"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "imagine_rl.envs.interventions"]
     assert len(messages) == 1 and "at env step 100" in messages[0]

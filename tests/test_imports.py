@@ -7,7 +7,15 @@ runs later and so dodges a plain ``import`` at start-up, still counts:
 - ``worldmodels`` imports only ``sparse`` (of ours);
 - ``runtime`` imports neither ``agents`` nor ``worldmodels``;
 - nothing outside ``scripts`` imports ``scripts`` (``agents`` included);
-- no cycle between modules.
+- no cycle between modules;
+- nothing imports our folders by their old top-level names (``import sparse``,
+  ``from runtime.config import ...``): they install as one package, ``imagine_rl``
+  (``imagine_rl.sparse`` is ``sparse/``), and an old name would find another project's package
+  of that name (pydata's ``sparse``) or load a second copy of one of ours. The rule covers the
+  packages, the tests, the development tools and the docs' scripts.
+
+Module names carry the ``imagine_rl.`` prefix (``sparse/masks.py`` is ``imagine_rl.sparse.masks``);
+the rules name the folders.
 
 Imports under ``if TYPE_CHECKING:`` never run, so they are left out. A literal
 ``importlib.import_module("x")`` or ``__import__("x")`` counts as an import of ``x``.
@@ -27,8 +35,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Our top-level packages; everything else (torch, numpy, the standard library) is outside.
+# The one package our folders install as (pyproject.toml's package-dir).
+PREFIX = "imagine_rl"
+
+# Our folders (imagine_rl.<folder>); everything else (torch, numpy, the standard library) is
+# outside.
 OURS = ("agents", "worldmodels", "envs", "sparse", "runtime", "scripts")
+
+# Where else Python files import our packages: checked for the old top-level names too.
+OTHER_SOURCES = ("tests", "docs")  # (scripts/dev is under scripts)
 
 # Packages whose modules are imported for real: scripts are entry points with side effects.
 IMPORTABLE = ("agents", "envs", "runtime", "sparse", "worldmodels")
@@ -56,8 +71,14 @@ class Edge:
         return f"{self.path}:{self.line}: {self.text}"
 
 
+def folder_of(module: str) -> str:
+    """The folder of a module of ours: ``imagine_rl.sparse.masks`` -> ``sparse``."""
+    return module.split(".")[1]
+
+
 def discover(root: Path, packages: tuple[str, ...]) -> dict[str, Path]:
-    """Dotted module name -> file, for every ``.py`` file under the given top-level folders."""
+    """Dotted module name (``imagine_rl.<folder>...``) -> file, for every ``.py`` file under the
+    given top-level folders."""
     modules: dict[str, Path] = {}
     for package in packages:
         for path in sorted((root / package).rglob("*.py")):
@@ -66,7 +87,7 @@ def discover(root: Path, packages: tuple[str, ...]) -> dict[str, Path]:
             parts = list(path.relative_to(root).with_suffix("").parts)
             if parts[-1] == "__init__":
                 parts.pop()
-            modules[".".join(parts)] = path
+            modules[".".join([PREFIX, *parts])] = path
     return modules
 
 
@@ -175,7 +196,7 @@ def layering_violations(edges: list[Edge]) -> list[str]:
     """One line per import that breaks a package rule, naming the file, line and import."""
     problems = []
     for edge in edges:
-        source_top, target_top = edge.source.split(".")[0], edge.target.split(".")[0]
+        source_top, target_top = folder_of(edge.source), folder_of(edge.target)
         if source_top == target_top:
             continue
         if target_top == "scripts":
@@ -185,6 +206,35 @@ def layering_violations(edges: list[Edge]) -> list[str]:
             problems.append(
                 f"{edge.where()}  ({source_top} imports {target_top}; it may import {allowed})"
             )
+    return problems
+
+
+def old_name_imports(root: Path, folders: tuple[str, ...]) -> list[str]:
+    """One line per import, in every ``.py`` file under ``folders``, of a module by its old
+    top-level name (``import sparse``, ``from runtime import loop``, ``import_module("envs")``)
+    instead of ``imagine_rl.<folder>``."""
+    problems = []
+    for folder in folders:
+        for path in sorted((root / folder).rglob("*.py")):
+            if "__pycache__" in path.parts:
+                continue
+            source = path.read_text(encoding="utf-8")
+            tree = ast.parse(source, filename=str(path))
+            for node in _import_nodes(tree):
+                if isinstance(node, ast.Call):
+                    named = [_literal_import_call(node) or ""]
+                elif isinstance(node, ast.Import):
+                    named = [alias.name for alias in node.names]
+                elif node.level == 0:
+                    named = [node.module or ""]
+                else:  # relative: resolved under the package it is in
+                    continue
+                for name in named:
+                    top = name.split(".")[0]
+                    if top in OURS:
+                        text = " ".join((ast.get_source_segment(source, node) or "").split())
+                        where = f"{path.relative_to(root).as_posix()}:{node.lineno}: {text}"
+                        problems.append(f"{where}  (use {PREFIX}.{name})")
     return problems
 
 
@@ -270,16 +320,16 @@ def test_checker_finds_a_cycle_hidden_in_a_function(tmp_path):
         tmp_path,
         {
             "runtime/__init__.py": "",
-            "runtime/a.py": "from runtime.b import thing\n",
-            "runtime/b.py": "def late():\n    from runtime import a\n    return a\n",
+            "runtime/a.py": "from imagine_rl.runtime.b import thing\n",
+            "runtime/b.py": "def late():\n    from imagine_rl.runtime import a\n    return a\n",
         },
     )
     modules, edges = build_graph(tmp_path, ("runtime",))
     cycles = find_cycles(modules, edges)
     assert len(cycles) == 1
     message = describe_cycle(cycles[0])
-    assert "runtime.a -> runtime.b -> runtime.a" in message
-    assert "runtime/b.py:2: from runtime import a" in message
+    assert "imagine_rl.runtime.a -> imagine_rl.runtime.b -> imagine_rl.runtime.a" in message
+    assert "runtime/b.py:2: from imagine_rl.runtime import a" in message
 
 
 def test_checker_resolves_relative_imports_and_skips_type_checking(tmp_path):
@@ -287,29 +337,31 @@ def test_checker_resolves_relative_imports_and_skips_type_checking(tmp_path):
         tmp_path,
         {
             "sparse/__init__.py": "from . import masks\nfrom .kernels import run\n",
-            "sparse/masks.py": "import sparse.kernels\n",
+            "sparse/masks.py": "import imagine_rl.sparse.kernels\n",
             "sparse/kernels.py": (
                 "from typing import TYPE_CHECKING\n"
                 "if TYPE_CHECKING:\n"
-                "    from agents.base import Agent\n"
+                "    from imagine_rl.agents.base import Agent\n"
                 "else:\n"
                 "    import importlib\n"
-                "    importlib.import_module('envs.make')\n"
+                "    importlib.import_module('imagine_rl.envs.make')\n"
                 "def run():\n"
-                "    from worldmodels import rssm\n"
+                "    from imagine_rl.worldmodels import rssm\n"
             ),
             "sparse/sub/__init__.py": "from .. import masks\n",
             "agents/__init__.py": "",
-            "agents/base.py": "import scripts.train\n",
+            "agents/base.py": "import imagine_rl.scripts.train\n",
             "envs/__init__.py": "",
             "envs/make.py": "",
             "worldmodels/__init__.py": "",
-            "worldmodels/rssm.py": "from sparse import masks\n",
+            "worldmodels/rssm.py": "from imagine_rl.sparse import masks\n",
             "scripts/train.py": "",
         },
     )
     modules, edges = build_graph(tmp_path)
-    pairs = {(e.source, e.target) for e in edges}
+    pairs = {
+        (e.source.removeprefix("imagine_rl."), e.target.removeprefix("imagine_rl.")) for e in edges
+    }
     assert {
         ("sparse", "sparse.masks"),
         ("sparse", "sparse.kernels"),
@@ -321,14 +373,41 @@ def test_checker_resolves_relative_imports_and_skips_type_checking(tmp_path):
         ("agents.base", "scripts.train"),
     } == pairs
     problems = "\n".join(layering_violations(edges))
-    assert "sparse/kernels.py:6: importlib.import_module('envs.make')" in problems
-    assert "sparse/kernels.py:8: from worldmodels import rssm" in problems
-    assert "agents/base.py:1: import scripts.train  (agents imports scripts" in problems
+    assert "sparse/kernels.py:6: importlib.import_module('imagine_rl.envs.make')" in problems
+    assert "sparse/kernels.py:8: from imagine_rl.worldmodels import rssm" in problems
+    assert "agents/base.py:1: import imagine_rl.scripts.train  (agents imports scripts" in problems
     assert "worldmodels/rssm.py" not in problems  # worldmodels may import sparse
     assert "agents.base import Agent" not in problems  # under TYPE_CHECKING
     assert describe_cycle(find_cycles(modules, edges)[0]).startswith(
-        "import cycle sparse.kernels -> worldmodels.rssm -> sparse.masks -> sparse.kernels"
+        "import cycle imagine_rl.sparse.kernels -> imagine_rl.worldmodels.rssm -> "
+        "imagine_rl.sparse.masks -> imagine_rl.sparse.kernels"
     )
+    assert not old_name_imports(tmp_path, OURS)
+
+
+def test_checker_finds_imports_by_the_old_top_level_names(tmp_path):
+    _write(
+        tmp_path,
+        {
+            "agents/__init__.py": "from . import base\n",
+            "agents/base.py": "import sparse\nfrom imagine_rl import envs\n",
+            "tests/test_x.py": (
+                "import importlib\n"
+                "def test():\n"
+                "    from runtime.config import build_config\n"
+                "    import agents.op3 as op3\n"
+                "    importlib.import_module('scripts.train')\n"
+                "    from imagine_rl.runtime import loop\n"
+            ),
+        },
+    )
+    problems = old_name_imports(tmp_path, ("agents", "tests"))
+    assert problems == [
+        "agents/base.py:1: import sparse  (use imagine_rl.sparse)",
+        "tests/test_x.py:3: from runtime.config import build_config  (use imagine_rl.runtime.config)",
+        "tests/test_x.py:4: import agents.op3 as op3  (use imagine_rl.agents.op3)",
+        "tests/test_x.py:5: importlib.import_module('scripts.train')  (use imagine_rl.scripts.train)",
+    ]
 
 
 # ---------------------------------------------------------------------------- this repository
@@ -344,13 +423,19 @@ def test_the_graph_covers_the_repository(graph):
     assert len(modules) > 50, sorted(modules)
     assert len(edges) > 100, len(edges)
     for package in OURS:
-        assert any(m.split(".")[0] == package for m in modules), f"no module found in {package}/"
+        assert any(folder_of(m) == package for m in modules), f"no module found in {package}/"
+    assert all(m.startswith(f"{PREFIX}.") for m in modules)
 
 
 def test_packages_import_one_way(graph):
     _, edges = graph
     problems = layering_violations(edges)
     assert not problems, "imports against the package rules:\n" + "\n".join(problems)
+
+
+def test_nothing_imports_the_old_top_level_names():
+    problems = old_name_imports(ROOT, OURS + OTHER_SOURCES)
+    assert not problems, "imports by an old top-level name:\n" + "\n".join(problems)
 
 
 def test_no_import_cycles(graph):
@@ -363,7 +448,7 @@ def test_every_package_module_imports(graph):
     """Import every module of the packages for real: a broken import fails here, not in a run."""
     modules, _ = graph
     failures = []
-    for name in sorted(m for m in modules if m.split(".")[0] in IMPORTABLE):
+    for name in sorted(m for m in modules if folder_of(m) in IMPORTABLE):
         try:
             importlib.import_module(name)
         except Exception as error:  # noqa: BLE001 - collect every failure, report them all

@@ -8,10 +8,15 @@ import logging
 import numpy as np
 import pytest
 
-import envs
-from envs.interventions import PARAMS, Interventions, find_mujoco_model, parse_interventions
-from runtime.config import ConfigError, build_config
-from runtime.factories import make_env_factory
+from imagine_rl import envs
+from imagine_rl.envs.interventions import (
+    PARAMS,
+    Interventions,
+    find_mujoco_model,
+    parse_interventions,
+)
+from imagine_rl.runtime.config import ConfigError, build_config
+from imagine_rl.runtime.factories import make_env_factory
 
 
 def model_arrays(model) -> dict[str, np.ndarray]:
@@ -77,7 +82,7 @@ def test_body_mass_changes_exactly_one_element_from_the_named_step(caplog):
     env.reset()
     start = model_arrays(model)
     pole = model.body("pole_1").id
-    with caplog.at_level(logging.WARNING, logger="envs.interventions"):
+    with caplog.at_level(logging.WARNING, logger="imagine_rl.envs.interventions"):
         for step in range(5):  # env steps 0..4: the original task
             *_, info = env.step(env.action_space.sample())
             assert "intervention" not in info and not changed(start, model_arrays(model)), step

@@ -13,8 +13,8 @@ from test_dreamer import BOX, STATE, make, make_batch
 from test_scripts import ROOT, run_script
 from torch import nn
 
-import sparse
-from runtime.ipu_sim import (
+from imagine_rl import sparse
+from imagine_rl.runtime.ipu_sim import (
     PRESETS,
     IPUConstraintError,
     IPUMemoryError,
@@ -28,7 +28,7 @@ from runtime.ipu_sim import (
     round_fp16,
     stochastic_round_fp16,
 )
-from runtime.ipu_sim.constraints import check_sparse_nnz, find_sparse_layers
+from imagine_rl.runtime.ipu_sim.constraints import check_sparse_nnz, find_sparse_layers
 
 torch.set_num_threads(1)
 OBS = {"state": STATE}

@@ -10,12 +10,12 @@ import pytest
 import torch
 from toy_env import make_counting_vector_env
 
-from agents.random_agent import RandomAgent
-from runtime.checkpoint import list_checkpoints, load_checkpoint
-from runtime.config import build_config
-from runtime.logging import Logger, make_logger
-from runtime.loop import ReplayRatioClock, TrainingError, train
-from runtime.replay import SequenceReplay
+from imagine_rl.agents.random_agent import RandomAgent
+from imagine_rl.runtime.checkpoint import list_checkpoints, load_checkpoint
+from imagine_rl.runtime.config import build_config
+from imagine_rl.runtime.logging import Logger, make_logger
+from imagine_rl.runtime.loop import ReplayRatioClock, TrainingError, train
+from imagine_rl.runtime.replay import SequenceReplay
 
 
 def small_config(run_dir, *extra):

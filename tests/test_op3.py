@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-import agents.op3 as op3_module
-from agents.op3 import OP3Agent, cem, matched_slot_distance, slot_distances
-from runtime.config import ConfigError, build_config
-from runtime.metrics import adjusted_rand_index, foreground_ari
-from worldmodels.layers import LayerFactory
-from worldmodels.slots import (
+import imagine_rl.agents.op3 as op3_module
+from imagine_rl.agents.op3 import OP3Agent, cem, matched_slot_distance, slot_distances
+from imagine_rl.runtime.config import ConfigError, build_config
+from imagine_rl.runtime.metrics import adjusted_rand_index, foreground_ari
+from imagine_rl.worldmodels.layers import LayerFactory
+from imagine_rl.worldmodels.slots import (
     MIN_SCALE,
     SlotDynamics,
     SlotSpec,

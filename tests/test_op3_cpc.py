@@ -13,11 +13,11 @@ import pytest
 import torch
 from test_op3 import TINY_OP3, _batch, tiny_model
 
-from agents.op3 import OP3Agent, ranking_metrics, slot_distances
-from runtime.config import ConfigError, build_config
-from worldmodels.cpc import SlotCPC
-from worldmodels.layers import LayerFactory
-from worldmodels.slots import SlotSpec, SlotWorldModel, match_slots
+from imagine_rl.agents.op3 import OP3Agent, ranking_metrics, slot_distances
+from imagine_rl.runtime.config import ConfigError, build_config
+from imagine_rl.worldmodels.cpc import SlotCPC
+from imagine_rl.worldmodels.layers import LayerFactory
+from imagine_rl.worldmodels.slots import SlotSpec, SlotWorldModel, match_slots
 
 CPC_METRICS = ("cpc_accuracy_k1", "cpc_mi_bound_k1", "cpc_mi_bound")
 

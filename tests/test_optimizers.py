@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from runtime.optimizers import LaProp
-from runtime.profiling import count_dispatch
+from imagine_rl.runtime.optimizers import LaProp
+from imagine_rl.runtime.profiling import count_dispatch
 
 torch.set_num_threads(1)
 

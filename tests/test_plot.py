@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import yaml
 
-from runtime import reference
-from scripts import plot
+from imagine_rl.runtime import reference
+from imagine_rl.scripts import plot
 
 
 def make_run(root: Path, name: str, rows: list[tuple[int, float]], seed: int = 0, **config) -> Path:
@@ -111,7 +111,7 @@ def test_the_shipped_dreamerv3_curves_are_read():
 
 def test_reference_loaders_return_the_files_values():
     """runtime.reference reads the CSVs shipped in the package (no ../shared needed)."""
-    data = resources.files("runtime.reference")
+    data = resources.files("imagine_rl.runtime.reference")
     scores = data.joinpath("dmc_scores.csv").read_text()
     curves = data.joinpath("dreamerv3_curves.csv").read_text()
     for line in (

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,15 +17,13 @@ import pytest
 import torch
 import yaml
 
-from agents.base import Agent
-from runtime import registry
-from runtime.config import ConfigError, at_least, build_config, config_class, load_yaml
-from runtime.registry import AgentEntry
+from imagine_rl.agents.base import Agent
+from imagine_rl.runtime import registry
+from imagine_rl.runtime.config import ConfigError, at_least, build_config, config_class, load_yaml
+from imagine_rl.runtime.registry import AgentEntry
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import train as train_script  # noqa: E402
+from imagine_rl.scripts import train as train_script  # noqa: E402
 
 
 @dataclass
@@ -176,7 +173,7 @@ def test_train_script_trains_the_toy_agent(toy, tmp_path, capsys):
 
 def test_no_agent_name_in_the_runtime_or_train_script():
     """The runtime knows agents only through the registry."""
-    import agents  # noqa: F401 - registers the built-in agents
+    from imagine_rl import agents  # noqa: F401 - registers the built-in agents
 
     names = registry.agent_names()
     files = [*ROOT.glob("runtime/**/*.py"), *ROOT.glob("runtime/**/*.yaml")]

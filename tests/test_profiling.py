@@ -13,7 +13,12 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from runtime.profiling import HOST_READ_METHODS, HOST_SYNC_OPS, count_dispatch, count_profiled
+from imagine_rl.runtime.profiling import (
+    HOST_READ_METHODS,
+    HOST_SYNC_OPS,
+    count_dispatch,
+    count_profiled,
+)
 
 torch.set_num_threads(1)
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from runtime.config import ReplayConfig
-from runtime.replay import ReplayError, SequenceReplay
+from imagine_rl.runtime.config import ReplayConfig
+from imagine_rl.runtime.replay import ReplayError, SequenceReplay
 
 
 class Streams:
@@ -355,8 +355,8 @@ def test_load_refuses_a_different_capacity(tmp_path: Path):
 
 
 def test_fill_with_random_policy_fills_to_capacity():
-    import envs
-    from runtime.replay import fill_with_random_policy
+    from imagine_rl import envs
+    from imagine_rl.runtime.replay import fill_with_random_policy
 
     env = envs.make_vector_env("gym:Pendulum-v1", 1, seed=0, time_limit=10)
     replay = SequenceReplay(capacity=25, batch_size=2, batch_length=5)
@@ -499,7 +499,7 @@ def test_fractions_are_checked():
 
 
 def test_fractions_and_context_config_keys():
-    from runtime.config import ConfigError, build_config
+    from imagine_rl.runtime.config import ConfigError, build_config
 
     config = build_config(
         [

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.experiment import RUN_METRICS, read_record, summarize
+from imagine_rl.runtime.experiment import RUN_METRICS, read_record, summarize
 
 ROOT = Path(__file__).resolve().parent.parent
 SUMMARIES = sorted((ROOT / "results").glob("*/summary.json"))

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from agents.random_agent import RandomAgent
-from runtime import registry, run
-from runtime.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
-from runtime.config import ConfigError, describe
-from runtime.experiment import run_experiment
+from imagine_rl.agents.random_agent import RandomAgent
+from imagine_rl.runtime import registry, run
+from imagine_rl.runtime.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+from imagine_rl.runtime.config import ConfigError, describe
+from imagine_rl.runtime.experiment import run_experiment
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -173,7 +173,7 @@ def test_a_staged_run_skips_its_finished_stages(tmp_path, capsys, toy):
 
 HOLD_THE_LOCK = """
 import sys
-from runtime.run import lock_run_dir
+from imagine_rl.runtime.run import lock_run_dir
 
 handle = lock_run_dir(sys.argv[1])
 print("held", flush=True)

@@ -230,7 +230,7 @@ def test_sigterm_then_resume_reaches_same_final_step(tmp_path):
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr
     assert "stopped by signal" in stdout
-    from runtime.checkpoint import load_checkpoint
+    from imagine_rl.runtime.checkpoint import load_checkpoint
 
     stopped = load_checkpoint(run_dir)
     assert 0 < stopped.step < 4000
@@ -242,7 +242,7 @@ def test_sigterm_then_resume_reaches_same_final_step(tmp_path):
     assert counters["env_steps"] == 4000
     assert counters["policy_steps"] == 4000 // 2  # action_repeat 2, one env
     # Every policy step is in replay exactly once, across the interruption.
-    from runtime.replay import SequenceReplay
+    from imagine_rl.runtime.replay import SequenceReplay
 
     config = final.config["replay"]
     replay = SequenceReplay(

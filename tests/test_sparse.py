@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from sparse import SparseConfig, balanced_block_linear, kernels, sparsify
-from sparse.distribution import LayerBudget, allocate_units
-from sparse.masks import block_view
+from imagine_rl.sparse import SparseConfig, balanced_block_linear, kernels, sparsify
+from imagine_rl.sparse.distribution import LayerBudget, allocate_units
+from imagine_rl.sparse.masks import block_view
 
 
 def mlp(sizes=(32, 64, 64, 16), seed=0) -> nn.Sequential:

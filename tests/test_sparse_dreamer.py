@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from agents.dreamer import DreamerAgent, planned_updates
-from runtime.config import ConfigError, build_config
+from imagine_rl.agents.dreamer import DreamerAgent, planned_updates
+from imagine_rl.runtime.config import ConfigError, build_config
 
 torch.set_num_threads(1)
 

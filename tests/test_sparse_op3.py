@@ -5,7 +5,6 @@ run. Mirrors ``tests/test_sparse_dreamer.py``."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -16,12 +15,12 @@ import torch
 from test_sparse_dreamer import mask_round_trip
 from torch import nn
 
-from agents.dreamer import planned_updates
-from agents.op3 import OP3Agent
-from agents.op3_config import SPARSE_SKIP_DEFAULT
-from runtime.config import ConfigError, build_config
-from sparse import LayerBudget, allocate_units
-from sparse.masks import grid_shape
+from imagine_rl.agents.dreamer import planned_updates
+from imagine_rl.agents.op3 import OP3Agent
+from imagine_rl.agents.op3_config import SPARSE_SKIP_DEFAULT
+from imagine_rl.runtime.config import ConfigError, build_config
+from imagine_rl.sparse import LayerBudget, allocate_units
+from imagine_rl.sparse.masks import grid_shape
 
 torch.set_num_threads(1)
 
@@ -268,10 +267,9 @@ def test_frozen_perception_keeps_its_masks_while_the_dynamics_rewires(method):
 
 
 def _train_main():
-    spec = importlib.util.spec_from_file_location("_train_script", ROOT / "scripts" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    from imagine_rl.scripts.train import main
+
+    return main
 
 
 def test_train_script_runs_sparse_op3(tmp_path):

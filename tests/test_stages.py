@@ -3,20 +3,17 @@ starting from the previous stage's weights; re-running it continues where it sto
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from runtime.checkpoint import list_checkpoints, load_checkpoint
-from runtime.config import ConfigError, build_config, stage_dir_name
+from imagine_rl.runtime.checkpoint import list_checkpoints, load_checkpoint
+from imagine_rl.runtime.config import ConfigError, build_config, stage_dir_name
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import train as train_script  # noqa: E402
+from imagine_rl.scripts import train as train_script  # noqa: E402
 
 # The object-centric recipe's two stages on the tiny op3 of preset debug. The command line wins
 # over the stage presets in every stage: 40 env steps each, updates from step 20 on.

@@ -10,9 +10,9 @@ from test_dreamer import BOX, DISCRETE, PIXELS, STATE, make, make_batch
 from test_replay import Streams, fill
 from test_replay import make as make_replay
 
-from runtime.accelerator import resolve_compile
-from runtime.config import build_config
-from runtime.profiling import count_dispatch, count_profiled
+from imagine_rl.runtime.accelerator import resolve_compile
+from imagine_rl.runtime.config import build_config
+from imagine_rl.runtime.profiling import count_dispatch, count_profiled
 
 torch.set_num_threads(1)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from worldmodels import (
+from imagine_rl.worldmodels import (
     RSSM,
     BlockLinear,
     LayerFactory,
@@ -20,7 +20,7 @@ from worldmodels import (
     symexp,
     symlog,
 )
-from worldmodels.dreamer_wm import LOSS_KEYS
+from imagine_rl.worldmodels.dreamer_wm import LOSS_KEYS
 
 torch.set_num_threads(1)
 

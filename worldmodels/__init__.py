@@ -1,21 +1,21 @@
 """World models: learn latent dynamics from experience (``observe``, ``imagine``, ``loss``)."""
 
-from worldmodels.behavior import (
+from imagine_rl.worldmodels.behavior import (
     Actor,
     Critic,
     ReturnNormalizer,
     lambda_return,
     replay_lambda_return,
 )
-from worldmodels.cpc import CPCSpec, GreedyInfoMax, SequenceCPC, info_nce, mi_bound
-from worldmodels.dreamer_wm import (
+from imagine_rl.worldmodels.cpc import CPCSpec, GreedyInfoMax, SequenceCPC, info_nce, mi_bound
+from imagine_rl.worldmodels.dreamer_wm import (
     LOSS_KEYS,
     REPRESENTATIONS,
     WorldModel,
     WorldModelSpec,
     preprocess_obs,
 )
-from worldmodels.layers import (
+from imagine_rl.worldmodels.layers import (
     BlockLinear,
     LayerFactory,
     NormalDist,
@@ -25,8 +25,8 @@ from worldmodels.layers import (
     symexp,
     symlog,
 )
-from worldmodels.networks import Decoder, Encoder, Head
-from worldmodels.rssm import RSSM, RSSMConfig
+from imagine_rl.worldmodels.networks import Decoder, Encoder, Head
+from imagine_rl.worldmodels.rssm import RSSM, RSSMConfig
 
 __all__ = [
     "LOSS_KEYS",

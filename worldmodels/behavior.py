@@ -9,8 +9,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from worldmodels.layers import LayerFactory, NormalDist, OneHotDist, TwoHot
-from worldmodels.networks import Head
+from imagine_rl.worldmodels.layers import LayerFactory, NormalDist, OneHotDist, TwoHot
+from imagine_rl.worldmodels.networks import Head
 
 
 def lambda_return(

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worldmodels.layers import LayerFactory, symlog
-from worldmodels.networks import Encoder
+from imagine_rl.worldmodels.layers import LayerFactory, symlog
+from imagine_rl.worldmodels.networks import Encoder
 
 
 @dataclass

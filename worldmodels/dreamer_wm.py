@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worldmodels.cpc import CPCSpec, GreedyInfoMax, SequenceCPC
-from worldmodels.layers import LayerFactory, TwoHot, symlog
-from worldmodels.networks import Decoder, Encoder, Head, Shapes, split_keys
-from worldmodels.rssm import RSSM, RSSMConfig, State
+from imagine_rl.worldmodels.cpc import CPCSpec, GreedyInfoMax, SequenceCPC
+from imagine_rl.worldmodels.layers import LayerFactory, TwoHot, symlog
+from imagine_rl.worldmodels.networks import Decoder, Encoder, Head, Shapes, split_keys
+from imagine_rl.worldmodels.rssm import RSSM, RSSMConfig, State
 
 LOSS_KEYS = (
     "loss/reconstruction",

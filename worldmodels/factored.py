@@ -47,9 +47,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparse import SparseConfig
-from sparse.masks import drop_and_grow
-from worldmodels.layers import LayerFactory
+from imagine_rl.sparse import SparseConfig
+from imagine_rl.sparse.masks import drop_and_grow
+from imagine_rl.worldmodels.layers import LayerFactory
 
 GRAPHS = ("fixed", "dynamic", "l1")
 # An l1 edge counts as present (metrics, binary graph) while its |gate| is above this.

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from worldmodels.layers import LayerFactory, symlog
+from imagine_rl.worldmodels.layers import LayerFactory, symlog
 
 Shapes = dict[str, tuple[int, ...]]
 

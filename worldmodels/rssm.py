@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worldmodels.factored import FactoredPrior, FactoredSpec, FactoredTransition
-from worldmodels.layers import LayerFactory, NormalDist, OneHotDist
+from imagine_rl.worldmodels.factored import FactoredPrior, FactoredSpec, FactoredTransition
+from imagine_rl.worldmodels.layers import LayerFactory, NormalDist, OneHotDist
 
 State = dict[str, torch.Tensor]
 

@@ -78,8 +78,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worldmodels.cpc import SlotCPC
-from worldmodels.layers import LayerFactory
+from imagine_rl.worldmodels.cpc import SlotCPC
+from imagine_rl.worldmodels.layers import LayerFactory
 
 INIT_SCALE = 0.1  # scale of a fresh slot's frame (image units)
 PRESENT_SHARE = 0.004  # image share from which a slot counts fully in loss/dynamics

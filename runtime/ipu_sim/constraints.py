@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from runtime.errors import AcceleratorError
+from imagine_rl.runtime.errors import AcceleratorError
 
 from .presets import IPUPreset
 

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from runtime.accelerator_base import Accelerator
-from runtime.config import Config, IPUConfig
+from imagine_rl.runtime.accelerator_base import Accelerator
+from imagine_rl.runtime.config import Config, IPUConfig
 
 from .constraints import (
     IPUConstraintError,

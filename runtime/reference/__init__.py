@@ -14,7 +14,7 @@ the loaders also take an env id or a dashed name (``dmc:ball_in_cup-catch``,
 ``cartpole-swingup``). Observation types are ``pixels`` and ``state``; ``vision`` and ``both``
 (pixels reach the agent) mean ``pixels``, ``proprio`` means ``state``.
 
-    from runtime import reference
+    from imagine_rl.runtime import reference
     curve = reference.load_dreamerv3_curves("dmc:cartpole-balance", "pixels")  # or None
     curve.steps[:2], curve.mean[:2]  # array([16000., 24000.]), array([290. , 239.1])
     [s for s in reference.load_dmc_scores("walker_walk", "pixels") if s.env_steps == 1_000_000]

@@ -75,7 +75,7 @@ MODELS = ("dense", "rigl", "factored", "factored-fixed", "factored-dynamic", "fa
 
 def parse(argv: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(bench options, config overrides); raises ``ConfigError``/``ValueError``."""
-    from runtime.config import ConfigError, parse_overrides
+    from imagine_rl.runtime.config import ConfigError, parse_overrides
 
     options, rest = harness.parse_with_rest(argv, DEFAULTS, __doc__)
     overrides = parse_overrides(rest)
@@ -125,8 +125,8 @@ def collect(config, spec: str | None, steps: int, seed: int, switch: int | None)
     recorded by ``runtime.collect`` (the rule every producer of replay data follows)."""
     import copy
 
-    from runtime.collect import Collector, RandomPolicy
-    from runtime.factories import make_env_factory
+    from imagine_rl.runtime.collect import Collector, RandomPolicy
+    from imagine_rl.runtime.factories import make_env_factory
 
     env_config = copy.deepcopy(config)
     env_config.env.intervention = spec
@@ -153,7 +153,7 @@ def collect(config, spec: str | None, steps: int, seed: int, switch: int | None)
 
 
 def make_replay(config, steps: list[dict], seed: int):
-    from runtime.replay import SequenceReplay
+    from imagine_rl.runtime.replay import SequenceReplay
 
     replay = SequenceReplay(
         capacity=max(len(steps), config.replay.batch_length),
@@ -170,7 +170,7 @@ def evaluate(agent, batches: list[dict], context: int, horizon: int, seed: int) 
     """Held-out ``wm_loss`` and ``openloop_mse`` (module docstring), averaged over batches."""
     import torch
 
-    from worldmodels import symlog
+    from imagine_rl.worldmodels import symlog
 
     wm = agent.wm
     totals: dict[str, float] = {}
@@ -208,9 +208,9 @@ def run_one(kind: str, seed: int, options: dict, overrides: dict, data: dict) ->
     """Pretrain, intervene, adapt one model; returns its curves and areas."""
     import torch
 
-    import agents
-    from agents.dreamer import planned_updates
-    from runtime.config import build_config
+    from imagine_rl import agents
+    from imagine_rl.agents.dreamer import planned_updates
+    from imagine_rl.runtime.config import build_config
 
     pre_n, adapt_n = options["pretrain_updates"], options["adapt_updates"]
     total = pre_n + adapt_n
@@ -331,8 +331,8 @@ def plot(result: dict, path: Path) -> None:
 def main(argv: list[str]) -> int:
     import torch
 
-    from runtime.accelerator import configure_threads
-    from runtime.config import ConfigError, build_config, to_dict
+    from imagine_rl.runtime.accelerator import configure_threads
+    from imagine_rl.runtime.config import ConfigError, build_config, to_dict
 
     try:
         options, overrides = parse(argv)
@@ -412,7 +412,7 @@ def main(argv: list[str]) -> int:
 
 
 def _spaces(config):
-    from runtime.factories import make_env_factory
+    from imagine_rl.runtime.factories import make_env_factory
 
     env = make_env_factory(config, video=False)("eval", 1, config.seed)
     spaces = env.single_observation_space, env.single_action_space

@@ -36,7 +36,7 @@ DEFAULTS: dict[str, Any] = {
 
 
 def bench_mode(env_id: str, mode: str, args: dict[str, Any]) -> dict[str, Any]:
-    import envs
+    from imagine_rl import envs
 
     env = envs.make_env(
         env_id, obs="pixels", size=args["size"], blocks_action=mode, seed=args["seed"]
@@ -73,13 +73,13 @@ def bench_mode(env_id: str, mode: str, args: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    from runtime.config import ConfigError
+    from imagine_rl.runtime.config import ConfigError
 
     try:
         args = harness.parse(argv, DEFAULTS, __doc__)
     except ConfigError as error:
         return harness.error(error)
-    import envs
+    from imagine_rl import envs
 
     envs.check_env_id(args["env"])
     if not args["env"].startswith("blocks:"):

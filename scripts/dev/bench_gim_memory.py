@@ -123,8 +123,8 @@ def measure(overrides: dict[str, Any], size: int, warmup: int) -> dict[str, Any]
     import gymnasium as gym
     import torch
 
-    import agents
-    from runtime.config import build_config
+    from imagine_rl import agents
+    from imagine_rl.runtime.config import build_config
 
     config = build_config(overrides)
     obs_space = gym.spaces.Dict({"pixels": gym.spaces.Box(0, 255, (3, size, size), np.uint8)})
@@ -170,7 +170,7 @@ def measure(overrides: dict[str, Any], size: int, warmup: int) -> dict[str, Any]
 def main(argv: list[str]) -> int:
     import torch
 
-    from runtime.config import ConfigError, parse_overrides
+    from imagine_rl.runtime.config import ConfigError, parse_overrides
 
     try:
         args, rest = harness.parse_with_rest(argv, BENCH_DEFAULTS, __doc__)

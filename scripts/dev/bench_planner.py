@@ -59,7 +59,7 @@ def time_plan(agent, slots, goal, repeats: int, warmup: int) -> float:
 
 
 def main(argv: list[str]) -> int:
-    from runtime.config import ConfigError
+    from imagine_rl.runtime.config import ConfigError
 
     try:
         args = harness.parse(argv, DEFAULTS, __doc__)
@@ -71,9 +71,9 @@ def main(argv: list[str]) -> int:
     import numpy as np
     import torch
 
-    from agents.op3 import OP3Agent
-    from runtime.config import build_config
-    from worldmodels import slots as slot_module
+    from imagine_rl.agents.op3 import OP3Agent
+    from imagine_rl.runtime.config import build_config
+    from imagine_rl.worldmodels import slots as slot_module
 
     rows = []
     exact = slot_module.EXACT_MATCHING_MAX_SLOTS

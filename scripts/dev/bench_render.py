@@ -32,7 +32,7 @@ DEFAULTS: dict[str, Any] = {
 def steps_per_second(env_id: str, size: int, steps: int, seed: int) -> tuple[float, float]:
     """(steps per wall second, steps per CPU second of this process). The CPU rate is less
     disturbed by other processes on a shared machine than the wall rate."""
-    import envs
+    from imagine_rl import envs
 
     extra = {"goal_obs": True} if env_id.startswith("blocks:") else {}
     env = envs.make_env(env_id, obs="pixels", size=size, **extra)
@@ -51,7 +51,7 @@ def steps_per_second(env_id: str, size: int, steps: int, seed: int) -> tuple[flo
 
 
 def main(argv: list[str]) -> int:
-    from runtime.config import ConfigError
+    from imagine_rl.runtime.config import ConfigError
 
     try:
         args = harness.parse(argv, DEFAULTS, __doc__)

@@ -58,7 +58,7 @@ def make_pool(num_envs: int, size: int, rng: np.random.Generator) -> list[dict[s
 
 
 def bench(args: dict[str, Any], directory: Path | None, scratch: Path) -> dict[str, Any]:
-    from runtime.replay import SequenceReplay
+    from imagine_rl.runtime.replay import SequenceReplay
 
     replay = SequenceReplay(
         args["capacity"],
@@ -121,7 +121,7 @@ def bench(args: dict[str, Any], directory: Path | None, scratch: Path) -> dict[s
 
 
 def main(argv: list[str]) -> int:
-    from runtime.config import ConfigError
+    from imagine_rl.runtime.config import ConfigError
 
     try:
         args = harness.parse(argv, DEFAULTS, __doc__)

@@ -25,7 +25,7 @@ import harness
 import torch
 from torch import nn
 
-from sparse import SparseConfig, kernels, sparsify
+from imagine_rl.sparse import SparseConfig, kernels, sparsify
 
 DEFAULTS = {
     "json": "bench_sparse.json",
@@ -40,7 +40,7 @@ DEFAULTS = {
 
 
 def parse_args(argv: list[str]) -> dict:
-    from runtime.config import ConfigError
+    from imagine_rl.runtime.config import ConfigError
 
     aliases = {"size": "sizes", "batch": "batches", "density": "densities", "block": "blocks"}
     try:

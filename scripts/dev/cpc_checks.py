@@ -97,7 +97,7 @@ def check_mi(args: dict[str, Any]) -> dict[str, Any]:
     import torch
     from torch import nn
 
-    from worldmodels import info_nce, mi_bound
+    from imagine_rl.worldmodels import info_nce, mi_bound
 
     dims, N = args["dims"], args["batch"]
     log_n = math.log(N)
@@ -214,7 +214,7 @@ def probe_env_config(args: dict[str, Any]):
     """The config of the probe's env: ``env=`` observed as 64x64 pixels and state, with this
     script's ``action_repeat``, ``time_limit`` and ``distractors`` (checked like ``train.py``'s
     ``env.`` keys)."""
-    from runtime.config import build_config
+    from imagine_rl.runtime.config import build_config
 
     return build_config(
         {
@@ -231,7 +231,7 @@ def probe_env_config(args: dict[str, Any]):
 def collect(args: dict[str, Any]) -> tuple[list[dict[str, np.ndarray]], list[str]]:
     """Random-action episodes (pixels uint8 [T, 3, 64, 64], state [T, S], action [T, A]) and
     the name of every state dimension (``<observation key>.<i>``)."""
-    from runtime.factories import make_single_env
+    from imagine_rl.runtime.factories import make_single_env
 
     # A plain env: the state names come from its dm-control observation spec.
     env = make_single_env(probe_env_config(args), seed=args["seed"])
@@ -298,7 +298,7 @@ def probe(train_x, train_y, test_x, test_y, ridges: list[float], val_frames: int
 def check_probe(args: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from worldmodels import CPCSpec, Encoder, GreedyInfoMax, LayerFactory, SequenceCPC
+    from imagine_rl.worldmodels import CPCSpec, Encoder, GreedyInfoMax, LayerFactory, SequenceCPC
 
     start = time.perf_counter()
     episodes, state_names = collect(args)
@@ -420,7 +420,7 @@ def check_probe(args: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str]) -> int:
     import torch
 
-    from runtime.config import ConfigError
+    from imagine_rl.runtime.config import ConfigError
 
     try:
         args = harness.parse(argv, DEFAULTS, __doc__)

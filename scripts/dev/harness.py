@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import sys
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,13 +30,20 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _config():
-    """``runtime.config``; from the checkout when the package is not installed (e.g. the
-    SheepRL benchmark runs in SheepRL's own virtual environment)."""
+    """``imagine_rl.runtime.config``; from the checkout when the package is not installed
+    (e.g. the SheepRL benchmark runs in SheepRL's own virtual environment)."""
     try:
-        from runtime import config
-    except ImportError:
-        sys.path.insert(0, str(ROOT))
-        from runtime import config
+        from imagine_rl.runtime import config
+    except ModuleNotFoundError as error:
+        if error.name != "imagine_rl":
+            raise
+        # The checkout's folders are imagine_rl's subpackages (pyproject.toml's package-dir:
+        # imagine_rl.runtime is runtime/), so a namespace imagine_rl whose path is the
+        # checkout finds them.
+        package = types.ModuleType("imagine_rl")
+        package.__path__ = [str(ROOT)]
+        sys.modules["imagine_rl"] = package
+        from imagine_rl.runtime import config
     return config
 
 

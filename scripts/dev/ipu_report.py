@@ -61,7 +61,7 @@ def _gim_stages(modules: int):
 def _gim_report(config, args: dict) -> dict:
     import torch
 
-    from runtime.ipu_sim import estimate_pipeline
+    from imagine_rl.runtime.ipu_sim import estimate_pipeline
 
     modules, micro, batch = args["gim.modules"], args["gim.micro_batches"], args["gim.batch"]
     ipu = config.ipu
@@ -82,7 +82,7 @@ def _gim_report(config, args: dict) -> dict:
 
 
 def _print_gim(report: dict) -> None:
-    from runtime.ipu_sim.report import fmt_seconds
+    from imagine_rl.runtime.ipu_sim.report import fmt_seconds
 
     print(report["kind"])
     for label, est in report.items():
@@ -98,7 +98,7 @@ def _print_gim(report: dict) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from runtime.config import ConfigError, build_config, parse_overrides
+    from imagine_rl.runtime.config import ConfigError, build_config, parse_overrides
 
     try:
         script, rest = harness.parse_with_rest(argv, DEFAULTS, __doc__)
@@ -119,8 +119,8 @@ def main(argv: list[str]) -> int:
     except (ConfigError, ValueError) as error:
         return harness.error(error)
 
-    from runtime.accelerator import AcceleratorError
-    from runtime.ipu_sim import format_report
+    from imagine_rl.runtime.accelerator import AcceleratorError
+    from imagine_rl.runtime.ipu_sim import format_report
 
     try:
         if config is not None and script["gim"]:
@@ -141,11 +141,10 @@ def main(argv: list[str]) -> int:
 def _dreamer_report(config, updates: int) -> dict:
     """The estimate of ``updates`` Dreamer updates on batches of random-policy steps of one
     training env of ``config`` (its ``env`` settings, as ``train.py`` builds them)."""
-    import agents
-    import envs
-    from runtime.accelerator import configure_threads, seed_everything
-    from runtime.factories import make_env_factory
-    from runtime.replay import SequenceReplay, fill_with_random_policy
+    from imagine_rl import agents, envs
+    from imagine_rl.runtime.accelerator import configure_threads, seed_everything
+    from imagine_rl.runtime.factories import make_env_factory
+    from imagine_rl.runtime.replay import SequenceReplay, fill_with_random_policy
 
     envs.check_env_id(config.env.id)
     configure_threads(config.accelerator)

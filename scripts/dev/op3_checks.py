@@ -93,10 +93,10 @@ DEFAULTS: dict[str, Any] = {
 
 
 def _config(args: dict[str, Any], overrides: list[str]):
-    from runtime.config import build_config
+    from imagine_rl.runtime.config import build_config
 
     if args["checkpoint"]:
-        from runtime.checkpoint import load_checkpoint
+        from imagine_rl.runtime.checkpoint import load_checkpoint
 
         loaded = load_checkpoint(Path(str(args["checkpoint"])))
         return build_config(overrides, base=loaded.config), loaded
@@ -107,14 +107,14 @@ def _config(args: dict[str, Any], overrides: list[str]):
 def _env(config, seed: int):
     """One plain env of ``config.env`` as evaluation builds it (the original task, no
     intervention), observing pixels and the goal image only: the checks read nothing else."""
-    from runtime.factories import make_single_env
+    from imagine_rl.runtime.factories import make_single_env
 
     return make_single_env(config, mode="eval", seed=seed, obs="pixels")
 
 
 def _agent(config, env, loaded=None):
-    from agents.op3 import OP3Agent
-    from runtime.checkpoint import is_weights_only
+    from imagine_rl.agents.op3 import OP3Agent
+    from imagine_rl.runtime.checkpoint import is_weights_only
 
     agent = OP3Agent(config, env.observation_space, env.action_space)
     if loaded is not None and is_weights_only(loaded):  # check=ari save=: weights alone
@@ -161,7 +161,7 @@ def test_scenes(config, scenes: int, seed: int):
 def check_ari(args: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     import torch
 
-    from runtime.metrics import foreground_ari
+    from imagine_rl.runtime.metrics import foreground_ari
 
     config, loaded = _config(args, overrides)
     seed = args["seed"]
@@ -231,7 +231,7 @@ def check_ari(args: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
 
 def _save(agent, config, run_dir: str, updates: int) -> Path:
     """The trained weights as a checkpoint ``train.py init=`` and ``evaluate.py`` accept."""
-    from runtime.checkpoint import save_weights
+    from imagine_rl.runtime.checkpoint import save_weights
 
     return save_weights(run_dir, config, agent.state_dict())
 
@@ -264,7 +264,7 @@ class OraclePlanner:
     def __call__(self, env) -> np.ndarray:
         import torch
 
-        from agents.op3 import cem
+        from imagine_rl.agents.op3 import cem
 
         state = env.unwrapped.get_sim_state()
         sim = self.sim
@@ -383,7 +383,7 @@ def _grid_cells(grid: str) -> list[list[str]]:
     """
     import itertools
 
-    from runtime.config import ConfigError
+    from imagine_rl.runtime.config import ConfigError
 
     axes = []
     for entry in filter(None, (part.strip() for part in str(grid).split(";"))):
@@ -450,7 +450,7 @@ def random_episodes(config, episodes: int, seed: int):
 def check_hits(args: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     import torch
 
-    from agents.op3 import ranking_metrics, slot_distances
+    from imagine_rl.agents.op3 import ranking_metrics, slot_distances
 
     config, loaded = _config(args, overrides)
     seed = 3_000_000 + args["seed"]
@@ -515,8 +515,8 @@ PLANNERS = ("random", "oracle", "learned")
 def main(argv: list[str]) -> int:
     import torch
 
-    from runtime.checkpoint import CheckpointError
-    from runtime.config import ConfigError
+    from imagine_rl.runtime.checkpoint import CheckpointError
+    from imagine_rl.runtime.config import ConfigError
 
     try:
         # op3.<key>=value (and env.<key>=value) go to the agent's config, the rest are ours.

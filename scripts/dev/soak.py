@@ -83,7 +83,7 @@ def replay_bytes_at_capacity(config: Any) -> int:
     """What the replay holds in memory when full: capacity x bytes of one stored step."""
     import numpy as np
 
-    from runtime.factories import make_env_factory
+    from imagine_rl.runtime.factories import make_env_factory
 
     env = make_env_factory(config, video=False)("train", 1, config.seed)
     step = 4 + 3  # reward float32, three bool flags
@@ -96,13 +96,13 @@ def replay_bytes_at_capacity(config: Any) -> int:
 
 
 def main(argv: list[str]) -> int:
-    from runtime.config import ConfigError, build_config, parse_overrides
+    from imagine_rl.runtime.config import ConfigError, build_config, parse_overrides
 
     try:
         options, train_args = harness.parse_with_rest(argv, DEFAULTS, __doc__)
         given = parse_overrides(train_args)
         train_args += [f"{k}={v}" for k, v in TRAIN_DEFAULTS.items() if k not in given]
-        import agents  # noqa: F401 - registers the agents the config names
+        from imagine_rl import agents  # noqa: F401 - registers the agents the config names
 
         config = build_config(train_args)
     except (ConfigError, ValueError) as error:

@@ -23,7 +23,7 @@ import harness
 import torch
 from torch import nn
 
-from sparse import SparseConfig, sparsify
+from imagine_rl.sparse import SparseConfig, sparsify
 
 DEFAULTS = {
     "json": "sparse_sanity.json",
@@ -40,7 +40,7 @@ DEFAULTS = {
 
 
 def parse_args(argv: list[str]) -> dict:
-    from runtime.config import ConfigError
+    from imagine_rl.runtime.config import ConfigError
 
     try:
         return harness.parse(argv, DEFAULTS, __doc__)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -710,6 +711,20 @@ def load_preset(name: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"preset '{name}' ({path}) must be a mapping of sections")
     return data
+
+
+def format_override(key: str, value: Any) -> str:
+    """``key=value`` as ``parse_overrides`` reads it back (YAML): ``true``/``false``, ``null``,
+    lists and mappings as compact JSON (valid YAML flow), anything else as ``str``."""
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif value is None:
+        text = "null"
+    elif isinstance(value, list | tuple | dict):
+        text = json.dumps(list(value) if isinstance(value, tuple) else value, separators=(",", ":"))
+    else:
+        text = str(value)
+    return f"{key}={text}"
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:

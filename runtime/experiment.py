@@ -52,7 +52,7 @@ import numpy as np
 import yaml
 
 from imagine_rl.runtime.checkpoint import list_checkpoints
-from imagine_rl.runtime.config import ConfigError, build_config
+from imagine_rl.runtime.config import ConfigError, build_config, format_override
 
 REQUIRED_KEYS = ("name", "base", "variants", "seeds")
 OPTIONAL_KEYS = ("description", "workers", "threshold", "metric", "reference")
@@ -113,19 +113,6 @@ class Experiment:
     @property
     def records_dir(self) -> Path:
         return self.results_dir / "runs"
-
-
-def _arg(key: str, value: Any) -> str:
-    """``key=value`` as the command line takes it (values are parsed as YAML there)."""
-    if isinstance(value, bool):
-        text = "true" if value else "false"
-    elif value is None:
-        text = "null"
-    elif isinstance(value, list | dict):
-        text = json.dumps(value)
-    else:
-        text = str(value)
-    return f"{key}={text}"
 
 
 def _overrides(value: Any, where: str, path: Path) -> dict[str, Any]:
@@ -240,7 +227,7 @@ def _run_spec(experiment: Experiment, variant: str, seed: int) -> RunSpec:
                 f"{'base' if key in experiment.base else 'variant ' + variant}"
             )
     merged.setdefault("accelerator.threads", 1)  # one torch thread per worker
-    args = [_arg(k, v) for k, v in merged.items()]
+    args = [format_override(k, v) for k, v in merged.items()]
     args += [f"seed={seed}", f"run.dir={run_dir}"]
     try:
         config = build_config(args)

@@ -76,7 +76,7 @@ def train(
 
     Under ``torchrun`` every rank calls it with the same overrides; only rank 0 writes and
     prints. Returns a ``RunResult`` (see the module doc for its statuses)."""
-    from imagine_rl.runtime.config import ConfigError, parse_overrides
+    from imagine_rl.runtime.config import ConfigError, format_override, parse_overrides
 
     # wandb's own console capture and prompts would block a headless run.
     os.environ.setdefault("WANDB_SILENT", "true")
@@ -85,7 +85,7 @@ def train(
     if isinstance(overrides, Mapping):
         # Paths as their text (run.dir=, resume=, init=), as the command line gives them.
         parsed = {k: str(v) if isinstance(v, Path) else v for k, v in overrides.items()}
-        args = [_arg(key, value) for key, value in parsed.items()]
+        args = [format_override(key, value) for key, value in parsed.items()]
     else:
         args = list(overrides)
         try:
@@ -666,19 +666,6 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = value
     return out
-
-
-def _arg(key: str, value: Any) -> str:
-    """``key=value`` as the command line takes it (for the command printed in hints)."""
-    if isinstance(value, bool):
-        text = "true" if value else "false"
-    elif value is None:
-        text = "null"
-    elif isinstance(value, list | tuple):
-        text = "[" + ",".join(str(item) for item in value) + "]"
-    else:
-        text = str(value)
-    return f"{key}={text}"
 
 
 def _fresh_replay(run_dir: Path, checkpoint) -> None:

@@ -675,10 +675,14 @@ def _plot_reference(ax: Any, reference: dict, xmax: int) -> None:
     curve = load_dreamerv3_curves(reference["task"], reference["obs"])
     if curve is None:
         return
-    keep = curve.steps <= max(xmax, curve.steps[0])
+    keep = curve.steps <= xmax  # the axis keeps to the runs' range (as scripts/plot.py)
     label = f"DreamerV3, published ({curve.seeds} seeds; training episodes, not greedy evals)"
-    ax.plot(curve.steps[keep], curve.mean[keep], "k--", marker=".", label=label)
-    ax.fill_between(curve.steps[keep], curve.low[keep], curve.high[keep], color="k", alpha=0.08)
+    if keep.any():
+        ax.plot(curve.steps[keep], curve.mean[keep], "k--", marker=".", label=label)
+        ax.fill_between(curve.steps[keep], curve.low[keep], curve.high[keep], color="k", alpha=0.08)
+    else:  # its first window ends past the runs: named in the legend only
+        first = f"@{curve.steps[0] / 1000:.0f}k: {curve.mean[0]:.0f}"
+        ax.plot([], [], "k--", label=f"{label} {first} (beyond axis)")
 
 
 def report(experiment: Experiment) -> tuple[Path, Path]:

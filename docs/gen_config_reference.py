@@ -11,11 +11,9 @@ comment instead of its first line.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import re
 import sys
 import textwrap
-import types
 from pathlib import Path
 
 import yaml
@@ -24,21 +22,6 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "docs" / "reference" / "config.md"
 # One key line of ``describe(section)``: "  <dotted key> (<type>) = <default>".
 KEY_LINE = re.compile(r"^  (?P<key>[A-Za-z_][\w.]*) \((?P<type>.*)\) = (?P<default>.*)$")
-
-
-def _config_module():
-    """``imagine_rl.runtime.config``, installed (``pip install -e .``) or, when it is not, from
-    this checkout: its folders are imagine_rl's subpackages (pyproject.toml's package-dir), so
-    a namespace ``imagine_rl`` whose path is the checkout finds them."""
-    try:
-        return importlib.import_module("imagine_rl.runtime.config")
-    except ModuleNotFoundError as error:
-        if error.name != "imagine_rl":
-            raise
-    package = types.ModuleType("imagine_rl")
-    package.__path__ = [str(ROOT)]
-    sys.modules["imagine_rl"] = package
-    return importlib.import_module("imagine_rl.runtime.config")
 
 
 def _markdown(text: str) -> str:
@@ -75,7 +58,8 @@ def _field_doc(config, field_docs, key: str) -> str:
 
 
 def render() -> str:
-    module = _config_module()
+    from imagine_rl.runtime import config as module  # pip install -e '.[dev]'
+
     config = module.config_class()()
     field_docs = module.field_docs
     top = [f for f in dataclasses.fields(config)]

@@ -61,6 +61,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from imagine_rl.agents.sparsity import cached_masks, sparsify_world_model
+from imagine_rl.runtime.accelerator import make_accelerator
+from imagine_rl.runtime.loop import planned_updates as loop_planned_updates
+
 State = Any
 
 
@@ -104,3 +108,149 @@ class Agent(abc.ABC):
     def report(self, batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
         """Media for logging at eval time: name -> uint8 video ``[T, H, W, 3]``. Default: none."""
         return {}
+
+
+class ModelAgent(Agent):
+    """What every agent with a world model repeats, once: the accelerator (built for the run's
+    planned updates, which the trainer tells the agent), the dynamic-sparse masks on its world
+    model, the optimizer policy, checkpoint keys by module prefix, the act wrapper and the
+    once-per-interval metrics.
+
+    A subclass builds its modules, then calls ``place`` and (with ``sparse.enabled``)
+    ``sparsify``, and sets ``optimizer_policy``; it names its checkpointed modules in
+    ``modules()`` (their prefixes are the checkpoint's weight keys), its trained parts in
+    ``trained()``, and implements ``_act`` (called inside ``inference_mode`` with the masks
+    cached) and ``update``.
+    """
+
+    def __init__(
+        self, config: Any, planned_updates: int | None = None, compile_by_length: bool = True
+    ) -> None:
+        self.config = config
+        self.planned_updates = (
+            loop_planned_updates(config) if planned_updates is None else planned_updates
+        )
+        # Device, precision policy, backward/clip/step: the accelerator decides (cpu, cuda,
+        # ipu-sim); an agent never names a device itself. ``compile_by_length``: whether
+        # ``agent.compile=auto`` on cpu turns on for long runs (else only on cuda).
+        length = self.planned_updates if compile_by_length else None
+        self.accelerator = make_accelerator(config, length)
+        self.device = self.accelerator.device
+        self.sparsifier: Any = None
+        self.optimizer_policy: Any = None
+        self.updates = 0
+
+    @abc.abstractmethod
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """Checkpointed modules by weight-key prefix (``world_model``, ``actor``, ...)."""
+
+    def trained(self) -> dict[str, torch.nn.Module]:
+        """The trainable parts whose parameters ``num_parameters`` counts."""
+        return {"world_model": self.modules()["world_model"]}
+
+    def place(self) -> None:
+        for module in self.modules().values():
+            self.accelerator.place(module)
+
+    def sparsify(
+        self, world_model: torch.nn.Module, forward: Any, example: Any, skip_default: Any
+    ) -> None:
+        """Masks on ``world_model``'s layers (``sparse.*``), before the optimizers exist (they
+        keep the same Parameter objects anyway); see ``agents.sparsity``."""
+        self.sparsifier = sparsify_world_model(
+            self.config,
+            world_model,
+            forward,
+            example,
+            skip_default,
+            self.planned_updates,
+            self.device,
+        )
+        # RigL's dense gradients, like the masked ones, are averaged over ranks (torchrun).
+        self.sparsifier.grad_reduce = self.accelerator.average
+
+    def cached(self) -> Any:
+        """Masked weights computed once per block (``agents.sparsity.cached_masks``)."""
+        return cached_masks(self.sparsifier)
+
+    @torch.inference_mode()
+    def act(
+        self, obs: dict[str, np.ndarray], state: State, explore: bool
+    ) -> tuple[np.ndarray, State]:
+        n = len(obs["is_first"])
+        if state is None:
+            state = self.initial_state(n)
+        with self.cached():
+            return self._act(obs, state, explore, n)
+
+    @abc.abstractmethod
+    def _act(
+        self, obs: dict[str, np.ndarray], state: State, explore: bool, n: int
+    ) -> tuple[np.ndarray, State]: ...
+
+    def log_metrics(self) -> dict[str, float]:
+        """Once per log interval: the sparse masks' statistics (``sparse/*``) and the
+        accelerator's measured (cuda) or estimated (ipu-sim) scalars."""
+        out = dict(self.sparsifier.metrics()) if self.sparsifier is not None else {}
+        out.update(self.accelerator.metrics())
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        weights = {}
+        for prefix, module in self.modules().items():
+            for key, value in module.state_dict().items():
+                weights[f"{prefix}.{key}"] = value.detach().cpu().clone()
+        state = {
+            "weights": weights,
+            "optimizers": self.optimizer_policy.state_dict(),
+            "updates": self.updates,
+        }
+        if self.sparsifier is not None:
+            # Masks (bool), schedule position, RNG; the weights hold the masked layers as
+            # `<layer>.parametrizations.weight.original` and `...weight.0.mask`.
+            state["sparse"] = self.sparsifier.state_dict()
+        return state
+
+    def check_sparse(self, saved_sparse: bool, what: str = "checkpoint was") -> None:
+        if saved_sparse != (self.sparsifier is not None):
+            saved, now = ("true", "false") if saved_sparse else ("false", "true")
+            raise ValueError(
+                f"{what} saved with sparse.enabled={saved}, this agent has "
+                f"sparse.enabled={now}: load it with the sparse settings it was trained with"
+            )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_sparse("sparse" in state)
+        weights = state["weights"]
+        for prefix, module in self.modules().items():
+            own = {
+                key[len(prefix) + 1 :]: value
+                for key, value in weights.items()
+                if key.startswith(prefix + ".")
+            }
+            module.load_state_dict(own, strict=True)
+        if self.sparsifier is not None:
+            self.sparsifier.load_state_dict(state["sparse"])  # checks the masks, re-arms RigL
+        self.optimizer_policy.load_state_dict(state["optimizers"])
+        self.updates = int(state["updates"])
+
+    def num_parameters(self) -> dict[str, int]:
+        """Trainable parameter counts per part."""
+        counts = {
+            name: sum(p.numel() for p in module.parameters())
+            for name, module in self.trained().items()
+        }
+        counts["total"] = sum(counts.values())
+        return counts
+
+
+def openloop_video(truth: torch.Tensor, model: torch.Tensor) -> np.ndarray:
+    """truth | model | error side by side, sequences stacked vertically: frames in ``[0, 1]``
+    ``[B, T, C, H, W]`` -> uint8 ``[T, B * H, 3 * W, 3]`` (grey frames repeated to RGB)."""
+    error = ((model - truth) + 1.0) / 2.0
+    video = torch.cat([truth, model, error], -1)  # [B, T, C, H, 3W]
+    B, T, C, H, W3 = video.shape
+    video = video.permute(1, 0, 3, 4, 2).reshape(T, B * H, W3, C)
+    if C == 1:
+        video = video.expand(-1, -1, -1, 3)
+    return (video[..., :3] * 255).round().to(torch.uint8).cpu().numpy()

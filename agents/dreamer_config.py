@@ -7,13 +7,17 @@ agent, its presets (``agents/presets``) and its checks, in one registry entry.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from imagine_rl.runtime.config import ConfigError, at_least
-from imagine_rl.worldmodels.factored import FactoredSettings
-from imagine_rl.worldmodels.rssm import RSSMSettings
+from imagine_rl.worldmodels.actor_critic import ActorCriticSpec
+from imagine_rl.worldmodels.cpc import CPCSpec
+from imagine_rl.worldmodels.dreamer_wm import WorldModelSpec
+from imagine_rl.worldmodels.factored import FactoredSettings, FactoredSpec
+from imagine_rl.worldmodels.rssm import RSSMConfig, RSSMSettings
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -147,7 +151,7 @@ class WorldModelConfig(RSSMSettings):
 
 # The layers kept dense when ``sparse.skip`` is null: the first layer of each encoder, the
 # action input of the RSSM, and the output layers of the decoder and the reward/continue heads
-# (LayerFactory names; module paths work too, see ``agents.dreamer.sparse_skip``).
+# (LayerFactory names; module paths work too, see ``agents.sparsity.sparse_skip``).
 SPARSE_SKIP_DEFAULT = (
     "wm.encoder.mlp.0",
     "wm.encoder.cnn.0",
@@ -223,3 +227,66 @@ def validate(config) -> None:
             f"world_model.cpc_horizons ({w.cpc_horizons}) must be below replay.batch_length "
             f"({config.replay.batch_length}): CPC predicts that many steps ahead in a window"
         )
+
+
+def world_model_spec(config, planned_updates: int = 1) -> WorldModelSpec:
+    """The RSSM world model described by ``config.world_model`` (a factored graph's schedule
+    spans the run's ``planned_updates``)."""
+    w = config.world_model
+    rssm = RSSMConfig(
+        # The section's RSSM keys are RSSMSettings' fields; the spec adds the factored schedule.
+        **{f.name: getattr(w, f.name) for f in dataclasses.fields(RSSMSettings)},
+        factored=FactoredSpec(
+            **dataclasses.asdict(w.factored),
+            total_steps=planned_updates if w.factored.groups else 1,
+            seed=config.seed,
+        ),
+    )
+    return WorldModelSpec(
+        rssm=rssm,
+        units=w.units,
+        mlp_layers=w.mlp_layers,
+        head_layers=w.head_layers,
+        cnn_depth=w.cnn_depth,
+        reward_bins=w.reward_bins,
+        free_nats=w.free_nats,
+        norm=w.norm,
+        act=w.act,
+        representation=w.representation,
+        cpc=CPCSpec(
+            horizons=w.cpc_horizons,
+            dim=w.cpc_dim,
+            temperature=w.cpc_temperature,
+            actions=w.cpc_actions,
+        ),
+        greedy_modules=w.greedy_infomax.modules,
+    )
+
+
+def actor_critic_spec(config, discrete: bool) -> ActorCriticSpec:
+    """The actor-critic described by ``config.agent`` (its keys of ``ActorCriticSpec``'s
+    names); ``actor_grad=auto``: REINFORCE for discrete actions, dynamics backprop else."""
+    a = config.agent
+    fields = {
+        f.name: getattr(a, f.name)
+        for f in dataclasses.fields(ActorCriticSpec)
+        if hasattr(a, f.name)
+    }
+    if a.actor_grad == "auto":
+        fields["actor_grad"] = "reinforce" if discrete else "dynamics"
+    fields["replay_critic_grad"] = a.replay_critic_grad_wm
+    return ActorCriticSpec(**fields)
+
+
+def loss_scales(config) -> dict[str, float]:
+    """The weight of each world-model loss term in the world model's total."""
+    w = config.world_model
+    return {
+        "loss/reconstruction": w.rec_scale,
+        "loss/reward": w.reward_scale,
+        "loss/continue": w.continue_scale,
+        "loss/dynamics": w.dyn_scale,
+        "loss/representation": w.rep_scale,
+        "loss/cpc": w.cpc_scale,
+        "loss/graph": 1.0,  # factored l1 graph: already scaled by factored.l1_scale
+    }

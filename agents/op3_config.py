@@ -30,6 +30,10 @@ class OP3Config(SlotSpec):
     dynamics_scale: float = field(default=1.0, metadata=at_least(0))
     # Weight of loss/cpc (op3.representation=reconstruction+cpc or cpc; see SlotSpec).
     cpc_scale: float = field(default=1.0, metadata=at_least(0))
+    # Weight of loss/reward (op3.heads=true; see SlotSpec).
+    reward_scale: float = field(default=1.0, metadata=at_least(0))
+    # Weight of loss/continue (op3.heads=true; see SlotSpec).
+    continue_scale: float = field(default=1.0, metadata=at_least(0))
     # Train only the dynamics: the perception (encoder, slot attention, decoder, background)
     # is frozen, e.g. after `train.py init=<run>` from a perception pretrained by
     # `scripts/dev/op3_checks.py check=ari save=<run>` (the two-stage recipe in the README).
@@ -64,9 +68,10 @@ class OP3Config(SlotSpec):
 
 
 # The layers kept dense when ``sparse.skip`` is null (LayerFactory names; module paths work
-# too, see ``agents.dreamer.sparse_skip``), by the Dreamer's rules: the first layer on each
+# too, see ``agents.sparsity.sparse_skip``), by the Dreamer's rules: the first layer on each
 # input (the encoder's pixel conv, the 4-d position embeddings of encoder and decoder, the
-# dynamics' action input) and the decoder's output layer (RGB and mask logit per pixel).
+# dynamics' action input) and the output layers (the decoder's RGB and mask logit per pixel;
+# with op3.heads the reward and continue heads' outputs, as the Dreamer's).
 # Narrow inputs masked at density 0.1 would reach the model through a handful of weights.
 SPARSE_SKIP_DEFAULT = (
     "op3.encoder.conv0",
@@ -74,6 +79,8 @@ SPARSE_SKIP_DEFAULT = (
     "op3.decoder.pos",
     "op3.dynamics.action_embed.0",
     "op3.decoder.out",
+    "op3.reward.out",
+    "op3.continue.out",
 )
 
 

@@ -14,7 +14,7 @@ import gymnasium as gym
 from imagine_rl.agents import dreamer, op3, random_agent
 from imagine_rl.agents.base import Agent
 from imagine_rl.runtime.config import Config
-from imagine_rl.runtime.registry import AgentEntry, agent_entry, agent_names, register_agent
+from imagine_rl.runtime.registry import AgentEntry, agent_names, build_agent, register_agent
 
 BUILTIN = (dreamer.ENTRY, op3.ENTRY, random_agent.ENTRY)
 
@@ -23,9 +23,15 @@ def available_agents() -> list[str]:
     return agent_names()
 
 
-def make_agent(config: Config, obs_space: gym.spaces.Dict, action_space: gym.Space) -> Agent:
-    """The agent ``config.agent.name`` for one env's observation and action spaces."""
-    return agent_entry(config.agent.name).make(config, obs_space, action_space)
+def make_agent(
+    config: Config,
+    obs_space: gym.spaces.Dict,
+    action_space: gym.Space,
+    planned_updates: int | None = None,
+) -> Agent:
+    """The agent ``config.agent.name`` for one env's observation and action spaces (told the
+    run's ``planned_updates`` when it takes them; see ``runtime.registry.build_agent``)."""
+    return build_agent(config, obs_space, action_space, planned_updates)
 
 
 __all__ = ["AgentEntry", "available_agents", "make_agent", "register_agent"]

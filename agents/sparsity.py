@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import fnmatch
+import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -39,3 +41,54 @@ def cached_masks(sparsifier: sparse.Sparsifier | None) -> contextlib.AbstractCon
     """Compute each masked weight once per block (``weight = original * mask``) rather than at
     every access; only valid while no optimizer step happens inside."""
     return parametrize.cached() if sparsifier is not None else contextlib.nullcontext()
+
+
+def _matches(patterns: Sequence[str], names: list[str]) -> bool:
+    """fnmatch or full-match regex, as ``sparse`` matches ``skip``/``include``."""
+    for pattern in patterns:
+        for name in names:
+            if fnmatch.fnmatchcase(name, pattern):
+                return True
+            with contextlib.suppress(re.error):
+                if re.fullmatch(pattern, name):
+                    return True
+    return False
+
+
+def sparse_skip(model: nn.Module, patterns: Sequence[str]) -> list[str]:
+    """``patterns`` plus the module path of every layer whose ``LayerFactory`` name matches
+    one (a pixel decoder's last transposed conv also answers to ``wm.decoder.cnn.out``), so
+    ``sparse.skip`` accepts factory names and module paths."""
+    names = {
+        path: [module.layer_name]
+        for path, module in model.named_modules()
+        if isinstance(getattr(module, "layer_name", None), str)
+    }
+    convs = [p for p, n in names.items() if re.fullmatch(r"wm\.decoder\.cnn\.\d+", n[0])]
+    if convs:
+        names[convs[-1]].append("wm.decoder.cnn.out")
+    extra = [path for path, n in names.items() if _matches(patterns, n)]
+    return list(dict.fromkeys([*patterns, *extra]))
+
+
+def sparsify_world_model(
+    config: Any,
+    model: nn.Module,
+    forward: Callable[[Any], Any],
+    example: Any,
+    skip_default: Sequence[str],
+    planned_updates: int,
+    device: torch.device,
+) -> sparse.Sparsifier:
+    """Masks on a world model's layers as ``config.sparse`` asks (``sparse.skip=null``: the
+    agent's ``skip_default``), the schedule spanning ``planned_updates``; FLOPs counted per
+    replayed step on one dry ``forward(example)`` of a ``[1, replay.batch_length]`` batch."""
+    patterns = skip_default if config.sparse.skip is None else config.sparse.skip
+    library_config = config.sparse.library_config(
+        total_steps=planned_updates,
+        seed=config.seed,
+        fast_path_batch=config.replay.steps_per_batch,
+        skip=sparse_skip(model, list(patterns)),
+    )
+    T = config.replay.batch_length
+    return sparsify_model(model, forward, library_config, example, T, device)

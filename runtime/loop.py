@@ -79,6 +79,26 @@ class ReplayRatioClock:
         return max(0, target - self.updates_done)
 
 
+def planned_updates(config: Config, world_size: int | None = None) -> int:
+    """The updates a run of ``config`` will do, counted by this loop's ``ReplayRatioClock``
+    (what the trainer tells the agent: sparse schedules and factored graphs span it).
+
+    Vector steps of ``num_envs * action_repeat`` env steps (on every rank) until ``run.steps``;
+    once more than ``run.learning_starts`` env steps are collected each vector step adds
+    ``num_envs`` policy steps per rank, and the clock owes ``floor(policy steps * replay_ratio
+    / (steps per batch * world_size))`` updates. At least 1. Under ``torchrun`` (``world_size``
+    ranks; default: this process's launch) the counters are global: a run does about
+    ``1 / world_size`` of the updates, each on ``world_size`` batches.
+    """
+    world = distributed.context().world_size if world_size is None else world_size
+    per_vector_step = config.env.num_envs * config.env.action_repeat * world
+    vector_steps = -(-config.run.steps // per_vector_step)
+    before = min(vector_steps, config.run.learning_starts // per_vector_step)
+    policy_steps = config.env.num_envs * world * (vector_steps - before)
+    clock = ReplayRatioClock(config.run.replay_ratio, config.replay.steps_per_batch * world)
+    return max(1, clock.due(policy_steps))
+
+
 class UpdateMetrics:
     """Update metrics held as they come (0-d device tensors, or numbers) until they are read.
 

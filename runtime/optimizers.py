@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -252,4 +253,154 @@ class LaProp(torch.optim.Optimizer):
         return torch.zeros((), device=group["params"][0].device)
 
 
-__all__ = ["LaProp"]
+def grad_norm(params: Iterable[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The global L2 norm of the parameters' gradients (0-d, on the device; no host sync)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=device)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+@dataclass
+class Part:
+    """One trainable part of an agent: its parameters and (for ``adam``) its Adam settings
+    and global-norm clip (None: no clip)."""
+
+    params: list[torch.Tensor]
+    lr: float
+    eps: float
+    clip: float | None = None
+
+
+class OptimizerPolicy:
+    """How an agent's parts are optimised, in one place: ``adam`` / ``laprop``, separate or
+    joint gradients, and Greedy InfoMax's per-module optimizers.
+
+    - ``adam``: one Adam per part (``accelerator.optimizer``: fused, device-side), each part's
+      gradients clipped to its own norm. ``step(loss, parts)`` takes one gradient of ``loss``
+      for the named parts and steps each; an agent that steps parts one after the other (the
+      DreamerV3 paper: world model, then behaviour) calls it once per stage, a joint agent once
+      for all parts.
+    - ``laprop``: one ``LaProp`` over every part (current DreamerV3); ``step`` must then name
+      every part (one gradient of all losses), and adds ``train/grad_norm`` (before AGC),
+      each part's norm and ``train/lr``.
+    - ``greedy``: parameter lists of encoder modules that step their own Adam inside the
+      forward pass (``greedy_step``), named ``greedy_<i>``; they need ``adam``.
+
+    ``optimizers`` (name -> optimizer) is what checkpoints save: ``all`` (laprop) or the part
+    names, then ``greedy_<i>``. ``load_state_dict`` refuses another policy's optimizers in one
+    line naming the setting to use. Nothing here reads a tensor back to the host.
+    """
+
+    def __init__(
+        self,
+        accelerator: Any,
+        parts: dict[str, Part],
+        kind: str = "adam",
+        laprop: dict[str, Any] | None = None,
+        greedy: list[Part] | None = None,
+    ) -> None:
+        if kind not in ("adam", "laprop"):
+            raise ValueError(f"optimizer: expected adam or laprop, got {kind!r}")
+        if kind == "laprop" and greedy:
+            raise ValueError(
+                "agent.optimizer=laprop cannot train world_model.greedy_infomax.modules>0 "
+                "(their optimizers step inside the forward pass); use agent.optimizer=adam"
+            )
+        self.accelerator = accelerator
+        self.kind = kind
+        self.parts = parts
+        self.main: dict[str, torch.optim.Optimizer] = {}
+        if kind == "laprop":
+            params = [p for part in parts.values() for p in part.params]
+            self.main["all"] = LaProp(params, **(laprop or {}))
+        else:
+            for name, part in parts.items():
+                self.main[name] = accelerator.optimizer(part.params, lr=part.lr, eps=part.eps)
+        self.greedy = [
+            (accelerator.optimizer(part.params, lr=part.lr, eps=part.eps), part.clip)
+            for part in greedy or []
+        ]
+
+    @property
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        out = dict(self.main)
+        out.update({f"greedy_{i}": opt for i, (opt, _) in enumerate(self.greedy)})
+        return out
+
+    def optimizer_of(self, part: str) -> torch.optim.Optimizer:
+        """The optimizer that steps ``part`` (``all`` under laprop)."""
+        return self.main["all"] if self.kind == "laprop" else self.main[part]
+
+    def zero_grad(self) -> None:
+        """Clear the gradients of every part (not of the greedy modules)."""
+        for opt in self.main.values():
+            opt.zero_grad(set_to_none=True)
+
+    def step(
+        self,
+        loss: torch.Tensor,
+        parts: list[str],
+        after_step: Callable[[], None] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """One gradient of ``loss`` for ``parts``, their steps, ``after_step()`` (e.g. sparse
+        masks and factored graphs following the world model's step), then their gradients
+        cleared. Returns ``train/grad_norm_<part>`` (and, under laprop, ``train/grad_norm`` and
+        ``train/lr``) as 0-d device tensors.
+
+        Each part's gradients come from the one backward pass; ``loss`` must not reach a part
+        it does not name with a gradient it should not get (freeze it while building ``loss``).
+        """
+        accelerator = self.accelerator
+        metrics: dict[str, torch.Tensor] = {}
+        if self.kind == "laprop":
+            if sorted(parts) != sorted(self.parts):
+                raise ValueError(
+                    f"optimizer=laprop steps every part at once ({sorted(self.parts)}), "
+                    f"got {sorted(parts)}"
+                )
+            opt = self.main["all"]
+            (metrics["train/grad_norm"],) = accelerator.backward_groups(loss, [(opt, None)])
+            for name in parts:
+                device = metrics["train/grad_norm"].device
+                metrics[f"train/grad_norm_{name}"] = grad_norm(self.parts[name].params, device)
+            opts = [opt]
+        else:
+            opts = [self.main[name] for name in parts]
+            groups = [(self.main[name], self.parts[name].clip) for name in parts]
+            for name, norm in zip(parts, accelerator.backward_groups(loss, groups)):
+                metrics[f"train/grad_norm_{name}"] = norm
+        for opt in opts:
+            accelerator.step(opt)
+        if after_step is not None:
+            after_step()
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        if self.kind == "laprop":
+            metrics["train/lr"] = self.main["all"].scheduled_lr()
+        return metrics
+
+    def greedy_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        """Backward and step of one Greedy InfoMax module (inside the encoder's forward pass);
+        returns its gradient norm."""
+        clip = dict((id(opt), clip) for opt, clip in self.greedy)[id(optimizer)]
+        norm = self.accelerator.backward(loss, optimizer, clip=clip)
+        self.accelerator.step(optimizer)
+        return norm
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved, now = set(state), set(self.optimizers)
+        if saved != now:
+            was = "laprop" if "all" in saved else "adam"
+            raise ValueError(
+                f"checkpoint was saved with agent.optimizer={was} (optimizers {sorted(saved)}), "
+                f"this agent has {sorted(now)}: load it with agent.optimizer={was}"
+            )
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state[name])
+
+
+__all__ = ["LaProp", "OptimizerPolicy", "Part", "grad_norm"]

@@ -15,6 +15,7 @@ its agents the same way, with no change here).
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -159,6 +160,18 @@ def agent_entry(name: str) -> AgentEntry:
     hint = f"did you mean '{close[0]}'? " if close else ""
     listed = ", ".join(names) if names else "none registered (is the imagine-rl package installed?)"
     raise ValueError(f"unknown agent '{name}': {hint}available: {listed}")
+
+
+def build_agent(
+    config: Any, obs_space: Any, action_space: Any, planned_updates: int | None = None
+) -> Any:
+    """The agent ``config.agent.name`` for these spaces. The trainer tells it how many updates
+    the run plans (``planned_updates``, counted by the loop's clock) when its ``make`` takes a
+    ``planned_updates`` keyword; a plug-in whose ``make`` does not is built without it."""
+    make = agent_entry(config.agent.name).make
+    if planned_updates is not None and "planned_updates" in inspect.signature(make).parameters:
+        return make(config, obs_space, action_space, planned_updates=planned_updates)
+    return make(config, obs_space, action_space)
 
 
 def preset_dirs() -> list[Path]:

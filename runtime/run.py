@@ -537,7 +537,7 @@ def _train_locked(config, run_dir, checkpoint, ctx, make_env, init_weights, stag
     from imagine_rl.runtime.config import save_yaml
     from imagine_rl.runtime.factories import make_replay_factory
     from imagine_rl.runtime.logging import Logger, make_logger
-    from imagine_rl.runtime.loop import TrainingError
+    from imagine_rl.runtime.loop import TrainingError, planned_updates
     from imagine_rl.runtime.loop import train as train_loop
 
     main = ctx.is_main
@@ -563,8 +563,8 @@ def _train_locked(config, run_dir, checkpoint, ctx, make_env, init_weights, stag
 
     def make_agent(obs_space, action_space):
         try:
-            built["agent"] = registry.agent_entry(config.agent.name).make(
-                config, obs_space, action_space
+            built["agent"] = registry.build_agent(
+                config, obs_space, action_space, planned_updates(config)
             )
         except (ValueError, TypeError) as error:
             # Models raise ValueError/TypeError for settings they cannot be built with (sizes,
@@ -759,6 +759,7 @@ def _eval_env(config, num_envs: int, seed: int, video: bool = False):
 def _load_agent(loaded, config, obs_space, action_space):
     from imagine_rl.runtime import registry
     from imagine_rl.runtime.checkpoint import CheckpointError
+    from imagine_rl.runtime.loop import planned_updates
 
     def refused(error: Exception) -> CheckpointError:
         return CheckpointError(
@@ -769,7 +770,7 @@ def _load_agent(loaded, config, obs_space, action_space):
     try:
         # Sizes or spaces the model cannot be built with (the models raise ValueError or
         # TypeError naming them); anything else is a bug and keeps its traceback.
-        agent = registry.agent_entry(config.agent.name).make(config, obs_space, action_space)
+        agent = registry.build_agent(config, obs_space, action_space, planned_updates(config))
     except (ValueError, TypeError) as error:
         raise refused(error) from None
     try:

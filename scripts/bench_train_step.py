@@ -245,8 +245,8 @@ def _part_seconds(agent, batches, device) -> dict:
         return time.perf_counter(), time.process_time()
 
     for batch in batches:
-        if getattr(agent, "context", False):
-            batch = agent._with_context(batch)
+        if getattr(agent, "context", None) is not None:  # replay.context: every input present
+            batch = agent.context.complete(batch)
         with agent.accelerator.train_step(batch):
             data = agent.preprocess(batch)
             wall, cpu = clocks()

@@ -400,7 +400,7 @@ def test_dreamer_modes_train_under_debug_preset(representation, greedy):
         f"world_model.greedy_infomax.modules={greedy}",
     )
     assert (agent.wm.decoder is None) == (representation == "cpc")
-    assert len(agent.greedy_opts) == greedy
+    assert len(agent.optimizer_policy.greedy) == greedy
     batch = make_batch(obs)
     before = {n: p.detach().clone() for n, p in agent.wm.named_parameters()}
     history = [agent.update(batch) for _ in range(3)]

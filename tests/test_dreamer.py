@@ -174,11 +174,11 @@ def imagined_losses(agent):
     data = agent.preprocess(make_batch({"state": STATE}, BOX))
     post, _ = agent.train_world_model(data)
     start = {"deter": post["deter"].flatten(0, 1), "stoch": post["stoch"].flatten(0, 1)}
-    traj, actor_raw = agent._imagine(start)
-    actor_loss, critic_loss, _ = agent._ac_losses(
-        traj, actor_raw, 1 - data["is_terminal"].reshape(-1)
+    traj, actor_raw = agent.behaviour.imagine(agent.wm, start)
+    terms, _, _ = agent.behaviour.imagination_loss(
+        agent.wm, traj, actor_raw, 1 - data["is_terminal"].reshape(-1)
     )
-    return actor_loss, critic_loss, post, data
+    return terms["actor"], terms["critic"], post, data
 
 
 def test_dynamics_backprop_reaches_actor_through_the_model():
@@ -223,7 +223,7 @@ def test_replay_critic_loss_trains_only_the_critic(starts):
     data = agent.preprocess(make_batch(obs, BOX))
     post, _ = agent.train_world_model(data)
     boot = torch.randn(data["reward"].numel() if starts == 0 else starts)
-    loss, metrics = agent._replay_critic_loss(post, data, boot)
+    loss, metrics = agent.behaviour.replay_critic_loss(agent.wm, post, data, boot)
     assert loss.ndim == 0 and torch.isfinite(loss)
     assert set(metrics) == {"train/replay_critic_nll", "train/replay_return"}
     params = {
@@ -426,11 +426,12 @@ def test_laprop_is_one_step_of_one_optimizer_after_all_losses(action_space):
     its state round-trips through a checkpoint and an Adam agent refuses it."""
     obs = {"state": STATE}
     agent = make(obs, action_space, "agent.optimizer=laprop", "agent.warmup=0")
-    assert agent.opt is not None and agent.wm_opt is None and agent.actor_opt is None
-    held = {id(p) for group in agent.opt.param_groups for p in group["params"]}
+    assert set(agent.optimizer_policy.main) == {"all"}  # no world-model/actor/critic Adam
+    opt = agent.optimizer_policy.main["all"]
+    held = {id(p) for group in opt.param_groups for p in group["params"]}
     assert held == {id(p) for m in _parts(agent).values() for p in m.parameters()}
     events = []
-    agent.opt.register_step_pre_hook(lambda *_: events.append("step"))
+    opt.register_step_pre_hook(lambda *_: events.append("step"))
     behaviour_forward = agent._behaviour_forward
 
     def recording(post, data):
@@ -508,7 +509,7 @@ def test_laprop_keeps_sparse_masks():
     assert agent.sparsifier.step_count == 2
     for la in agent.sparsifier.sparse_layers:
         pruned = la.p.mask == 0
-        state = agent.opt.state[la.original]
+        state = agent.optimizer_policy.main["all"].state[la.original]
         assert not la.original.detach()[pruned].any(), la.name
         assert not state["exp_avg"][pruned].any() and not state["exp_avg_sq"][pruned].any()
 
@@ -520,8 +521,8 @@ def test_imagine_start_continue_weights_step_zero_by_the_continue_head():
     feat = torch.randn(4, 3, on.wm.feat_size)
     start = torch.tensor([1.0, 0.0, 1.0, 0.0])
     predicted = on.wm.continue_prob(feat)
-    assert torch.equal(on._imagined_continue(feat, start), predicted)
-    default = off._imagined_continue(feat, start)
+    assert torch.equal(on.behaviour.imagined_continue(on.wm, feat, start), predicted)
+    default = off.behaviour.imagined_continue(off.wm, feat, start)
     assert torch.equal(default[:, 0], start) and torch.equal(default[:, 1:], predicted[:, 1:])
     metrics = on.update(make_batch(obs, BOX))
     assert all(math.isfinite(float(v)) for v in metrics.values())
@@ -541,7 +542,7 @@ def test_replay_critic_grad_reaches_the_world_model(optimizer):
     _, _, post = agent._world_model_forward(data)
     assert post["deter"].requires_grad
     boot = torch.randn(data["reward"].numel())
-    loss, _ = agent._replay_critic_loss(post, data, boot)
+    loss, _ = agent.behaviour.replay_critic_loss(agent.wm, post, data, boot)
     groups = {name: list(m.parameters()) for name, m in _parts(agent).items()}
     flat = [p for group in groups.values() for p in group]
     grads = dict(zip(map(id, flat), torch.autograd.grad(loss, flat, allow_unused=True)))
@@ -588,7 +589,7 @@ def _context_batch(agent: DreamerAgent, B: int = 3, T: int = 10):
 
 def test_replay_context_starts_observe_from_the_stored_state():
     agent = make({"state": STATE}, BOX, "replay.context=1")
-    assert agent.context and agent.replay_latents() is None
+    assert agent.context is not None and agent.replay_latents() is None
     batch, context = _context_batch(agent)
     rssm = agent.wm.rssm
     with torch.no_grad():
@@ -718,9 +719,10 @@ def test_reinforce_scores_the_raw_sample_not_the_clipped_action():
     wm.continue_prob = lambda feat: torch.ones(feat.shape[:-1])
     n = 200_000
     start = wm.rssm.initial(n, torch.device("cpu"))
-    traj, actor_raw = agent._imagine(start)
+    traj, actor_raw = agent.behaviour.imagine(wm, start)
     assert (traj["action"].abs() <= 1).all() and (traj["policy_sample"].abs() > 1).any()
-    actor_loss, _, _ = agent._ac_losses(traj, actor_raw, torch.ones(n))
+    terms, _, _ = agent.behaviour.imagination_loss(wm, traj, actor_raw, torch.ones(n))
+    actor_loss = terms["actor"]
     (grad,) = torch.autograd.grad(actor_loss, [agent.actor.net.raw])
     # d loss / d mean_raw = -actor_scale * dE/dmu * (1 - tanh^2): the critic predicts exactly 0
     # and the return scale is 1 on the first update, so the advantage is the reward itself.
@@ -757,8 +759,8 @@ def test_replay_critic_loss_ignores_the_last_step_of_an_episode():
     def loss_with_deter_changed_at(t):
         changed = {k: v.clone() for k, v in post.items()}
         changed["deter"][0, t] += 1.0
-        return agent._replay_critic_loss(changed, data, boot)[0]
+        return agent.behaviour.replay_critic_loss(agent.wm, changed, data, boot)[0]
 
-    base = agent._replay_critic_loss(post, data, boot)[0]
+    base = agent.behaviour.replay_critic_loss(agent.wm, post, data, boot)[0]
     assert torch.equal(loss_with_deter_changed_at(4), base)  # the episode's last step
     assert not torch.equal(loss_with_deter_changed_at(3), base)

@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-import imagine_rl.agents.op3 as op3_module
-from imagine_rl.agents.op3 import OP3Agent, cem, matched_slot_distance, slot_distances
+import imagine_rl.worldmodels.planning as planning
+from imagine_rl.agents.op3 import OP3Agent
 from imagine_rl.runtime.config import ConfigError, build_config
 from imagine_rl.runtime.metrics import adjusted_rand_index, foreground_ari
 from imagine_rl.worldmodels.layers import LayerFactory
+from imagine_rl.worldmodels.planning import GoalCost, cem
+from imagine_rl.worldmodels.slot_metrics import matched_slot_distance, slot_distances
 from imagine_rl.worldmodels.slots import (
     MIN_SCALE,
     SlotDynamics,
@@ -280,7 +282,7 @@ def test_reconstruction_loss_falls():
 
 
 @pytest.mark.parametrize("inference", ["fresh", "filter"])
-def test_observe_imagine_shapes_and_segment_masks(inference):
+def test_observe_rollout_shapes_and_segment_masks(inference):
     model = tiny_model(inference=inference)
     batch = _batch(2, 3)
     states = model.observe(batch["pixels"], batch["action"], batch["is_first"])
@@ -288,12 +290,141 @@ def test_observe_imagine_shapes_and_segment_masks(inference):
     assert states["post"].shape == states["prior"].shape == (2, 3, K, S)
     assert states["attention"].shape == (2, 3, 64, K)  # 8 x 8 tokens at resolution 16
     assert states["has_prior"].tolist() == [[0.0, 1.0, 1.0]] * 2
-    rollout = model.imagine(states["post"][:, -1], torch.rand(2, 5, 4))
-    assert rollout.shape == (2, 6, K, S)
-    torch.testing.assert_close(rollout[:, 0], states["post"][:, -1])
+    actions = torch.rand(2, 5, 4)
+    rollout = model.rollout({"slots": states["post"][:, -1]}, actions)
+    assert set(rollout) == {"slots"} and rollout["slots"].shape == (2, 5, K, S)
+    # The slots after each action, the start left out.
+    first = model.transition(states["post"][:, -1], actions[:, 0])
+    torch.testing.assert_close(rollout["slots"][:, 0], first)
+    torch.testing.assert_close(rollout["slots"][:, 1], model.transition(first, actions[:, 1]))
     masks = model.segment(batch["pixels"][:, 0])  # back at the frames' 32 x 32
     assert masks.shape == (2, K, 32, 32)
     torch.testing.assert_close(masks.sum(1), torch.ones(2, 32, 32))
+
+
+def test_imagine_carries_the_goal_and_rollout_replays_its_actions():
+    """Closed loop (``imagine``) and open loop (``rollout``) over slot States: the policy sees
+    the start's goal at every step, the goal is carried unchanged, and replaying the imagined
+    actions open loop gives the same slots (the dynamics is deterministic)."""
+    model = tiny_model()
+    K, S = model.num_slots, model.state_dim
+    torch.manual_seed(2)
+    start = {"slots": random_slots(model), "goal": random_slots(model)}
+    seen = []
+
+    def policy(state):
+        seen.append(state)
+        return torch.tanh(state["slots"][:, 0, :4] + state["goal"][:, 1, :4])
+
+    with torch.no_grad():
+        imagined = model.imagine(policy, start, 3)
+        assert imagined["slots"].shape == imagined["goal"].shape == (2, 4, K, S)
+        assert imagined["action"].shape == (2, 3, 4) and len(seen) == 3
+        assert all(torch.equal(state["goal"], start["goal"]) for state in seen)
+        torch.testing.assert_close(imagined["slots"][:, 0], start["slots"])
+        torch.testing.assert_close(imagined["goal"], start["goal"][:, None].expand(2, 4, K, S))
+        rolled = model.rollout(start, imagined["action"])
+        assert rolled["slots"].shape == rolled["goal"].shape == (2, 3, K, S)
+        assert torch.equal(rolled["slots"], imagined["slots"][:, 1:])
+        # Zero steps: the start alone, and no states after it.
+        assert model.imagine(policy, start, 0)["action"].shape == (2, 0, 4)
+        assert model.rollout(start, torch.zeros(2, 0, 4))["slots"].shape == (2, 0, K, S)
+    with pytest.raises(AssertionError, match="expected start slots"):
+        model.rollout({"slots": start["slots"][:, :2]}, imagined["action"])
+
+
+def test_feat_concatenates_the_slots_in_order_then_the_goal():
+    model = tiny_model()
+    K, S = model.num_slots, model.state_dim
+    slots = random_slots(model, 6).reshape(2, 3, K, S)
+    feat = model.feat({"slots": slots})
+    assert model.feat_size == K * S and feat.shape == (2, 3, K * S)
+    for k in range(K):
+        assert torch.equal(feat[..., k * S : (k + 1) * S], slots[..., k, :])
+    with pytest.raises(ValueError, match="goal_features=False"):
+        model.feat({"slots": slots, "goal": slots})
+    goal_model = tiny_model(goal_features=True)
+    goal = slots.flip(-2)
+    feat = goal_model.feat({"slots": slots, "goal": goal})
+    assert goal_model.feat_size == 2 * K * S and feat.shape == (2, 3, 2 * K * S)
+    assert torch.equal(feat, torch.cat([slots.flatten(-2), goal.flatten(-2)], -1))
+    with pytest.raises(ValueError, match="goal_features=True"):
+        goal_model.feat({"slots": slots})
+
+
+def _head_batch(B: int = 2, T: int = 3) -> dict[str, torch.Tensor]:
+    batch = _batch(B, T)
+    batch["reward"] = torch.tensor([[0.0, 2.0, -3.0], [1.0, 0.0, 10.0]])[:B, :T]
+    batch["is_terminal"] = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 0.0]])[:B, :T]
+    return batch
+
+
+def test_heads_are_built_last_and_only_when_asked():
+    """Without SlotSpec.heads there are no reward/continue parameters (today's models and
+    checkpoints), and asking for a reward is a one-line error; with them the other
+    parameters are exactly those of the model without heads."""
+    plain, headed = tiny_model(), tiny_model(heads=True)
+    assert plain.reward_head is None and plain.continue_head is None
+    feat = torch.zeros(3, plain.feat_size)
+    for method in (plain.reward, plain.continue_prob):
+        with pytest.raises(ValueError, match="SlotSpec.heads=True"):
+            method(feat)
+    mine, theirs = plain.state_dict(), headed.state_dict()
+    assert all(torch.equal(value, theirs[key]) for key, value in mine.items())
+    extra = sorted(set(theirs) - set(mine))
+    assert extra and all(k.startswith(("reward_head.", "continue_head.")) for k in extra)
+    # Same parameters: the same world-model losses, plus the two head losses.
+    with torch.no_grad():
+        base, _ = plain.loss(_batch())
+        with_heads, _ = headed.loss(_head_batch())
+    assert set(with_heads) == set(base) | {"loss/reward", "loss/continue"}
+    assert all(torch.equal(with_heads[k], base[k]) for k in base)
+    with pytest.raises(ValueError, match="lacks \\['reward', 'is_terminal'\\]"):
+        headed.loss(_batch())
+
+
+def test_head_losses_and_predictions_by_hand():
+    model = tiny_model(heads=True)
+    batch = _head_batch()
+    losses, metrics, post = model.loss_and_states(batch)
+    assert set(post) == {"slots"} and post["slots"].shape == (2, 3, 4, model.state_dim)
+    feat = model.feat(post)
+    with torch.no_grad():
+        reward_out = model.reward_head(feat)[..., 0]
+        logits = model.continue_head(feat)[..., 0]
+    reward = batch["reward"]
+    symlog = reward.sign() * (reward.abs() + 1).log()
+    torch.testing.assert_close(losses["loss/reward"], (reward_out - symlog).square().mean())
+    target = 1.0 - batch["is_terminal"]
+    prob = 1.0 / (1.0 + (-logits).exp())
+    bce = -(target * prob.log() + (1 - target) * (1 - prob).log()).mean()
+    torch.testing.assert_close(losses["loss/continue"], bce)
+    # reward() undoes the symlog; continue_prob() is the sigmoid; both [B, T].
+    predicted = model.reward(feat)
+    assert predicted.shape == (2, 3)
+    torch.testing.assert_close(predicted, reward_out.sign() * (reward_out.abs().exp() - 1))
+    torch.testing.assert_close(model.continue_prob(feat), prob)
+    assert torch.isfinite(metrics["world_model/reward_error"])
+    # The heads learn on the slots the perception gives them (detached by default).
+    reached = _grads(model, losses["loss/reward"] + losses["loss/continue"])
+    assert not any(reached.values())
+    assert all(p.grad is not None for p in model.reward_head.parameters())
+    assert all(p.grad is not None for p in model.continue_head.parameters())
+
+
+def test_goal_features_infer_the_goal_frames_into_the_posterior():
+    model = tiny_model(heads=True, goal_features=True)
+    batch = {**_head_batch(), "goal": torch.rand(2, 3, 3, 32, 32) - 0.5}
+    losses, _, post = model.loss_and_states(batch)
+    assert set(post) == {"slots", "goal"} and post["goal"].shape == post["slots"].shape
+    with torch.no_grad():
+        expected = model.infer(batch["goal"].flatten(0, 1)).unflatten(0, (2, 3))
+    torch.testing.assert_close(post["goal"], expected)
+    assert not post["goal"].requires_grad  # a conditioning input: it trains no perception
+    assert model.feat(post).shape == (2, 3, model.feat_size)
+    assert all(torch.isfinite(v) for v in losses.values())
+    with pytest.raises(ValueError, match="lacks \\['goal'\\]"):
+        model.loss(_head_batch())
 
 
 def _assert_canonical(slots: torch.Tensor, slot_dim: int) -> None:
@@ -320,7 +451,8 @@ def test_slot_states_stay_canonical_even_with_runaway_dynamics(inference):
     states = model.observe(batch["pixels"], batch["action"], batch["is_first"])
     for key in ("post", "prior"):
         _assert_canonical(states[key], D)
-    _assert_canonical(model.imagine(states["post"][:, -1], torch.rand(2, 6, 4) * 2 - 1), D)
+    rollout = model.rollout({"slots": states["post"][:, -1]}, torch.rand(2, 6, 4) * 2 - 1)
+    _assert_canonical(rollout["slots"], D)
     with torch.no_grad():
         losses, metrics = model.loss(batch)
     assert all(bool(torch.isfinite(v)) for v in losses.values())
@@ -424,7 +556,7 @@ def test_plan_warm_start_shifts_the_last_plan(warm, monkeypatch):
     config = _config("op3.horizon=3", f"op3.cem_warm_start={str(warm).lower()}")
     agent = OP3Agent(config, *_spaces())
     seen = []
-    monkeypatch.setattr(op3_module, "cem", agent_cem_spy(seen))
+    monkeypatch.setattr(planning, "cem", agent_cem_spy(seen))
     slots = torch.zeros(1, config.op3.slots, agent.wm.state_dim)
     previous = torch.arange(12, dtype=torch.float32).reshape(1, 3, 4) / 12
     agent.plan(slots, slots, previous)
@@ -464,7 +596,7 @@ def test_act_carries_the_plan_and_restarts_it_each_episode(monkeypatch):
     # The greedy action is the plan's first action; the plan is kept for the next step.
     np.testing.assert_allclose(action, state["plan"][:, 0].numpy(), atol=1e-6)
     seen = []
-    monkeypatch.setattr(op3_module, "cem", agent_cem_spy(seen))
+    monkeypatch.setattr(planning, "cem", agent_cem_spy(seen))
     plan = state["plan"].clone()
     agent.act({**obs, "is_first": np.array([False, True])}, state, explore=False)
     torch.testing.assert_close(seen[0][0, 0], plan[0, 1])  # env 0 continues: shifted
@@ -487,11 +619,16 @@ def test_keep_cost_charges_moving_placed_slots_only():
     assert placed.shape == (1, K)
     torch.testing.assert_close(placed[0], (order == 0).float())  # found in any slot order
     actions = torch.rand(1, 3, 1, 4) * 2 - 1
-    without = agent.plan_cost(slots, goal, actions)
-    with_keep = agent.plan_cost(slots, goal, actions, agent.placed_slots(slots, goal))
-    final = agent.wm.imagine(slots.expand(3, K, S), actions[0])[:, -1]
+    start = {"slots": slots, "goal": goal}
+    with_keep = agent.planner.sequence_cost(start, actions)
+    final = agent.wm.rollout({"slots": slots.expand(3, K, S)}, actions[0])["slots"][:, -1]
+    states = {"slots": final[None, :, None]}  # [N, P, H, K, S]
+    without = GoalCost(D, config.op3.position_weight)(agent.wm, start, states, actions)
     motion = (final[:, 0, D : D + 2] - slots[:, 0, D : D + 2]).norm(dim=-1)
     torch.testing.assert_close(with_keep, without + 2.0 * motion[None])
+    # Without the keep term: the matched distance of the last predicted slots to the goal.
+    matched = matched_slot_distance(final, goal, D, config.op3.position_weight)
+    torch.testing.assert_close(without, matched[None])
 
 
 def test_load_weights_starts_from_trained_weights_with_fresh_counters():
@@ -540,6 +677,34 @@ def test_freeze_perception_trains_only_the_dynamics():
             obs_space,
             action_space,
         )
+
+
+def test_agent_with_heads_trains_them_on_a_frozen_perception():
+    """``op3.heads=true``: the replayed reward and is_terminal reach loss/reward and
+    loss/continue, and with ``op3.freeze_perception`` the heads train beside the dynamics."""
+    obs_space, action_space = _spaces()
+    config = _config("op3.heads=true", "op3.freeze_perception=true", "op3.reward_scale=0.5")
+    agent = OP3Agent(config, obs_space, action_space)
+    before = {k: v.clone() for k, v in agent.wm.state_dict().items()}
+    batch = {
+        "pixels": torch.randint(0, 255, (2, 3, 3, 32, 32), dtype=torch.uint8),
+        "action": torch.rand(2, 3, 4) * 2 - 1,
+        "is_first": torch.zeros(2, 3, dtype=torch.bool),
+        "reward": torch.rand(2, 3),
+        "is_terminal": torch.tensor([[False, False, True], [False, False, False]]),
+    }
+    for _ in range(2):
+        metrics = agent.update(batch)
+    assert all(np.isfinite(float(metrics[k])) for k in ("loss/reward", "loss/continue"))
+    scaled = sum(
+        agent.scales[k] * metrics[k]
+        for k in metrics
+        if k.startswith("loss/") and k != "loss/world_model"
+    )
+    torch.testing.assert_close(metrics["loss/world_model"], scaled)
+    after = agent.wm.state_dict()
+    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"dynamics", "reward_head", "continue_head"}
 
 
 def test_agent_and_config_need_pixels_and_goal():

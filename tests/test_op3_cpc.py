@@ -1,5 +1,5 @@
 """Contrastive slot dynamics (``op3.representation=reconstruction+cpc|cpc``, C-SWM-style
-``loss/cpc``) and C-SWM's ranking measures (``agents.op3.ranking_metrics``,
+``loss/cpc``) and C-SWM's ranking measures (``worldmodels.slot_metrics.ranking_metrics``,
 ``scripts/dev/op3_checks.py check=hits``)."""
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ import pytest
 import torch
 from test_op3 import TINY_OP3, _batch, tiny_model
 
-from imagine_rl.agents.op3 import OP3Agent, ranking_metrics, slot_distances
+from imagine_rl.agents.op3 import OP3Agent
 from imagine_rl.runtime.config import ConfigError, build_config
 from imagine_rl.worldmodels.cpc import SlotCPC
 from imagine_rl.worldmodels.layers import LayerFactory
+from imagine_rl.worldmodels.slot_metrics import ranking_metrics, slot_distances
 from imagine_rl.worldmodels.slots import SlotSpec, SlotWorldModel, match_slots
 
 CPC_METRICS = ("cpc_accuracy_k1", "cpc_mi_bound_k1", "cpc_mi_bound")

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from imagine_rl.agents.dreamer import DreamerAgent, planned_updates
+from imagine_rl.agents.dreamer import DreamerAgent
 from imagine_rl.runtime.config import ConfigError, build_config
+from imagine_rl.runtime.loop import planned_updates
 
 torch.set_num_threads(1)
 
@@ -89,7 +90,8 @@ def test_updates_keep_counts_zeros_and_log_metrics(method, distribution):
         # Exact counts: each layer keeps its number of active weights through drop/regrow.
         assert int(mask.sum()) == int(before[name].sum()), name
         assert not original[~mask].any() and not weight[~mask].any(), name
-        adam = agent.wm_opt.state[_raw(agent, name)]  # no optimizer state where pruned
+        # No optimizer state where pruned.
+        adam = agent.optimizer_policy.main["world_model"].state[_raw(agent, name)]
         assert not adam["exp_avg"][~mask].any() and not adam["exp_avg_sq"][~mask].any(), name
         moved |= not torch.equal(mask, before[name])
     assert moved == (method != "static")

@@ -15,10 +15,10 @@ import torch
 from test_sparse_dreamer import mask_round_trip
 from torch import nn
 
-from imagine_rl.agents.dreamer import planned_updates
 from imagine_rl.agents.op3 import OP3Agent
 from imagine_rl.agents.op3_config import SPARSE_SKIP_DEFAULT
 from imagine_rl.runtime.config import ConfigError, build_config
+from imagine_rl.runtime.loop import planned_updates
 from imagine_rl.sparse import LayerBudget, allocate_units
 from imagine_rl.sparse.masks import grid_shape
 
@@ -170,10 +170,16 @@ def test_default_skip_keeps_inputs_and_outputs_dense():
     agent = make()
     dense = {r["name"] for r in agent.sparsifier.report() if not r["sparse"]}
     assert dense == DEFAULT_DENSE
-    assert len(SPARSE_SKIP_DEFAULT) == len(DEFAULT_DENSE)
+    # Two patterns name the reward and continue heads' outputs, built with op3.heads only.
+    assert len(SPARSE_SKIP_DEFAULT) == len(DEFAULT_DENSE) + 2
     for name in dense:
         weight = agent.wm.get_parameter(name)
         assert weight.count_nonzero() == weight.numel(), name  # untouched, dense init
+    # With the heads (their loss forward counts the FLOPs), their output layers stay dense.
+    headed = make("op3.heads=true")
+    dense = {r["name"] for r in headed.sparsifier.report() if not r["sparse"]}
+    assert dense == DEFAULT_DENSE | {"reward_head.2.weight", "continue_head.2.weight"}
+    assert {"reward_head.0.weight", "continue_head.0.weight"} <= set(headed.sparsifier.masks())
     # sparse.skip=[] sparsifies every linear/conv layer.
     agent = make("sparse.skip=[]")
     assert all(r["sparse"] for r in agent.sparsifier.report())

@@ -28,10 +28,10 @@ LAPROP_CONTEXT = (
 
 def _with_context(agent, batch):
     """The batch as the replay hands it with replay.context: a stored state for some windows."""
-    if agent.context:
+    if agent.context is not None:
         batch["context_valid"] = torch.tensor([1.0, 0.0, 1.0])
         batch["replay_index"] = torch.zeros(3, 2, dtype=torch.long)
-        for key, shape in agent._context_shapes().items():
+        for key, shape in agent.context.shapes.items():
             batch[f"context/{key}"] = torch.rand(3, *shape)
     return batch
 
@@ -76,7 +76,8 @@ def test_update_makes_no_host_sync_at_any_precision(precision, optimizer):
         *optimizer,
     )
     assert (agent.accelerator.scaler is not None) == (precision == "fp16")
-    assert agent.laprop == bool(optimizer) and agent.context == bool(optimizer)
+    assert (agent.config.agent.optimizer == "laprop") == bool(optimizer)
+    assert (agent.context is not None) == bool(optimizer)
     batch = _with_context(agent, make_batch({"state": STATE}, BOX))
     agent.update(batch)  # warm-up: optimizer states exist
     counted = count_dispatch(lambda: agent.update(batch))
@@ -192,7 +193,7 @@ def test_compiled_update_equals_eager_and_round_trips(obs, action_space, extra):
             compiled_agent.state_dict()["weights"][key], value, rtol=1e-4, atol=1e-5
         )
 
-    if eager_agent.context:  # the write-back latents of the last update agree too
+    if eager_agent.context is not None:  # the write-back latents of the last update agree too
         latents = compiled_agent.replay_latents()
         for key, value in eager_agent.replay_latents().items():
             torch.testing.assert_close(latents[key], value, rtol=1e-4, atol=1e-5)

@@ -26,7 +26,16 @@ from imagine_rl.worldmodels.layers import (
     symlog,
 )
 from imagine_rl.worldmodels.networks import Decoder, Encoder, Head
+from imagine_rl.worldmodels.planning import CEMPlanner, GoalCost, PlanCost, ReturnCost, cem
 from imagine_rl.worldmodels.rssm import RSSM, RSSMConfig
+from imagine_rl.worldmodels.slot_metrics import (
+    hungarian_cost,
+    matched_slot_distance,
+    ranking_metrics,
+    slot_distances,
+    squared_slot_distances,
+)
+from imagine_rl.worldmodels.slots import SlotSpec, SlotWorldModel
 
 __all__ = [
     "LOSS_KEYS",
@@ -34,27 +43,39 @@ __all__ = [
     "RSSM",
     "Actor",
     "BlockLinear",
+    "CEMPlanner",
     "CPCSpec",
     "Critic",
     "Decoder",
     "Encoder",
+    "GoalCost",
     "GreedyInfoMax",
     "Head",
     "LayerFactory",
     "NormalDist",
     "OneHotDist",
+    "PlanCost",
     "RSSMConfig",
+    "ReturnCost",
     "ReturnNormalizer",
     "SequenceCPC",
+    "SlotSpec",
+    "SlotWorldModel",
     "TwoHot",
     "WorldModel",
     "WorldModelSpec",
+    "cem",
+    "hungarian_cost",
     "info_nce",
     "lambda_return",
     "replay_lambda_return",
+    "matched_slot_distance",
     "mi_bound",
     "one_hot",
     "preprocess_obs",
+    "ranking_metrics",
+    "slot_distances",
+    "squared_slot_distances",
     "symexp",
     "symlog",
 ]

@@ -142,6 +142,11 @@ class WorldModel(nn.Module):
         """See ``RSSM.imagine``."""
         return self.rssm.imagine(policy, start, horizon, sample)
 
+    def rollout(self, start: State, actions: torch.Tensor, sample: bool = True) -> State:
+        """Open loop: the states after each of ``actions`` ``[N, H, A]`` from ``start``
+        ``[N, ...]``: ``deter``/``stoch`` ``[N, H, ...]`` (see ``RSSM.rollout``)."""
+        return self.rssm.rollout(start, actions, sample)
+
     def feat(self, state: State) -> torch.Tensor:
         return self.rssm.feat(state)
 
@@ -163,14 +168,20 @@ class WorldModel(nn.Module):
     def loss_and_states(
         self,
         batch: dict[str, torch.Tensor],
-        state: State | None = None,
+        start: State | None = None,
         embed: torch.Tensor | None = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], State]:
-        """``(losses, metrics, post)``; ``post`` are the posterior states ``[B, T, ...]``.
-
-        ``embed`` ``[B, T, E]``: the observation embedding when already computed (Greedy
-        InfoMax's ``train_step`` returns it); by default the encoder runs here.
+        """``(losses, metrics, post)``; ``post`` are the posterior states ``[B, T, ...]``
+        observed from ``start`` (``deter``/``stoch``/``action`` ``[B, ...]``; None: the initial
+        state). ``embed`` ``[B, T, E]``: the observation embedding when already computed
+        (Greedy InfoMax's ``train_step`` returns it); by default the encoder runs here.
         """
+        B, T = batch["is_first"].shape
+        assert batch["action"].shape[:2] == (B, T), (
+            f"loss_and_states: action {tuple(batch['action'].shape)} and is_first "
+            f"{tuple(batch['is_first'].shape)} must share [B, T]"
+        )
+        state = start
         if embed is None:
             embed = self.encode(batch)
             if self.greedy is not None:

@@ -54,6 +54,17 @@ dynamics (and ``loss/prediction`` the decoder), not the slots they start from. E
 state is kept canonical by ``normalize_slots`` (unit-RMS features, frames inside the image),
 which keeps the prior -> posterior -> dynamics-target loop from running away.
 
+As a ``worldmodels.interface.WorldModelInterface`` its ``State`` is ``{"slots": [..., K,
+S]}``, plus ``goal [..., K, S]`` (the goal image's slots) where a planner or a goal-conditioned
+behaviour carries one: ``loss_and_states`` returns the posterior ``slots [B, T, K, S]``,
+``rollout(start, actions)`` the slots after each action ``[N, H, K, S]`` and ``imagine(policy,
+start, horizon)`` ``[N, H + 1, K, S]`` with the actions, the start's ``goal`` carried unchanged.
+``feat`` concatenates the K slot states in slot order (``[..., K * S]``; with
+``SlotSpec.goal_features`` the goal slots after them, ``[..., 2 * K * S]``). ``reward`` and
+``continue_prob`` need ``SlotSpec.heads``: two MLPs on ``feat`` trained by ``loss/reward``
+(symlog squared error) and ``loss/continue`` (binary cross entropy against ``1 -
+is_terminal``), built only then so a model without them keeps its parameters and checkpoints.
+
 Contrastive slot dynamics (``SlotSpec.representation``, after C-SWM, Kipf et al. 2020):
 ``reconstruction+cpc`` adds ``loss/cpc`` and ``cpc`` replaces ``loss/prediction`` by it (the
 prior slots are then never decoded, so no image decoder is trained for the dynamics; the
@@ -79,7 +90,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from imagine_rl.worldmodels.cpc import SlotCPC
-from imagine_rl.worldmodels.layers import LayerFactory
+from imagine_rl.worldmodels.interface import Policy, State
+from imagine_rl.worldmodels.layers import LayerFactory, symexp, symlog
 
 INIT_SCALE = 0.1  # scale of a fresh slot's frame (image units)
 PRESENT_SHARE = 0.004  # image share from which a slot counts fully in loss/dynamics
@@ -87,6 +99,10 @@ ACTION_GATE_FLOOR = 0.1  # least weight of the action's effect on any slot (see 
 POSITION_FREQUENCIES = 4  # Fourier features of slot positions in the action attention
 MIN_SCALE = 0.03  # smallest slot scale (image units): half a token of a 16 x 16 grid
 LOSS_KEYS = ("loss/reconstruction", "loss/prediction", "loss/dynamics")
+HEAD_LOSS_KEYS = ("loss/reward", "loss/continue")  # with SlotSpec.heads
+# State keys that change along a rollout; any other key of a start state (the "goal" slots) is
+# carried unchanged to every step of ``rollout`` and ``imagine``.
+_STEP_KEYS = ("slots", "action")
 SLOT_INITS = ("farthest", "learned", "gaussian")
 INFERENCE_MODES = ("fresh", "filter")
 REPRESENTATIONS = ("reconstruction", "reconstruction+cpc", "cpc")
@@ -154,6 +170,15 @@ class SlotSpec:
     cpc_dim: int = field(default=64, metadata={"min": 1})
     # loss/cpc compares the L2-normalised projections by dot product over this temperature.
     cpc_temperature: float = field(default=0.1, metadata={"min": 1e-6})
+    # Reward and continue heads on the slot features (``reward``, ``continue_prob``; losses
+    # loss/reward and loss/continue from the batch's reward and is_terminal), for planners
+    # and behaviours that predict returns. Off, none is built: the parameters, random draws
+    # and checkpoints of a model without them stay what they were before the heads existed.
+    heads: bool = False
+    # The features (``feat``) also hold the goal's slots, after the state's own: the state
+    # carries ``goal [..., K, S]`` (inferred from the batch's ``goal`` frames in
+    # ``loss_and_states``), and ``feat_size`` is 2 K S instead of K S.
+    goal_features: bool = False
 
     def __post_init__(self) -> None:
         if self.slot_init not in SLOT_INITS:
@@ -579,8 +604,11 @@ class SlotDynamics(nn.Module):
 
 
 class SlotWorldModel(nn.Module):
-    """Encoder, slot attention, decoder and dynamics; ``observe``, ``imagine``, ``loss``,
-    ``segment``. ``image_shape`` is ``(3, H, W)``; ``factory`` builds every weight layer."""
+    """Encoder, slot attention, decoder and dynamics (and with ``spec.heads`` reward and
+    continue heads); ``observe``, ``loss``, ``segment``, and the ``WorldModelInterface``
+    (``loss_and_states``, ``rollout``, ``imagine``, ``feat``, ``reward``, ``continue_prob``)
+    over states ``{"slots": [..., K, S]}``. ``image_shape`` is ``(3, H, W)``; ``factory``
+    builds every weight layer."""
 
     def __init__(
         self,
@@ -628,6 +656,23 @@ class SlotWorldModel(nn.Module):
         if s.representation != "reconstruction":
             features = s.slot_dim + 4 * POSITION_FREQUENCIES + 2
             self.cpc = SlotCPC(features, s.cpc_dim, s.cpc_temperature, f.scope("cpc"))
+        # Built after everything else and only with spec.heads, for the same reason.
+        self.reward_head: nn.Sequential | None = None
+        self.continue_head: nn.Sequential | None = None
+        if s.heads:
+            # The reward head's output starts at zero (DreamerV3's): a predicted return of 0
+            # until the head has learned anything, rather than noise a planner would chase.
+            self.reward_head = self._head("reward", f, outscale=0.0)
+            self.continue_head = self._head("continue", f)
+
+    def _head(self, name: str, factory: LayerFactory, outscale: float = 1.0) -> nn.Sequential:
+        """An MLP ``[..., feat_size]`` -> ``[..., 1]`` (layers ``op3.<name>.0``, ``.out``)."""
+        hidden = self.spec.hidden
+        return nn.Sequential(
+            factory.linear(self.feat_size, hidden, name=f"{name}.0"),
+            nn.ReLU(),
+            factory.linear(hidden, 1, name=f"{name}.out", outscale=outscale),
+        )
 
     @property
     def num_slots(self) -> int:
@@ -638,6 +683,11 @@ class SlotWorldModel(nn.Module):
         """Size of one slot's state: ``slot_dim`` features, then its frame ``(y, x, sy, sx)``
         (position and scale in image units)."""
         return self.spec.slot_dim + 4
+
+    @property
+    def feat_size(self) -> int:
+        """Size of ``feat``: the K slot states, then (``spec.goal_features``) the K goal slots."""
+        return self.spec.slots * self.state_dim * (2 if self.spec.goal_features else 1)
 
     # ---------------------------------------------------------------------------------
     def initial(self, tokens: torch.Tensor, colours: torch.Tensor) -> torch.Tensor:
@@ -837,17 +887,122 @@ class SlotWorldModel(nn.Module):
             raise ValueError("cpc_loss needs representation=reconstruction+cpc or cpc")
         return self.cpc(self.cpc_features(prior), self.cpc_features(target), weight)
 
-    def imagine(self, start: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """Open-loop rollout: ``start [N, K, S]``, ``actions [N, H, A]`` -> slots
-        ``[N, H + 1, K, D]``, the start first, then the slots after each action."""
-        assert start.dim() == 3 and actions.dim() == 3 and start.shape[0] == actions.shape[0], (
-            f"imagine: expected start [N, K, S] and actions [N, H, A], got "
-            f"{tuple(start.shape)} and {tuple(actions.shape)}"
+    # ---------------------------------------------------------------------------------
+    # WorldModelInterface: prediction from slot states
+    # ---------------------------------------------------------------------------------
+    def _check_start(self, start: State, where: str) -> tuple[torch.Tensor, State]:
+        """``start["slots"] [N, K, S]`` and the keys carried unchanged (``goal [N, K, S]``)."""
+        slots = start["slots"]
+        K, S = self.num_slots, self.state_dim
+        assert slots.dim() == 3 and tuple(slots.shape[1:]) == (K, S), (
+            f"{where}: expected start slots [N, {K}, {S}], got {tuple(slots.shape)}"
         )
-        out = [start]
+        carried = {k: v for k, v in start.items() if k not in _STEP_KEYS}
+        for key, value in carried.items():
+            assert value.shape[0] == slots.shape[0], (
+                f"{where}: start {key!r} {tuple(value.shape)} and slots {tuple(slots.shape)} "
+                "must share [N]"
+            )
+        return slots, carried
+
+    @staticmethod
+    def _carry(carried: State, steps: int) -> State:
+        """The carried keys ``[N, ...]`` repeated along ``steps``: ``[N, steps, ...]`` views."""
+        return {k: v[:, None].expand(v.shape[0], steps, *v.shape[1:]) for k, v in carried.items()}
+
+    def rollout(self, start: State, actions: torch.Tensor) -> State:
+        """Open loop: the slots after each of ``actions`` from ``start`` (not included), plus
+        the start's other keys (e.g. ``goal``) repeated at every step.
+
+        Shapes: ``start`` ``slots [N, K, S]`` (``goal [N, K, S]``...), ``actions [N, H, A]``
+        -> ``slots [N, H, K, S]`` (``goal [N, H, K, S]``...).
+        """
+        slots, carried = self._check_start(start, "rollout")
+        assert actions.dim() == 3 and actions.shape[0] == slots.shape[0], (
+            f"rollout: expected actions [N, H, {self.action_dim}] for {slots.shape[0]} starts, "
+            f"got {tuple(actions.shape)}"
+        )
+        steps = []
         for t in range(actions.shape[1]):
-            out.append(self.transition(out[-1], actions[:, t]))
-        return torch.stack(out, 1)
+            slots = self.transition(slots, actions[:, t])
+            steps.append(slots)
+        out = {"slots": torch.stack(steps, 1) if steps else slots[:, None][:, :0]}
+        out.update(self._carry(carried, actions.shape[1]))
+        return out
+
+    def imagine(self, policy: Policy, start: State, horizon: int) -> State:
+        """Closed loop: ``horizon`` steps of ``policy(state) -> action [N, A]``, each state
+        ``slots [N, K, S]`` plus the start's other keys (``goal``), moved by the dynamics.
+
+        Shapes: ``start`` ``slots [N, K, S]`` -> ``slots [N, H + 1, K, S]`` (index 0 is the
+        start), ``action [N, H, A]``, and every other start key repeated ``[N, H + 1, ...]``.
+        """
+        slots, carried = self._check_start(start, "imagine")
+        N = slots.shape[0]
+        states, actions = [slots], []
+        for _ in range(horizon):
+            action = policy({"slots": slots, **carried})
+            assert tuple(action.shape) == (N, self.action_dim), (
+                f"imagine: policy must return actions [{N}, {self.action_dim}], got "
+                f"{tuple(action.shape)}"
+            )
+            slots = self.transition(slots, action)
+            states.append(slots)
+            actions.append(action)
+        out = {
+            "slots": torch.stack(states, 1),
+            "action": (
+                torch.stack(actions, 1) if actions else slots.new_zeros(N, 0, self.action_dim)
+            ),
+        }
+        out.update(self._carry(carried, horizon + 1))
+        return out
+
+    def feat(self, state: State) -> torch.Tensor:
+        """The features of slot states (the input of the heads, an actor or a critic): the K
+        slots concatenated in slot order, then with ``spec.goal_features`` the K goal slots.
+
+        Shapes: ``slots [..., K, S]`` (``goal [..., K, S]``) -> ``[..., feat_size]``.
+        """
+        slots = state["slots"]
+        K, S = self.num_slots, self.state_dim
+        assert tuple(slots.shape[-2:]) == (K, S), (
+            f"feat: expected slots [..., {K}, {S}], got {tuple(slots.shape)}"
+        )
+        if ("goal" in state) != self.spec.goal_features:
+            has = "carries" if "goal" in state else "has no"
+            raise ValueError(
+                f"feat: the state {has} 'goal' slots but SlotSpec.goal_features="
+                f"{self.spec.goal_features} (feat_size {self.feat_size})"
+            )
+        if not self.spec.goal_features:
+            return slots.flatten(-2)
+        goal = state["goal"]
+        assert goal.shape == slots.shape, (
+            f"feat: goal {tuple(goal.shape)} and slots {tuple(slots.shape)} must match"
+        )
+        return torch.cat([slots.flatten(-2), goal.flatten(-2)], -1)
+
+    def _checked_head(self, feat: torch.Tensor, head: nn.Module | None, name: str) -> nn.Module:
+        """``head``, after checking that it exists and that ``feat`` is ``[..., feat_size]``."""
+        if head is None:
+            raise ValueError(f"{name}: this SlotWorldModel has no heads; set SlotSpec.heads=True")
+        assert feat.shape[-1] == self.feat_size, (
+            f"{name}: expected features [..., {self.feat_size}], got {tuple(feat.shape)}"
+        )
+        return head
+
+    def reward(self, feat: torch.Tensor) -> torch.Tensor:
+        """Predicted reward ``[...]`` at features ``[..., feat_size]`` (the head predicts it in
+        symlog space). Needs ``spec.heads``."""
+        head = self._checked_head(feat, self.reward_head, "reward")
+        return symexp(head(feat).float().squeeze(-1))
+
+    def continue_prob(self, feat: torch.Tensor) -> torch.Tensor:
+        """Probability ``[...]`` that the episode continues after the step at features
+        ``[..., feat_size]``. Needs ``spec.heads``."""
+        head = self._checked_head(feat, self.continue_head, "continue_prob")
+        return torch.sigmoid(head(feat).float().squeeze(-1))
 
     # ---------------------------------------------------------------------------------
     def _feature_error(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -866,26 +1021,35 @@ class SlotWorldModel(nn.Module):
         return total + err[..., D + 2 :].mean(-1), center
 
     def loss(
-        self, batch: dict[str, torch.Tensor], state: dict[str, torch.Tensor] | None = None
+        self, batch: dict[str, torch.Tensor], start: State | None = None
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """``batch``: ``pixels [B, T, 3, H, W]`` (floats), ``action [B, T, A]``, ``is_first
-        [B, T]``. Returns the unscaled losses (``LOSS_KEYS``) and ``world_model/...`` metrics."""
-        losses, metrics, _ = self.loss_and_states(batch, state)
+        [B, T]`` (with ``spec.heads`` also ``reward`` and ``is_terminal [B, T]``; with
+        ``spec.goal_features`` the ``goal`` frames ``[B, T, 3, H, W]``). Returns the unscaled
+        losses (``LOSS_KEYS``, ``HEAD_LOSS_KEYS``) and ``world_model/...`` metrics."""
+        losses, metrics, _ = self.loss_and_states(batch, start)
         return losses, metrics
 
     def loss_and_states(
         self,
         batch: dict[str, torch.Tensor],
-        state: dict[str, torch.Tensor] | None = None,
+        start: State | None = None,
         predict_pixels: bool = True,
-    ):
-        """``(losses, metrics, states)`` (see ``loss``); ``predict_pixels=False`` skips
-        decoding the prior slots (``loss/prediction`` is then 0). With ``representation=cpc``
-        the prior slots are never decoded and there is no ``loss/prediction``; with
-        ``reconstruction+cpc`` or ``cpc`` there is ``loss/cpc`` (``cpc_loss``: the keys are
-        the detached posterior unless ``dynamics_trains_perception``) and its metrics."""
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], State]:
+        """``(losses, metrics, post)`` (see ``loss``): ``post`` the posterior State, ``slots
+        [B, T, K, S]`` (and ``goal [B, T, K, S]`` with ``spec.goal_features``). ``start``
+        (``slots [B, K, S]``, ``action [B, A]``) carries the previous window's last posterior
+        and action (see ``observe``). ``predict_pixels=False`` skips decoding the prior slots
+        (``loss/prediction`` is then 0). With ``representation=cpc`` the prior slots are never
+        decoded and there is no ``loss/prediction``; with ``reconstruction+cpc`` or ``cpc``
+        there is ``loss/cpc`` (``cpc_loss``: the keys are the detached posterior unless
+        ``dynamics_trains_perception``) and its metrics. With ``spec.heads``:
+        ``loss/reward`` and ``loss/continue`` (``_head_losses``)."""
+        missing = [k for k in self._batch_keys() if k not in batch]
+        if missing:
+            raise ValueError(f"loss_and_states: the batch lacks {missing} (see SlotSpec)")
         mode = self.spec.representation
-        states = self.observe(batch["pixels"], batch["action"], batch["is_first"], state)
+        states = self.observe(batch["pixels"], batch["action"], batch["is_first"], start)
         pixels = self.resize(batch["pixels"].flatten(0, 1)).unflatten(0, batch["pixels"].shape[:2])
         post, prior, has_prior = states["post"], states["prior"], states["has_prior"]
         decoded = self.decode(post)
@@ -946,10 +1110,66 @@ class SlotWorldModel(nn.Module):
                 ).sqrt(),
             }
             metrics.update({f"world_model/{k}": v for k, v in cpc_metrics.items()})
-        return losses, metrics, states
+        posterior: State = {"slots": post}
+        if self.spec.goal_features:
+            posterior["goal"] = self._goal_slots(batch["goal"])
+        if self.reward_head is not None:
+            head_losses, head_metrics = self._head_losses(batch, posterior)
+            losses.update(head_losses)
+            metrics.update(head_metrics)
+        return losses, metrics, posterior
+
+    def _batch_keys(self) -> tuple[str, ...]:
+        """The batch keys ``loss_and_states`` reads under this spec."""
+        keys = ("pixels", "action", "is_first")
+        keys += ("reward", "is_terminal") if self.spec.heads else ()
+        return keys + (("goal",) if self.spec.goal_features else ())
+
+    @torch.no_grad()
+    def _goal_slots(self, goal: torch.Tensor) -> torch.Tensor:
+        """Slots ``[B, T, K, S]`` of the goal frames ``[B, T, 3, H, W]``: a conditioning input,
+        inferred from fresh slots by the perception without training it."""
+        return self.infer(goal.flatten(0, 1)).unflatten(0, goal.shape[:2])
+
+    def _head_losses(
+        self, batch: dict[str, torch.Tensor], post: State
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """``loss/reward`` (squared error in symlog space) and ``loss/continue`` (binary cross
+        entropy against ``1 - is_terminal``) at every posterior step, and their metrics. The
+        heads read the detached slots unless ``dynamics_trains_perception``: like the
+        dynamics' losses, they learn on the slots the perception gives them.
+
+        Shapes: ``reward``, ``is_terminal`` ``[B, T]``; ``post`` ``slots [B, T, K, S]``.
+        """
+        assert self.reward_head is not None and self.continue_head is not None
+        lead = tuple(post["slots"].shape[:2])
+        for key in ("reward", "is_terminal"):
+            assert tuple(batch[key].shape) == lead, (
+                f"loss_and_states: batch {key!r} {tuple(batch[key].shape)} must be [B, T] = {lead}"
+            )
+        if not self.spec.dynamics_trains_perception:
+            post = {k: v.detach() for k, v in post.items()}
+        feat = self.feat(post)
+        reward_pred = self.reward_head(feat).float().squeeze(-1)  # symlog space
+        reward = batch["reward"].float()
+        cont_logits = self.continue_head(feat).float().squeeze(-1)
+        cont_target = 1.0 - batch["is_terminal"].float()
+        losses = {
+            "loss/reward": (reward_pred - symlog(reward)).square().mean(),
+            "loss/continue": F.binary_cross_entropy_with_logits(cont_logits, cont_target),
+        }
+        with torch.no_grad():
+            metrics = {
+                "world_model/reward_error": (symexp(reward_pred) - reward).abs().mean(),
+                "world_model/continue_accuracy": (
+                    ((cont_logits > 0).float() == cont_target).float().mean()
+                ),
+            }
+        return losses, metrics
 
 
 __all__ = [
+    "HEAD_LOSS_KEYS",
     "LOSS_KEYS",
     "SLOT_INITS",
     "BroadcastDecoder",

@@ -174,7 +174,7 @@ def evaluate(agent, batches: list[dict], context: int, horizon: int, seed: int) 
 
     wm = agent.wm
     totals: dict[str, float] = {}
-    with torch.no_grad(), torch.random.fork_rng(devices=[]), agent._cached():
+    with torch.no_grad(), torch.random.fork_rng(devices=[]), agent.cached():
         torch.manual_seed(seed)  # the same latent samples for every eval point
         for batch in batches:
             data = agent.preprocess(batch)
@@ -209,8 +209,8 @@ def run_one(kind: str, seed: int, options: dict, overrides: dict, data: dict) ->
     import torch
 
     from imagine_rl import agents
-    from imagine_rl.agents.dreamer import planned_updates
     from imagine_rl.runtime.config import build_config
+    from imagine_rl.runtime.loop import planned_updates
 
     pre_n, adapt_n = options["pretrain_updates"], options["adapt_updates"]
     total = pre_n + adapt_n

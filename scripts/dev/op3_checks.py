@@ -36,13 +36,13 @@ final goal distance.
 ``python scripts/dev/op3_checks.py check=hits json=hits.json [checkpoint=<dir>]``: C-SWM's
 latent-space ranking measures (Kipf et al. 2020) on ``test_episodes`` held-out episodes of
 uniformly random actions with ``env=`` (seeds from 3,000,000 + ``seed``). From each episode's
-first frame the model predicts the slots ``k`` steps ahead open loop (``imagine`` with the
+first frame the model predicts the slots ``k`` steps ahead open loop (``rollout`` with the
 episode's actions) for every ``k`` in ``hits_steps`` (1, 5, 10), and each prediction is ranked
 against the slots inferred (``infer``, from the frame alone) from the true frame ``k`` of
 *every* test episode: the distance is the Hungarian-matched sum over slots
-(``agents.op3.ranking_metrics``) of the squared Euclidean distance between whole slot states
-(``latent``, C-SWM's measure) and, beside it, of the planner's slot distance
-(``planner``: ``op3.position_weight``). Reports Hits@1 and MRR per ``k`` (episodes shorter
+(``worldmodels.slot_metrics.ranking_metrics``) of the squared Euclidean distance between
+whole slot states (``latent``, C-SWM's measure) and, beside it, of the planner's slot
+distance (``planner``: ``op3.position_weight``). Reports Hits@1 and MRR per ``k`` (episodes shorter
 than ``k`` steps are left out of that ``k``). Without ``checkpoint=`` the untrained model of
 ``preset=op3`` (plus ``op3.*`` overrides) is measured.
 
@@ -251,8 +251,9 @@ def _goal_distance(env) -> float:
 
 
 class OraclePlanner:
-    """CEM with the true simulator: candidates are rolled out in a second env restored to the
-    real env's state (``get_sim_state`` / ``set_sim_state``, physics only via ``simulate``)."""
+    """CEM (``worldmodels.planning.cem``) with the true simulator: candidates are rolled out in
+    a second env restored to the real env's state (``get_sim_state`` / ``set_sim_state``,
+    physics only via ``simulate``)."""
 
     def __init__(self, config, args: dict[str, Any], seed: int) -> None:
         import torch
@@ -264,7 +265,7 @@ class OraclePlanner:
     def __call__(self, env) -> np.ndarray:
         import torch
 
-        from imagine_rl.agents.op3 import cem
+        from imagine_rl.worldmodels.planning import cem
 
         state = env.unwrapped.get_sim_state()
         sim = self.sim
@@ -450,7 +451,7 @@ def random_episodes(config, episodes: int, seed: int):
 def check_hits(args: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     import torch
 
-    from imagine_rl.agents.op3 import ranking_metrics, slot_distances
+    from imagine_rl.worldmodels.slot_metrics import ranking_metrics, slot_distances
 
     config, loaded = _config(args, overrides)
     seed = 3_000_000 + args["seed"]
@@ -476,7 +477,7 @@ def check_hits(args: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     def planner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return slot_distances(a, b, wm.spec.slot_dim, o.position_weight)
 
-    with torch.inference_mode(), agent._cached():
+    with torch.inference_mode(), agent.cached():
         for k in steps:
             usable = [(f, a) for f, a in episodes if len(a) >= k]
             if len(usable) < 2:
@@ -485,7 +486,7 @@ def check_hits(args: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
                 continue
             start = wm.infer(agent._pixels(np.stack([f[0] for f, _ in usable])))
             actions = torch.as_tensor(np.stack([a[:k] for _, a in usable]), device=agent.device)
-            pred = wm.imagine(start, actions.float())[:, -1]
+            pred = wm.rollout({"slots": start}, actions.float())["slots"][:, -1]
             target = wm.infer(agent._pixels(np.stack([f[k] for f, _ in usable])))
             result: dict[str, Any] = {"episodes": len(usable)}
             for name, distances in (("latent", None), ("planner", planner)):

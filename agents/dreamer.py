@@ -13,11 +13,8 @@ model's weights frozen while the behaviour losses are built). With ``agent.optim
 or ``agent.replay_critic_grad_wm`` the update takes one gradient of all losses and then the
 steps (current DreamerV3; the replay value loss may then reach the world model).
 
-Replay context (``replay.context``; ``agents.context``): each window is observed from the
-stored posterior of the step before it, and ``replay_latents()`` hands the update's
-posteriors back. Dynamic-sparse world model (``sparse.enabled=true``): masks on the world
-model's layers minus ``sparse.skip``, stepped after each world-model step. Representation
-(``world_model.representation``) and Greedy InfoMax: see ``worldmodels.dreamer_wm``.
+Replay context: ``agents.context``; dynamic-sparse masks (``sparse.enabled=true``) follow
+each world-model step; representations and Greedy InfoMax: ``worldmodels.dreamer_wm``.
 """
 
 from __future__ import annotations

@@ -23,8 +23,14 @@ config, the commit and the file's sha256, then one row of metrics per logged env
 ``runs/experiments/<name>/`` and only serve to resume a stopped run.
 
 Re-running ``run`` skips recorded runs, resumes a stopped run whose run directory still holds a
-checkpoint, and starts the rest. Each worker process runs one training at a time with one torch
-thread; its console output goes to ``<run dir>/console.log``.
+checkpoint, and starts the rest. Each run trains in a worker process of its own (at most
+``workers`` at a time) with one torch thread; its console output goes to ``<run dir>/console.log``.
+
+SIGINT or SIGTERM to ``run`` (Ctrl-C, ``kill <pid>``, a session's end) stops it: it starts no
+further run, sends SIGTERM to every running worker (each checkpoints at its next step and exits),
+waits for them, prints where each stopped and exits with status 130 (SIGINT) or 143 (SIGTERM). A
+second signal while it waits kills the workers at once (SIGKILL): they resume from their last
+checkpoint instead.
 
 Statistics: across seeds, per variant and metric, the mean, the interquartile mean
 (``scipy.stats.trim_mean(x, 0.25)``, rliable's IQM) and a 95% percentile-bootstrap interval of
@@ -33,18 +39,19 @@ the mean (``scipy.stats.bootstrap``, fixed random state so a summary is reproduc
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import time
 import traceback
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
-from multiprocessing import get_context
+from multiprocessing import connection, get_context
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +81,16 @@ TrainMain = Callable[[list[str]], int]
 
 class ExperimentError(ValueError):
     """A bad experiment file or results folder; the message is one line naming the fix."""
+
+
+class ExperimentStopped(SystemExit):
+    """``run_experiment`` was stopped by SIGINT/SIGTERM after its workers stopped: a
+    ``SystemExit`` with status 128 + the signal's number (130, 143), so that the command exits
+    with it and no traceback."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(128 + signum)
+        self.signum = signum
 
 
 @dataclass(frozen=True)
@@ -371,6 +388,17 @@ def _worker(train_main: TrainMain, args: list[str], console: str) -> tuple[int, 
     return rc, error, time.time() - start
 
 
+def _worker_process(
+    train_main: TrainMain, args: list[str], console: str, result: connection.Connection
+) -> None:
+    """A worker process's target: ``_worker``, its result sent back on ``result`` (a line of
+    at most 2,000 characters: the result fits the pipe's buffer, so the worker can exit
+    before the parent reads it)."""
+    rc, error, seconds = _worker(train_main, args, console)
+    result.send((rc, error[:2000], seconds))
+    result.close()
+
+
 def _train_logged(train_main: TrainMain, args: list[str], console: str) -> tuple[int, str]:
     import torch
 
@@ -378,7 +406,8 @@ def _train_logged(train_main: TrainMain, args: list[str], console: str) -> tuple
     with open(console, "a", buffering=1) as out:
         os.dup2(out.fileno(), 1)
         os.dup2(out.fileno(), 2)
-        print(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} train {' '.join(args)}", flush=True)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        print(f"\n== {stamp} pid {os.getpid()} train {' '.join(args)}", flush=True)
         try:
             return int(train_main(args) or 0), ""
         except BaseException:  # the parent reports it and goes on with the other runs
@@ -406,32 +435,143 @@ def _lock(path: Path):
     return handle
 
 
+class _StopSignals:
+    """SIGINT/SIGTERM while an experiment runs (installed from the main thread only; the
+    previous handlers are restored on exit). The first signal sends SIGTERM to every registered
+    worker (each checkpoints at its next step and exits), a later one SIGKILL. The handler only
+    records and signals; ``wake`` (the signal module's wakeup fd, written whichever thread the
+    signal lands on) wakes the loop waiting on its workers, which does the printing."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self.workers: dict[int, int] = {}  # live worker pid -> the signal sent to it (0: none)
+        self.previous: dict[int, Any] = {}
+        self.previous_wakeup: int | None = None
+        self.wake, self._wake_write = os.pipe()
+        os.set_blocking(self.wake, False)
+        os.set_blocking(self._wake_write, False)
+
+    def __enter__(self) -> _StopSignals:
+        try:
+            self.previous_wakeup = signal.set_wakeup_fd(self._wake_write, warn_on_full_buffer=False)
+        except ValueError:  # not the main thread: signals are left as they are
+            return self
+        for sig in (signal.SIGINT, signal.SIGTERM):  # as the workers' own (runtime/loop.py)
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        if self.previous_wakeup is not None:
+            signal.set_wakeup_fd(self.previous_wakeup)
+        os.close(self.wake)
+        os.close(self._wake_write)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received.append(signum)
+        self.forward()
+
+    def forward(self) -> None:
+        """After a signal: SIGTERM (after the first) or SIGKILL (after a later one) to every
+        registered worker not yet sent it."""
+        if not self.received:
+            return
+        sig = signal.SIGTERM if len(self.received) == 1 else signal.SIGKILL
+        for pid, sent in list(self.workers.items()):
+            if sent not in (sig, signal.SIGKILL):
+                self.workers[pid] = sig
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+
+    def drain(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self.wake, 4096):
+                pass
+
+
+@dataclass
+class _Job:
+    """A run in a worker process of its own; its result comes back on ``result``."""
+
+    run: RunSpec
+    process: Any  # multiprocessing.context.SpawnProcess
+    result: connection.Connection
+    started: float
+
+
+def _start(context: Any, run: RunSpec, train_main: TrainMain) -> _Job:
+    state = run_state(run)
+    if state == "not started" and run.run_dir.exists() and not run.staged:
+        shutil.rmtree(run.run_dir)  # stopped before its first checkpoint
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    receive, send = context.Pipe(duplex=False)
+    process = context.Process(
+        target=_worker_process,
+        args=(train_main, _command(run), str(run.run_dir / "console.log"), send),
+        name=f"experiment-{run.key}",
+    )
+    process.start()
+    send.close()  # the worker holds the other end: EOF here once it is gone
+    return _Job(run, process, receive, time.time())
+
+
+def _outcome(job: _Job) -> tuple[int, str, float]:
+    """``_worker``'s result for a worker that has exited; for one that died without sending it
+    (killed), its exit status (minus the signal's number) and a line saying so."""
+    job.process.join()
+    try:
+        if job.result.poll():
+            return job.result.recv()
+    except (EOFError, OSError):
+        pass
+    finally:
+        job.result.close()
+    code = job.process.exitcode
+    why = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+    return code if code != 0 else 1, why, time.time() - job.started
+
+
+def _checkpoint_step(run: RunSpec) -> int | None:
+    checkpoints = list_checkpoints(run.run_dir) if run.run_dir.exists() else []
+    return int(checkpoints[-1].name.removeprefix("step_")) if checkpoints else None
+
+
 def run_experiment(
     experiment: Experiment,
     train_main: TrainMain | None = None,
     workers: int | None = None,
-    echo: Callable[[str], None] = print,
+    echo: Callable[[str], None] | None = None,
 ) -> int:
-    """Run every unrecorded (variant, seed) of ``experiment`` in ``workers`` processes (default
-    the file's ``workers``), recording each as it finishes. ``train_main``: ``(argv) -> exit
-    status`` run in each worker (a picklable module-level function: workers are spawned);
-    default ``runtime.run.train_main``. Returns the number of runs that failed (0 when all are
-    recorded)."""
+    """Run every unrecorded (variant, seed) of ``experiment``, at most ``workers`` at a time
+    (default the file's ``workers``) each in a worker process of its own, recording each as it
+    finishes. ``train_main``: ``(argv) -> exit status`` run in each worker (a picklable
+    module-level function: workers are spawned); default ``runtime.run.train_main``. ``echo``:
+    where progress lines go (default: printed, flushed). Returns the number of runs that failed
+    (0 when all are recorded).
+
+    Called from the main thread, SIGINT/SIGTERM stop it: no further run starts, every running
+    worker gets SIGTERM (it checkpoints and exits; a second signal sends SIGKILL), and once they
+    are gone, with the runs that finished recorded, it raises ``ExperimentStopped`` (a
+    ``SystemExit`` with status 130 or 143). The previous signal handlers are restored."""
     if train_main is None:
         from imagine_rl.runtime.run import train_main
+    if echo is None:
+        echo = lambda line: print(line, flush=True)  # noqa: E731
     workers = workers or experiment.workers
     source = git_commit()
     pending = [run for run in experiment.runs if run_state(run) != "recorded"]
     done = len(experiment.runs) - len(pending)
+    total = len(experiment.runs)
     echo(
-        f"experiment {experiment.name}: {len(experiment.runs)} runs, {done} recorded, "
+        f"experiment {experiment.name}: {total} runs, {done} recorded, "
         f"{len(pending)} to run on {min(workers, max(1, len(pending)))} worker(s)"
     )
     if not pending:
         return 0
     experiment.results_dir.mkdir(parents=True, exist_ok=True)
     experiment.runs_root.mkdir(parents=True, exist_ok=True)
-    lock = _lock(experiment.runs_root / ".lock")  # noqa: F841 (held while this runs)
+    lock = _lock(experiment.runs_root / ".lock")  # held while this runs
     copy = experiment.results_dir / "experiment.yaml"
     if not copy.exists():
         shutil.copyfile(experiment.path, copy)
@@ -439,52 +579,103 @@ def run_experiment(
     env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     saved_env = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    failures = 0
+    context = get_context("spawn")
+    queue = list(pending)
+    jobs: dict[int, _Job] = {}  # by the worker process's sentinel
+    failures = stopped = 0
+    stopped_by: int | None = None
     try:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-            futures = {}
-            for run in pending:
-                state = run_state(run)
-                if state == "not started" and run.run_dir.exists() and not run.staged:
-                    shutil.rmtree(run.run_dir)  # stopped before its first checkpoint
-                run.run_dir.mkdir(parents=True, exist_ok=True)
-                args = _command(run)
-                future = pool.submit(_worker, train_main, args, str(run.run_dir / "console.log"))
-                futures[future] = run
-            remaining = set(futures)
-            while remaining:
-                finished, remaining = wait(remaining, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    run = futures[future]
-                    rc, error, seconds = future.result()
-                    done += 1
-                    minutes = seconds / 60
-                    step = _finished_step(run.run_dir)
-                    if rc == 0 and step >= run.steps:
-                        write_record(experiment, run, source)
-                        echo(
-                            f"[{done}/{len(experiment.runs)}] {run.key}: "
-                            f"{_run_line(run.record, experiment)} ({minutes:.1f} min)"
-                        )
-                    elif rc == 0:  # stopped by a signal: it checkpointed on the way out
-                        failures += 1
-                        echo(
-                            f"[{done}/{len(experiment.runs)}] {run.key}: stopped at env step "
-                            f"{step} of {run.steps}; run the command again to resume it"
-                        )
-                    else:
-                        failures += 1
-                        why = error or f"exit status {rc}, at env step {step}"
-                        echo(
-                            f"[{done}/{len(experiment.runs)}] {run.key}: FAILED ({why}); "
-                            f"see {run.run_dir / 'console.log'}"
-                        )
+        with _StopSignals() as stop:
+            try:
+                announced = 0
+                while queue or jobs:
+                    while queue and len(jobs) < workers and not stop.received:
+                        job = _start(context, queue.pop(0), train_main)
+                        jobs[job.process.sentinel] = job
+                        stop.workers[job.process.pid] = 0
+                        stop.forward()  # a signal that came while it started
+                    if not jobs:
+                        break
+                    ready = connection.wait([*jobs, stop.wake])
+                    if stop.wake in ready:
+                        stop.drain()
+                    if len(stop.received) > announced:
+                        name = signal.Signals(stop.received[-1]).name
+                        if announced == 0:
+                            echo(
+                                f"{name}: stopping {len(jobs)} running run(s) at their next step, "
+                                f"each with a checkpoint ({len(queue)} not started); a second "
+                                "Ctrl-C or SIGTERM kills them at once (SIGKILL), losing their "
+                                "steps since their last checkpoint"
+                            )
+                        if len(stop.received) > 1 and announced < 2:
+                            echo(
+                                f"{name} again: killed {len(jobs)} run(s) (SIGKILL); each "
+                                "resumes from its last checkpoint"
+                            )
+                        announced = len(stop.received)
+                    for sentinel in [item for item in ready if item in jobs]:
+                        job = jobs.pop(sentinel)
+                        stop.workers.pop(job.process.pid, None)  # before its pid is reaped
+                        rc, error, seconds = _outcome(job)
+                        run = job.run
+                        step = _finished_step(run.run_dir)
+                        if rc == 0 and step >= run.steps:
+                            write_record(experiment, run, source)
+                            done += 1
+                            echo(
+                                f"[{done}/{total}] {run.key}: "
+                                f"{_run_line(run.record, experiment)} ({seconds / 60:.1f} min)"
+                            )
+                        elif stop.received and (
+                            rc == 0 or job.process.exitcode < 0 or error == "KeyboardInterrupt"
+                        ):  # stopped by the signal we sent it (or Ctrl-C's own)
+                            stopped += 1
+                            at = _checkpoint_step(run)
+                            echo(
+                                f"stopped {run.key} at env step {at}: resumes on the next "
+                                "`experiment run`"
+                                if at is not None
+                                else f"stopped {run.key} before its first checkpoint: starts "
+                                "over on the next `experiment run`"
+                            )
+                        elif rc == 0:  # stopped by a signal sent to it: it checkpointed
+                            failures += 1
+                            echo(
+                                f"[{done + failures}/{total}] {run.key}: stopped at env step "
+                                f"{step} of {run.steps}; run the command again to resume it"
+                            )
+                        else:
+                            failures += 1
+                            why = error or f"exit status {rc}, at env step {step}"
+                            echo(
+                                f"[{done + failures}/{total}] {run.key}: FAILED ({why}); "
+                                f"see {run.run_dir / 'console.log'}"
+                            )
+            finally:
+                # Only after an error in this loop: its workers still stop with a checkpoint.
+                for job in jobs.values():
+                    job.process.terminate()
+                for job in jobs.values():
+                    job.process.join()
+                    stop.workers.pop(job.process.pid, None)
+            if stop.received:
+                stopped_by = stop.received[0]
     finally:
         for key, value in saved_env.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+        if lock is not None:  # now, not when a caller drops the exception's traceback
+            lock.close()
+    if stopped_by is not None:
+        echo(
+            f"stopped by {signal.Signals(stopped_by).name}: {done} of {total} runs recorded, "
+            f"{stopped} stopped, {len(queue)} not started; run `imagine-rl experiment run "
+            f"{experiment.path}` again to go on"
+        )
+        raise ExperimentStopped(stopped_by)
     return failures
 
 

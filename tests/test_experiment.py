@@ -4,12 +4,20 @@ recorded runs, resuming a stopped one, the report's numbers, and bad input."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
 from imagine_rl.runtime import experiment as harness
+from imagine_rl.runtime.checkpoint import list_checkpoints
 from imagine_rl.runtime.experiment import ExperimentError, load_experiment, run_experiment
 from imagine_rl.runtime.run import train_main
 from imagine_rl.scripts.experiment import main as experiment_main
@@ -226,3 +234,193 @@ def test_the_progress_line_of_a_run_without_updates(tmp_path):
     rows = [{"step": 1000, "eval/return_mean": -1250.0, "perf/wall_seconds": 20.0}]
     record.write_text("\n".join(json.dumps(x) for x in [{"variant": "dense"}, *rows]) + "\n")
     assert harness._run_line(record, experiment) == "final -1250.0, best -1250.0, no updates"
+
+
+def _proc_status(pid: int) -> dict[str, str]:
+    """``/proc/<pid>/status`` as a mapping ({} once the process is gone)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return {}
+    return dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
+
+
+def _alive(pid: int) -> bool:
+    state = _proc_status(pid).get("State", "")
+    return bool(state) and not state.startswith(("Z", "X"))  # a zombie has exited
+
+
+def _pending(pid: int, signum: int) -> bool:
+    """``signum`` is sent to ``pid`` and not yet delivered (it is stopped)."""
+    status = _proc_status(pid)
+    mask = int(status.get("ShdPnd", "0"), 16) | int(status.get("SigPnd", "0"), 16)
+    return bool(mask >> (signum - 1) & 1)
+
+
+def _until(condition, parent: subprocess.Popen, what: str, timeout: float = 120.0) -> None:
+    """Poll ``condition`` (every 20 ms) until it holds; fail if ``parent`` exits first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if parent.poll() is not None:
+            out, err = parent.communicate()
+            pytest.fail(f"`experiment run` exited ({parent.returncode}) before {what}:\n{out}{err}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_sigterm_to_the_parent_stops_every_worker_with_a_checkpoint(tmp_path):
+    """SIGTERM to `experiment run` alone (as `kill <pid>` or a session's end sends it, not to
+    its process group) reaches every worker: each checkpoints and exits, the parent exits with
+    143 and no traceback, and the next `experiment run` resumes the runs and records them.
+
+    Synchronisation, by polling files and /proc with generous timeouts (no fixed sleeps): each
+    worker (the pid in its run directory's ``.lock``) is paused with SIGSTOP as soon as its run
+    directory holds its first checkpoint, so neither can finish before the signal; once both
+    are stopped, the parent's SIGTERM to them stays pending (/proc/<pid>/status, ShdPnd) until
+    the test lets them go on (SIGCONT)."""
+    base = {**BASE, "run.steps": 300, "run.eval_every": 300, "run.checkpoint_every": 100}
+    path = write(tmp_path, name="stop", base=base, variants={"dense": {}})
+    command = [sys.executable, "-m", "imagine_rl.scripts.cli", "experiment", "run", path.name]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run_dirs = [tmp_path / f"runs/experiments/stop/dense-s{seed}" for seed in (0, 1)]
+    parent = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    workers: dict[int, Path] = {}  # pid -> run directory
+
+    def pause_each_at_its_first_checkpoint() -> bool:
+        for run_dir in set(run_dirs) - set(workers.values()):
+            if list_checkpoints(run_dir):
+                pid = int((run_dir / ".lock").read_text())  # the trainer holding the run dir
+                os.kill(pid, signal.SIGSTOP)
+                workers[pid] = run_dir
+        return len(workers) == len(run_dirs)
+
+    try:
+        _until(pause_each_at_its_first_checkpoint, parent, "both runs' first checkpoint")
+        # Paused, not only asked to pause: a signal that comes before the stop is delivered.
+        _until(
+            lambda: all(_proc_status(pid).get("State", "").startswith("T") for pid in workers),
+            parent,
+            "both workers to pause",
+            timeout=30,
+        )
+        for pid in workers:  # the workers are the parent's own processes
+            assert _proc_status(pid)["PPid"] == str(parent.pid), _proc_status(pid)
+        parent.send_signal(signal.SIGTERM)  # the parent only
+        _until(
+            lambda: all(_pending(pid, signal.SIGTERM) for pid in workers),
+            parent,
+            "the parent to forward SIGTERM to both workers",
+            timeout=30,
+        )
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
+        out, err = parent.communicate(timeout=60)
+    finally:  # after a failure: nothing is left running (the workers hold the parent's pipes)
+        for pid in workers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+    assert parent.returncode == 128 + signal.SIGTERM, out + err
+    assert "Traceback" not in err, err
+    assert not [pid for pid in workers if _alive(pid)]
+    lines = out.splitlines()
+    assert lines[0] == "experiment stop: 2 runs, 0 recorded, 2 to run on 2 worker(s)"
+    assert lines[1].startswith("SIGTERM: stopping 2 running run(s)")
+    assert "a second Ctrl-C or SIGTERM kills them at once (SIGKILL)" in lines[1]
+    experiment = load_experiment(path, tmp_path / "results", tmp_path / "runs/experiments")
+    stopped_at = {}
+    for run in experiment.runs:
+        # Stopped where it was paused (at or past its first checkpoint), with a checkpoint there.
+        step = stopped_at[run.key] = int(list_checkpoints(run.run_dir)[-1].name.split("_")[1])
+        assert 100 <= step < 300 and not run.record.exists()
+        assert harness.run_state(run) == f"stopped at {step}"
+        assert f"stopped {run.key} at env step {step}: resumes on the next `experiment run`" in (
+            lines
+        )
+    assert lines[-1].startswith("stopped by SIGTERM: 0 of 2 runs recorded, 2 stopped")
+
+    # The next `experiment run` resumes both (the run directories are kept) and records them.
+    again = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180
+    )
+    pid_of = {run_dir: pid for pid, run_dir in workers.items()}
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.splitlines()[0] == lines[0]
+    assert sum("updates/s" in line for line in again.stdout.splitlines()) == 2
+    for run in experiment.runs:
+        header, rows = harness.read_record(run.record)
+        assert header["env_steps"] == 300
+        sessions = (run.run_dir / "console.log").read_text().split("\n== ")[1:]
+        assert len(sessions) == 2
+        assert sessions[0].split(" train ")[0].endswith(f"pid {pid_of[run.run_dir]}")
+        assert (
+            sessions[1]
+            .splitlines()[0]
+            .endswith(f"train resume=runs/experiments/stop/{run.key} run.steps=300")
+        )
+        # The first session's rows are in the record: 100, then its stop, then the resumed ones.
+        steps = [row["step"] for row in rows]
+        assert steps[:1] == [100] and stopped_at[run.key] in steps and steps[-1] == 300
+
+
+def _stubborn_train(args: list[str]) -> int:
+    """A worker's training that ignores SIGTERM (a run stuck in an env step, say): it marks its
+    run directory ``ready``, then ``sigterm`` at each SIGTERM, and waits 60 s to be killed."""
+    run_dir = Path(next(arg for arg in args if arg.startswith("run.dir=")).split("=", 1)[1])
+    signal.signal(signal.SIGTERM, lambda *_: (run_dir / "sigterm").touch())
+    (run_dir / "ready").touch()
+    time.sleep(60)  # resumed after each handler; SIGKILL ends it
+    return 1
+
+
+@pytest.mark.slow
+def test_a_second_signal_kills_the_workers_and_the_handlers_are_restored(tmp_path):
+    """In-process: the first SIGTERM is forwarded (the workers ignore it), the second kills
+    them (SIGKILL); ``run_experiment`` raises ``ExperimentStopped`` (status 143) and leaves the
+    signal handlers as it found them. The signals are sent to this process from another thread
+    (as a signal may land on any thread) once the workers' files say they are due."""
+    experiment = load(tmp_path, write(tmp_path, variants={"dense": {}}))
+    run_dirs = [run.run_dir for run in experiment.runs]
+    sent: list[int] = []
+
+    def signal_twice() -> None:
+        for due in ("ready", "sigterm"):
+            deadline = time.monotonic() + 120
+            while not all((run_dir / due).exists() for run_dir in run_dirs):
+                if time.monotonic() > deadline:
+                    return  # no signal: the workers end by themselves and the test fails
+                time.sleep(0.02)
+            sent.append(due)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    thread = threading.Thread(target=signal_twice, daemon=True)
+    thread.start()
+    lines: list[str] = []
+    with pytest.raises(harness.ExperimentStopped) as stopped:
+        run_experiment(experiment, _stubborn_train, echo=lines.append)
+    thread.join(timeout=10)
+    assert sent == ["ready", "sigterm"]
+    assert stopped.value.code == 128 + signal.SIGTERM and stopped.value.signum == signal.SIGTERM
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    assert lines[0] == "experiment tiny: 2 runs, 0 recorded, 2 to run on 2 worker(s)"
+    assert lines[1].startswith("SIGTERM: stopping 2 running run(s)")
+    assert lines[2] == (
+        "SIGTERM again: killed 2 run(s) (SIGKILL); each resumes from its last checkpoint"
+    )
+    assert sorted(lines[3:5]) == [
+        f"stopped dense-s{seed} before its first checkpoint: starts over on the next "
+        "`experiment run`"
+        for seed in (0, 1)
+    ]
+    assert lines[5].startswith("stopped by SIGTERM: 0 of 2 runs recorded, 2 stopped")
+    assert len(lines) == 6 and not list(experiment.records_dir.glob("*.jsonl"))
+    held = harness._lock(experiment.runs_root / ".lock")  # released: a next `run` may start
+    held.close()

@@ -138,6 +138,8 @@ class ModelAgent(Agent):
         self.device = self.accelerator.device
         self.sparsifier: Any = None
         self.optimizer_policy: Any = None
+        # An agent's own random stream (planning samples), saved in checkpoints; None: none.
+        self.generator: torch.Generator | None = None
         self.updates = 0
 
     @abc.abstractmethod
@@ -205,11 +207,25 @@ class ModelAgent(Agent):
             "optimizers": self.optimizer_policy.state_dict(),
             "updates": self.updates,
         }
+        if self.generator is not None:
+            state["generator"] = self.generator.get_state()
         if self.sparsifier is not None:
             # Masks (bool), schedule position, RNG; the weights hold the masked layers as
             # `<layer>.parametrizations.weight.original` and `...weight.0.mask`.
             state["sparse"] = self.sparsifier.state_dict()
         return state
+
+    def load_modules(self, weights: dict[str, torch.Tensor], skip: tuple[str, ...] = ()) -> None:
+        """Each module of ``modules()`` (but ``skip``) from the weights under its prefix."""
+        for prefix, module in self.modules().items():
+            if prefix in skip:
+                continue
+            own = {
+                key[len(prefix) + 1 :]: value
+                for key, value in weights.items()
+                if key.startswith(prefix + ".")
+            }
+            module.load_state_dict(own, strict=True)
 
     def check_sparse(self, saved_sparse: bool, what: str = "checkpoint was") -> None:
         if saved_sparse != (self.sparsifier is not None):
@@ -221,18 +237,13 @@ class ModelAgent(Agent):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.check_sparse("sparse" in state)
-        weights = state["weights"]
-        for prefix, module in self.modules().items():
-            own = {
-                key[len(prefix) + 1 :]: value
-                for key, value in weights.items()
-                if key.startswith(prefix + ".")
-            }
-            module.load_state_dict(own, strict=True)
+        self.load_modules(state["weights"])
         if self.sparsifier is not None:
             self.sparsifier.load_state_dict(state["sparse"])  # checks the masks, re-arms RigL
         self.optimizer_policy.load_state_dict(state["optimizers"])
         self.updates = int(state["updates"])
+        if self.generator is not None and "generator" in state:
+            self.generator.set_state(state["generator"])
 
     def num_parameters(self) -> dict[str, int]:
         """Trainable parameter counts per part."""
@@ -242,15 +253,3 @@ class ModelAgent(Agent):
         }
         counts["total"] = sum(counts.values())
         return counts
-
-
-def openloop_video(truth: torch.Tensor, model: torch.Tensor) -> np.ndarray:
-    """truth | model | error side by side, sequences stacked vertically: frames in ``[0, 1]``
-    ``[B, T, C, H, W]`` -> uint8 ``[T, B * H, 3 * W, 3]`` (grey frames repeated to RGB)."""
-    error = ((model - truth) + 1.0) / 2.0
-    video = torch.cat([truth, model, error], -1)  # [B, T, C, H, 3W]
-    B, T, C, H, W3 = video.shape
-    video = video.permute(1, 0, 3, 4, 2).reshape(T, B * H, W3, C)
-    if C == 1:
-        video = video.expand(-1, -1, -1, 3)
-    return (video[..., :3] * 255).round().to(torch.uint8).cpu().numpy()

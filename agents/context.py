@@ -30,6 +30,20 @@ class ReplayContext:
         self.initial = initial
         self.latents: State | None = None
 
+    @classmethod
+    def for_rssm(cls, rssm: torch.nn.Module, action_dim: int) -> ReplayContext:
+        """The RSSM's state (``deter``, ``stoch``) and the model action taken at each step (the
+        next step's input); windows without a stored latent start from the RSSM's initial
+        state and a zero action."""
+        c = rssm.config
+
+        def initial(batch_size: int, device: torch.device) -> State:
+            init = rssm.initial(batch_size, device)
+            return {**init, "action": torch.zeros(batch_size, action_dim, device=device)}
+
+        shapes = {"deter": (c.deter,), "stoch": tuple(c.stoch_shape), "action": (action_dim,)}
+        return cls(shapes, initial)
+
     def complete(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``batch`` with ``context_valid`` and every ``context/<key>`` present: zeros (on the
         batch's device) where the replay has none yet (before its first write-back), so every

@@ -24,14 +24,14 @@ import numpy as np
 import torch
 
 from imagine_rl.agents import dreamer_config
-from imagine_rl.agents.base import ModelAgent, State, openloop_video
+from imagine_rl.agents.base import ModelAgent, State
 from imagine_rl.agents.context import ReplayContext
 from imagine_rl.agents.dreamer_config import SPARSE_SKIP_DEFAULT
 from imagine_rl.runtime.config import Config
 from imagine_rl.runtime.optimizers import OptimizerPolicy, Part
-from imagine_rl.runtime.registry import AgentEntry, register_agent
 from imagine_rl.worldmodels import LayerFactory, WorldModel, one_hot, preprocess_obs
 from imagine_rl.worldmodels.actor_critic import ActorCritic, frozen
+from imagine_rl.worldmodels.planning import CEMPlanner, ReturnCost
 
 _FLAGS = ("is_first", "is_last", "is_terminal")
 
@@ -62,6 +62,12 @@ class DreamerAgent(ModelAgent):
             for key, space in obs_space.spaces.items()
             if key not in _FLAGS and not key.startswith("log_")
         }
+        self.planning = dreamer_config.composition(config)[1] == "planner"
+        if self.planning and self.discrete:
+            raise ValueError(
+                "agent.behaviour=planner plans continuous actions (CEM); this env's actions are "
+                f"{action_space}: use agent.behaviour=actor_critic"
+            )
         if config.sparse.enabled and w.greedy_infomax.modules:
             raise ValueError(
                 "sparse.enabled=true and world_model.greedy_infomax.modules>0 cannot be combined "
@@ -73,17 +79,20 @@ class DreamerAgent(ModelAgent):
             self.factory = LayerFactory(norm=w.norm, act=w.act)
             spec = dreamer_config.world_model_spec(config, self.planned_updates)
             self.wm = WorldModel(self.obs_shapes, self.action_dim, spec, self.factory)
-            self.behaviour = ActorCritic(
-                self.wm.feat_size,
-                self.action_dim,
-                self.discrete,
-                dreamer_config.actor_critic_spec(config, self.discrete),
-                self.factory,
-                gather=self.accelerator.gather,  # torchrun: percentiles of every rank's returns
-            )
+            self.behaviour: ActorCritic | None = None
+            if not self.planning:
+                self.behaviour = ActorCritic(
+                    self.wm.feat_size,
+                    self.action_dim,
+                    self.discrete,
+                    dreamer_config.actor_critic_spec(config, self.discrete),
+                    self.factory,
+                    gather=self.accelerator.gather,  # torchrun: every rank's returns
+                )
+        self.planner = self._planner() if self.planning else None
         self.context: ReplayContext | None = None
         if getattr(config.replay, "context", 0) > 0:
-            self.context = ReplayContext(self._context_shapes(), self._initial_context)
+            self.context = ReplayContext.for_rssm(self.wm.rssm, self.action_dim)
         self.place()
         if config.sparse.enabled:
             self.sparsify(self.wm, self.wm.loss_and_states, self._example(), SPARSE_SKIP_DEFAULT)
@@ -93,7 +102,7 @@ class DreamerAgent(ModelAgent):
         # ipu-sim: placement, block-sparse limits and the memory budget are checked here.
         modules = {k: m for k, m in self.modules().items() if k != "return_norm"}
         self.accelerator.prepare(modules, policy.optimizers)
-        self.joint = a.optimizer == "laprop" or a.replay_critic_grad_wm
+        self.joint = (a.optimizer == "laprop" or a.replay_critic_grad_wm) and not self.planning
         self.loss_scales = dreamer_config.loss_scales(config)
         # agent.compile: the world-model step and the behaviour step each become one graph
         # (forward unrolled over replay.batch_length and agent.horizon, and its backward).
@@ -117,16 +126,35 @@ class DreamerAgent(ModelAgent):
     slow_critic = property(lambda self: self.behaviour.slow_critic)
 
     def modules(self) -> dict[str, torch.nn.Module]:
-        return {
-            "world_model": self.wm,
-            "actor": self.behaviour.actor,
-            "critic": self.behaviour.critic,
-            "slow_critic": self.behaviour.slow_critic,
-            "return_norm": self.behaviour.return_norm,
-        }
+        parts: dict[str, torch.nn.Module] = {"world_model": self.wm}
+        if self.behaviour is not None:
+            for name in ("actor", "critic", "slow_critic", "return_norm"):
+                parts[name] = getattr(self.behaviour, name)
+        return parts
 
     def trained(self) -> dict[str, torch.nn.Module]:
-        return {"world_model": self.wm, "actor": self.actor, "critic": self.critic}
+        return {k: m for k, m in self.modules().items() if k in ("world_model", "actor", "critic")}
+
+    def _planner(self) -> CEMPlanner:
+        """CEM on predicted return (PlaNet-like; ``planner.*``), on mean predictions, sampling
+        from the agent's generator (saved in checkpoints)."""
+        p = self.config.planner
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(self.config.seed + 1)
+        cost = ReturnCost(discount=self.config.agent.discount, use_continue=True)
+        return CEMPlanner(
+            self.wm,
+            cost,
+            p.horizon,
+            p.population,
+            p.elites,
+            p.iterations,
+            p.std,
+            p.min_std,
+            warm_start=p.warm_start,
+            generator=self.generator,
+            rollout_kwargs={"sample": False},
+        )
 
     def _optimizer_policy(self) -> OptimizerPolicy:
         """adam: one Adam per part (world model, actor, critic); laprop: one LaProp over all
@@ -141,15 +169,11 @@ class DreamerAgent(ModelAgent):
                 greedy_ids |= {id(p) for p in params}
                 greedy.append(Part(params, lr, w.eps, w.grad_clip))
         wm_params = [p for p in self.wm.parameters() if id(p) not in greedy_ids]
-        parts = {
-            "world_model": Part(wm_params, w.lr, w.eps, w.grad_clip),
-            "actor": Part(
-                list(self.actor.parameters()), a.actor_lr, a.actor_eps, a.actor_grad_clip
-            ),
-            "critic": Part(
-                list(self.critic.parameters()), a.critic_lr, a.critic_eps, a.critic_grad_clip
-            ),
-        }
+        parts = {"world_model": Part(wm_params, w.lr, w.eps, w.grad_clip)}
+        if self.behaviour is not None:
+            actor, critic = self.behaviour.actor.parameters(), self.behaviour.critic.parameters()
+            parts["actor"] = Part(list(actor), a.actor_lr, a.actor_eps, a.actor_grad_clip)
+            parts["critic"] = Part(list(critic), a.critic_lr, a.critic_eps, a.critic_grad_clip)
         laprop = dict(lr=a.lr, agc=a.agc, beta1=a.beta1, beta2=a.beta2, eps=a.opt_eps)
         laprop["warmup"] = a.warmup
         return OptimizerPolicy(self.accelerator, parts, a.optimizer, laprop, greedy)
@@ -192,16 +216,6 @@ class DreamerAgent(ModelAgent):
             data.update(self.context.inputs(batch, dev))
         return data
 
-    def _context_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Per-step shapes of the latents written back to the replay: the RSSM state and the
-        model action taken at the step (the next step's input)."""
-        c = self.wm.rssm.config
-        return {"deter": (c.deter,), "stoch": tuple(c.stoch_shape), "action": (self.action_dim,)}
-
-    def _initial_context(self, batch_size: int, device: torch.device) -> State:
-        init = self.wm.rssm.initial(batch_size, device)
-        return {**init, "action": torch.zeros(batch_size, self.action_dim, device=device)}
-
     # ---------------------------------------------------------------------------------
     # Training
     # ---------------------------------------------------------------------------------
@@ -226,7 +240,8 @@ class DreamerAgent(ModelAgent):
                 metrics.update(behaviour_metrics)
             else:
                 post, metrics = self.train_world_model(data)
-                metrics.update(self.train_behaviour(post, data))
+                if self.behaviour is not None:  # a planner learns nothing beside the model
+                    metrics.update(self.train_behaviour(post, data))
         self.updates += 1  # (the loop reports train/updates itself)
         # One stacked copy: CUDA-graph replays overwrite their outputs, the loop keeps these.
         keys = list(metrics)
@@ -335,6 +350,9 @@ class DreamerAgent(ModelAgent):
             state = self.wm.rssm.initial(batch_size, self.device)
             state = {k: v.clone() for k, v in state.items()}
         state["action"] = torch.zeros(batch_size, self.action_dim, device=self.device)
+        if self.planning:  # the last plan (the next step's warm start); zeros where none
+            horizon = self.config.planner.horizon
+            state["plan"] = torch.zeros(batch_size, horizon, self.action_dim, device=self.device)
         return state
 
     def _act(
@@ -350,8 +368,17 @@ class DreamerAgent(ModelAgent):
         deter, stoch, _ = rssm.obs_step(
             state["deter"], state["stoch"], action_feat, embed, keep, init["deter"], init["stoch"]
         )
-        action = self.behaviour.act(rssm.feat({"deter": deter, "stoch": stoch}), explore)
-        new_state = {"deter": deter, "stoch": stoch, "action": action}
+        new_state = {"deter": deter, "stoch": stoch}
+        if self.planner is not None:
+            plan = self.planner.plan(new_state, state["plan"] * keep[:, None, None])
+            action = plan[:, 0]
+            if explore:
+                noise = torch.randn(action.shape, generator=self.generator, device=dev)
+                action = (action + self.config.planner.explore_noise * noise).clamp(-1.0, 1.0)
+            new_state["plan"] = plan
+        else:
+            action = self.behaviour.act(rssm.feat(new_state), explore)
+        new_state["action"] = action
         if self.discrete:
             out = (action.argmax(-1) + self.action_start).cpu().numpy().astype(np.int64)
         else:
@@ -363,38 +390,10 @@ class DreamerAgent(ModelAgent):
     # ---------------------------------------------------------------------------------
     @torch.no_grad()
     def report(self, batch: dict[str, torch.Tensor], context: int = 5, rows: int = 4) -> dict:
-        """Open-loop video per image key (``openloop_video``: truth | model | error, up to
-        ``rows`` sequences), and with factored dynamics ``world_model/graph``, the ``G x G``
-        adjacency as a uint8 ``[H, W, 3]`` image. ``{}`` without images."""
-        videos = {}
-        if self.wm.rssm.graph is not None:
-            videos["world_model/graph"] = self.wm.rssm.graph.image()
-        if not self.wm.image_keys or self.wm.decoder is None:
-            return videos  # no pixels, or nothing to draw them with (representation=cpc)
+        """Open-loop videos per image key and the factored graph (``WorldModel.videos``)."""
         data = self.preprocess({k: v[:rows] for k, v in batch.items()})
-        if data["is_first"].shape[1] <= context:
-            return videos
         with self.cached():
-            pred = self.wm.open_loop(data, context)
-        for key in self.wm.image_keys:
-            truth = (data[key] + 0.5).clamp(0, 1)
-            model = (pred[key].float() + 0.5).clamp(0, 1)
-            videos[f"world_model/openloop_{key}"] = openloop_video(truth, model)
-        return videos
+            return self.wm.videos(data, context)
 
-
-ENTRY = register_agent(
-    AgentEntry(
-        name="dreamer",
-        make=DreamerAgent,
-        agent_fields=dreamer_config.DreamerAgentConfig,
-        sections={"world_model": dreamer_config.WorldModelConfig},
-        # The main job: a small Dreamer on a short Pendulum run that fits a CPU in minutes.
-        presets=("dreamer_tiny", "quickstart"),
-        preset_dir=dreamer_config.PRESET_DIR,
-        validate=dreamer_config.validate,
-        default=True,
-    )
-)
 
 __all__ = ["DreamerAgent"]

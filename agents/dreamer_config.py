@@ -27,6 +27,10 @@ class DreamerAgentConfig:
     """``agent.*`` keys of ``agent=dreamer``: the actor-critic learned in imagination
     (DreamerV3 defaults). Merged with the shared ``runtime.config.AgentConfig``."""
 
+    # How the agent acts: actor_critic (learned in imagination) or planner (CEM on the world
+    # model's predictions: predicted return for the RSSM, the goal's slots for slots); auto:
+    # the agent's own (agent=dreamer: actor_critic, agent=op3: planner).
+    behaviour: Literal["auto", "actor_critic", "planner"] = "auto"
     # Imagined rollout length from every replayed posterior state.
     horizon: int = field(default=15, metadata=at_least(1))
     # Imagined rollouts start from this many posterior states of the batch, drawn at random
@@ -98,6 +102,39 @@ class DreamerAgentConfig:
 
 
 @dataclass
+class PlannerConfig:
+    """``planner.*``: CEM in the RSSM on predicted return (``world_model.kind=rssm
+    agent.behaviour=planner``, PlaNet-like; the slot model plans with ``op3.*``)."""
+
+    # Actions per candidate sequence, candidates per iteration, iterations, elites kept.
+    horizon: int = field(default=12, metadata=at_least(1))
+    population: int = field(default=128, metadata=at_least(2))
+    iterations: int = field(default=4, metadata=at_least(1))
+    elites: int = field(default=12, metadata=at_least(1))
+    # Initial and minimum std of the sampling Gaussian (actions clipped to [-1, 1]).
+    std: float = field(default=1.0, metadata=at_least(0))
+    min_std: float = field(default=0.05, metadata=at_least(0))
+    # Each step's CEM starts from the last step's plan shifted by one action (TD-MPC2).
+    warm_start: bool = True
+    # Exploration (explore=True): Gaussian noise of this std added to the planned action.
+    explore_noise: float = field(default=0.3, metadata=at_least(0))
+
+
+# The composition each agent name stands for (world_model.kind, agent.behaviour).
+COMPOSITIONS = {"dreamer": ("rssm", "actor_critic"), "op3": ("slots", "planner")}
+
+
+def composition(config) -> tuple[str, str]:
+    """``(world_model.kind, agent.behaviour)`` with ``auto`` resolved by ``agent.name``."""
+    kind, behaviour = COMPOSITIONS.get(config.agent.name, ("rssm", "actor_critic"))
+    if config.world_model.kind != "auto":
+        kind = config.world_model.kind
+    if config.agent.behaviour != "auto":
+        behaviour = config.agent.behaviour
+    return kind, behaviour
+
+
+@dataclass
 class GreedyInfoMaxConfig:
     """Greedy InfoMax encoder (``world_model.greedy_infomax.*``; see ``worldmodels/cpc.py``)."""
 
@@ -114,6 +151,9 @@ class WorldModelConfig(RSSMSettings):
     (``deter``, ``hidden``, ``stoch``, ``classes``, ``latent``, ``unimix``, ``blocks``,
     ``prior_layers``, ``post_layers``, ``initial``) are ``worldmodels.rssm.RSSMSettings``'s."""
 
+    # Which world model: rssm (DreamerV3's, factored with world_model.factored.*) or slots (the
+    # object-centric model, op3.* keys); auto: the agent's own (dreamer: rssm, op3: slots).
+    kind: Literal["auto", "rssm", "slots"] = "auto"
     # How the latent state learns about observations: reconstruction (decoder), reconstruction
     # plus the CPC loss as a regulariser, or cpc alone (no decoder is built).
     representation: Literal["reconstruction", "reconstruction+cpc", "cpc"] = "reconstruction"
@@ -211,7 +251,8 @@ def validate(config) -> None:
         raise ConfigError(
             f"world_model.classes: a categorical latent needs >= 2 classes, got {w.classes}"
         )
-    if config.agent.name == "dreamer" and config.env.obs != "state":
+    kind, behaviour = composition(config)
+    if kind == "rssm" and config.agent.name in COMPOSITIONS and config.env.obs != "state":
         from imagine_rl.worldmodels.networks import image_sizes
 
         sizes = image_sizes()
@@ -221,6 +262,21 @@ def validate(config) -> None:
                 f"({', '.join(map(str, sizes))}), got {config.env.size}"
             )
     _check_optimizer(config)
+    if config.planner.elites > config.planner.population:
+        raise ConfigError(
+            f"planner.elites ({config.planner.elites}) exceeds planner.population "
+            f"({config.planner.population}); keep fewer elites than candidates"
+        )
+    slots_actor_critic = (kind, behaviour) == ("slots", "actor_critic")
+    if (
+        config.agent.name in COMPOSITIONS
+        and slots_actor_critic
+        and config.agent.optimizer != "adam"
+    ):
+        raise ConfigError(
+            "world_model.kind=slots agent.behaviour=actor_critic trains with "
+            "agent.optimizer=adam (the slot model has its own lr and warm-up)"
+        )
     uses_cpc = "cpc" in w.representation or w.greedy_infomax.modules > 0
     if uses_cpc and w.cpc_horizons >= config.replay.batch_length:
         raise ConfigError(

@@ -40,9 +40,10 @@ import torch
 
 from imagine_rl.agents import op3_config
 from imagine_rl.agents.base import ModelAgent, State
+from imagine_rl.agents.dreamer_config import actor_critic_spec, composition
 from imagine_rl.runtime.config import Config
 from imagine_rl.runtime.optimizers import OptimizerPolicy, Part
-from imagine_rl.runtime.registry import AgentEntry, register_agent
+from imagine_rl.worldmodels.actor_critic import ActorCritic, frozen
 from imagine_rl.worldmodels.layers import LayerFactory
 from imagine_rl.worldmodels.planning import CEMPlanner, GoalCost
 from imagine_rl.worldmodels.slots import SlotSpec, SlotWorldModel
@@ -50,8 +51,12 @@ from imagine_rl.worldmodels.slots import SlotSpec, SlotWorldModel
 
 def slot_spec(config: Config) -> SlotSpec:
     """The slot world model described by ``config.op3`` (whose architecture keys are
-    ``SlotSpec``'s fields)."""
-    return SlotSpec(**{f.name: getattr(config.op3, f.name) for f in dataclasses.fields(SlotSpec)})
+    ``SlotSpec``'s fields); an actor-critic on it (``agent.behaviour=actor_critic``) needs the
+    reward and continue heads and the goal's slots in the features."""
+    spec = SlotSpec(**{f.name: getattr(config.op3, f.name) for f in dataclasses.fields(SlotSpec)})
+    if composition(config)[1] == "actor_critic":
+        spec = dataclasses.replace(spec, heads=True, goal_features=True)
+    return spec
 
 
 # ------------------------------------------------------------------------------------------
@@ -109,6 +114,17 @@ class OP3Agent(ModelAgent):
             self.wm = SlotWorldModel(
                 self.image_shape, self.action_dim, slot_spec(config), self.factory
             )
+            # SOLD-like: Dreamer's actor-critic on the slots and the goal's slots.
+            self.behaviour: ActorCritic | None = None
+            if composition(config)[1] == "actor_critic":
+                self.behaviour = ActorCritic(
+                    self.wm.feat_size,
+                    self.action_dim,
+                    False,
+                    actor_critic_spec(config, discrete=False),
+                    self.factory,
+                    gather=self.accelerator.gather,
+                )
         self.place()
         if config.sparse.enabled:
             predict = o.prediction_scale > 0
@@ -127,14 +143,18 @@ class OP3Agent(ModelAgent):
             for name, parameter in self.wm.named_parameters():
                 if not name.startswith(trained):
                     parameter.requires_grad_(False)
-        params = list(self.wm.parameters())
-        self.optimizer_policy = OptimizerPolicy(
-            self.accelerator, {"world_model": Part(params, o.lr, 1e-8, o.grad_clip)}
-        )
+        a = config.agent
+        parts = {"world_model": Part(list(self.wm.parameters()), o.lr, 1e-8, o.grad_clip)}
+        if self.behaviour is not None:
+            actor, critic = self.behaviour.actor.parameters(), self.behaviour.critic.parameters()
+            parts["actor"] = Part(list(actor), a.actor_lr, a.actor_eps, a.actor_grad_clip)
+            parts["critic"] = Part(list(critic), a.critic_lr, a.critic_eps, a.critic_grad_clip)
+        self.optimizer_policy = OptimizerPolicy(self.accelerator, parts)
         self.opt = self.optimizer_policy.optimizer_of("world_model")
         if self.sparsifier is not None:
             self.sparsifier.attach(self.opt)  # re-mask after every step
-        self.accelerator.prepare({"world_model": self.wm}, self.optimizer_policy.optimizers)
+        modules = {k: m for k, m in self.modules().items() if k != "return_norm"}
+        self.accelerator.prepare(modules, self.optimizer_policy.optimizers)
         self.scales = {
             "loss/reconstruction": o.reconstruction_scale,
             "loss/prediction": o.prediction_scale,
@@ -172,7 +192,14 @@ class OP3Agent(ModelAgent):
         )
 
     def modules(self) -> dict[str, torch.nn.Module]:
-        return {"world_model": self.wm}
+        parts: dict[str, torch.nn.Module] = {"world_model": self.wm}
+        if self.behaviour is not None:
+            for name in ("actor", "critic", "slow_critic", "return_norm"):
+                parts[name] = getattr(self.behaviour, name)
+        return parts
+
+    def trained(self) -> dict[str, torch.nn.Module]:
+        return {k: m for k, m in self.modules().items() if k in ("world_model", "actor", "critic")}
 
     def _example(self) -> dict[str, torch.Tensor]:
         """A zero ``[1, replay.batch_length]`` batch, preprocessed (the sparse FLOP count)."""
@@ -208,7 +235,7 @@ class OP3Agent(ModelAgent):
         }
         spec = self.wm.spec
         if spec.heads:
-            for key in ("reward", "is_terminal"):
+            for key in ("reward", "is_terminal", "is_last"):
                 data[key] = batch[key].to(self.device).float().reshape(B, T)
         if spec.goal_features:
             data["goal"] = self._pixels(batch["goal"])
@@ -227,11 +254,18 @@ class OP3Agent(ModelAgent):
             data = self.preprocess(batch)
             self.optimizer_policy.zero_grad()
             with self.accelerator.autocast(), self.cached():
-                losses, metrics, _ = self.wm.loss_and_states(
+                losses, metrics, post = self.wm.loss_and_states(
                     data, predict_pixels=o.prediction_scale > 0
                 )
             total = sum(self.scales[k] * v for k, v in losses.items())
             step = self.optimizer_policy.step(total, ["world_model"], self._after_step)
+            if self.behaviour is not None:  # imagination from every posterior (slots, goal)
+                post = {k: v.detach() for k, v in post.items()}
+                with frozen(self.wm), self.accelerator.autocast(), self.cached():
+                    terms, behaviour_metrics = self.behaviour.loss(self.wm, post, data)
+                step.update(self.optimizer_policy.step(sum(terms.values()), ["actor", "critic"]))
+                self.behaviour.update_slow_critic(self.updates)
+                metrics = {**metrics, **behaviour_metrics}
         self.updates += 1
         out = {**losses, **metrics, "loss/world_model": total, **step}
         # Device tensors, read by the loop once per log interval (agents.base).
@@ -275,10 +309,15 @@ class OP3Agent(ModelAgent):
         if bool(fresh.any()):  # the goal image is constant within an episode: infer it once
             inferred = self.wm.infer(self._pixels(obs["goal"]))
             goal = torch.where(fresh[:, None, None] > 0, inferred, goal)
-        previous = state["plan"] * (1.0 - fresh)[:, None, None]  # no warm start across episodes
-        plan = self.plan(slots, goal, previous)  # [n, H, A]
-        action = plan[:, 0].cpu().numpy().astype(np.float32)
-        if explore:
+        plan = state["plan"]
+        if self.behaviour is not None:  # the actor on the slots and the goal's slots
+            feat = self.wm.feat({"slots": slots, "goal": goal})
+            action = self.behaviour.act(feat, explore).cpu().numpy().astype(np.float32)
+        else:
+            previous = plan * (1.0 - fresh)[:, None, None]  # no warm start across episodes
+            plan = self.plan(slots, goal, previous)  # [n, H, A]
+            action = plan[:, 0].cpu().numpy().astype(np.float32)
+        if explore and self.behaviour is None:
             o = self.config.op3
             action = np.clip(action + o.explore_noise * self.rng.normal(size=action.shape), -1, 1)
             random = self.rng.random(n) < o.epsilon
@@ -357,10 +396,9 @@ class OP3Agent(ModelAgent):
     # Checkpoints and reports
     # ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        # Exploration and planning noise streams come with the shared checkpoint keys.
+        # The exploration stream (the planning generator is saved by ModelAgent).
         state = super().state_dict()
         state["rng"] = self.rng.bit_generator.state
-        state["generator"] = self.generator.get_state()
         return state
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
@@ -382,6 +420,7 @@ class OP3Agent(ModelAgent):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.check_sparse("sparse" in state)
         self.load_weights(state["weights"])
+        self.load_modules(state["weights"], skip=("world_model",))  # the actor-critic's
         if self.sparsifier is not None:
             self.sparsifier.load_state_dict(state["sparse"])  # checks the masks, re-arms RigL
         self.optimizer_policy.load_state_dict(state["optimizers"])
@@ -407,17 +446,3 @@ class OP3Agent(ModelAgent):
 
 
 __all__ = ["OP3Agent", "slot_spec"]
-
-
-ENTRY = register_agent(
-    AgentEntry(
-        name=op3_config.NAME,
-        make=OP3Agent,
-        sections={"op3": op3_config.OP3Config},
-        presets=("op3",),
-        preset_dir=op3_config.PRESET_DIR,
-        env_settings=op3_config.env_settings,
-        validate=op3_config.validate,
-        check_new_run=op3_config.check_new_run,
-    )
-)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from imagine_rl.agents.dreamer_config import COMPOSITIONS, composition
 from imagine_rl.runtime.config import ConfigError, at_least
 from imagine_rl.worldmodels.slots import SlotSpec
 
@@ -99,7 +100,7 @@ def validate(config) -> None:
         )
     if o.epsilon > 1:
         raise ConfigError(f"op3.epsilon is a probability, got {o.epsilon}")
-    if config.agent.name != NAME:
+    if config.agent.name not in COMPOSITIONS or composition(config)[0] != "slots":
         return
     if config.env.obs == "state":
         raise ConfigError(
@@ -120,8 +121,11 @@ def validate(config) -> None:
 
 
 def env_settings(config) -> None:
-    """Pixel observations, the goal image, and no action repeat (a pick-and-place action
-    repeated would only redo the same move); the command line still wins."""
+    """What the slot world model needs (``world_model.kind=slots``: ``agent=op3``'s): pixel
+    observations, the goal image, and no action repeat (a pick-and-place action repeated would
+    only redo the same move); the command line still wins."""
+    if composition(config)[0] != "slots":
+        return
     if config.env.obs == "state":
         config.env.obs = "pixels"
     config.env.goal_obs = True

@@ -1,6 +1,6 @@
 """The built-in agents' registry entries, and building an agent from the run config.
 
-Each agent module registers its entry (``agents.dreamer.ENTRY``, ``agents.op3.ENTRY``; their
+The compositions' entries (``agents.compose.DREAMER``, ``agents.compose.OP3``; their
 config sections live in ``agents/dreamer_config.py`` and ``agents/op3_config.py``); importing
 this module registers them all. The registry itself is
 ``runtime.registry`` (the runtime finds this module through the ``imagine_rl.agents`` entry
@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import gymnasium as gym
 
-from imagine_rl.agents import dreamer, op3, random_agent
+from imagine_rl.agents import compose, random_agent
 from imagine_rl.agents.base import Agent
 from imagine_rl.runtime.config import Config
 from imagine_rl.runtime.registry import AgentEntry, agent_names, build_agent, register_agent
 
-BUILTIN = (dreamer.ENTRY, op3.ENTRY, random_agent.ENTRY)
+BUILTIN = (compose.DREAMER, compose.OP3, random_agent.ENTRY)
 
 
 def available_agents() -> list[str]:

@@ -859,6 +859,9 @@ def build_config(
     if not base:
         entry = entry or _agent_entry(config.agent.name)
         if entry.env_settings is not None:
+            # The settings may depend on the command line's choices (e.g. which world model),
+            # so they see it applied, and the command line is applied again after them.
+            _apply(config, _nest(flat))
             entry.env_settings(config)
     _apply(config, _nest(flat))
     return validate(config)

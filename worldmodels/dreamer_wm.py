@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -71,6 +72,18 @@ def preprocess_obs(obs: dict[str, torch.Tensor], image_keys: list[str]) -> dict[
         else:
             out[key] = value.float()
     return out
+
+
+def openloop_video(truth: torch.Tensor, model: torch.Tensor) -> np.ndarray:
+    """truth | model | error side by side, sequences stacked vertically: frames in ``[0, 1]``
+    ``[B, T, C, H, W]`` -> uint8 ``[T, B * H, 3 * W, 3]`` (grey frames repeated to RGB)."""
+    error = ((model - truth) + 1.0) / 2.0
+    video = torch.cat([truth, model, error], -1)  # [B, T, C, H, 3W]
+    B, T, C, H, W3 = video.shape
+    video = video.permute(1, 0, 3, 4, 2).reshape(T, B * H, W3, C)
+    if C == 1:
+        video = video.expand(-1, -1, -1, 3)
+    return (video[..., :3] * 255).round().to(torch.uint8).cpu().numpy()
 
 
 class WorldModel(nn.Module):
@@ -250,6 +263,25 @@ class WorldModel(nn.Module):
         return losses, metrics
 
     # ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def videos(self, batch: dict[str, torch.Tensor], context: int = 5) -> dict[str, np.ndarray]:
+        """Media for eval-time logging: per image key ``world_model/openloop_<key>``
+        (``openloop_video`` of ``open_loop``: truth | model | error), and with factored
+        dynamics ``world_model/graph``, the ``G x G`` adjacency as a uint8 ``[H, W, 3]``
+        image. Without images or a decoder (``representation=cpc``), or with sequences no
+        longer than ``context``, no videos."""
+        videos = {}
+        if self.rssm.graph is not None:
+            videos["world_model/graph"] = self.rssm.graph.image()
+        if not self.image_keys or self.decoder is None or batch["is_first"].shape[1] <= context:
+            return videos
+        pred = self.open_loop(batch, context)
+        for key in self.image_keys:
+            truth = (batch[key] + 0.5).clamp(0, 1)
+            model = (pred[key].float() + 0.5).clamp(0, 1)
+            videos[f"world_model/openloop_{key}"] = openloop_video(truth, model)
+        return videos
+
     @torch.no_grad()
     def open_loop(
         self, batch: dict[str, torch.Tensor], context: int = 5

@@ -26,6 +26,16 @@ from imagine_rl.worldmodels.layers import (
     symlog,
 )
 from imagine_rl.worldmodels.networks import Decoder, Encoder, Head
+from imagine_rl.worldmodels.objectives import (
+    ContrastiveObjective,
+    GraphObjective,
+    KLObjective,
+    Objective,
+    ObjectiveInputs,
+    ReconstructionObjective,
+    RewardContinueObjective,
+    objectives_for,
+)
 from imagine_rl.worldmodels.planning import CEMPlanner, GoalCost, PlanCost, ReturnCost, cem
 from imagine_rl.worldmodels.rssm import RSSM, RSSMConfig
 from imagine_rl.worldmodels.slot_metrics import (
@@ -44,20 +54,27 @@ __all__ = [
     "Actor",
     "BlockLinear",
     "CEMPlanner",
+    "ContrastiveObjective",
     "CPCSpec",
     "Critic",
     "Decoder",
     "Encoder",
     "GoalCost",
+    "GraphObjective",
     "GreedyInfoMax",
     "Head",
+    "KLObjective",
     "LayerFactory",
     "NormalDist",
+    "Objective",
+    "ObjectiveInputs",
     "OneHotDist",
     "PlanCost",
     "RSSMConfig",
+    "ReconstructionObjective",
     "ReturnCost",
     "ReturnNormalizer",
+    "RewardContinueObjective",
     "SequenceCPC",
     "SlotSpec",
     "SlotWorldModel",
@@ -71,6 +88,7 @@ __all__ = [
     "replay_lambda_return",
     "matched_slot_distance",
     "mi_bound",
+    "objectives_for",
     "one_hot",
     "preprocess_obs",
     "ranking_metrics",

@@ -15,8 +15,10 @@ InfoNCE of ``worldmodels.cpc.SequenceCPC`` from the posterior state to future em
 ``cpc`` (decoder-free: no decoder is built, ``loss/cpc`` replaces ``loss/reconstruction``).
 Factored dynamics with the ``l1`` graph add ``loss/graph`` (already scaled by ``l1_scale``)
 and every factored model logs ``world_model/graph_*``.
-With ``spec.greedy_modules = M > 0`` the encoder is trained by Greedy InfoMax
-(``self.greedy``, its own losses and optimizers) and every loss here sees its output detached.
+Each loss comes from an objective part (``worldmodels.objectives``, ``WorldModel.objectives``);
+``_head_losses`` loops over them. With ``spec.greedy_modules = M > 0`` the encoder is trained
+by Greedy InfoMax (``self.greedy``, its own losses and optimizers) and every loss here sees its
+output detached.
 """
 
 from __future__ import annotations
@@ -25,12 +27,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from imagine_rl.worldmodels.cpc import CPCSpec, GreedyInfoMax, SequenceCPC
-from imagine_rl.worldmodels.layers import LayerFactory, TwoHot, symlog
+from imagine_rl.worldmodels.layers import LayerFactory, TwoHot
 from imagine_rl.worldmodels.networks import Decoder, Encoder, Head, Shapes, split_keys
+from imagine_rl.worldmodels.objectives import Objective, ObjectiveInputs, objectives_for
 from imagine_rl.worldmodels.rssm import RSSM, RSSMConfig, State
 
 LOSS_KEYS = (
@@ -203,63 +205,29 @@ class WorldModel(nn.Module):
         losses, metrics = self._head_losses(batch, post, prior, embed)
         return losses, metrics, post
 
+    def objectives(self) -> list[Objective]:
+        """The loss parts for ``spec.representation`` (``worldmodels.objectives``), in the
+        order their losses are summed. Built afresh on each call: they hold plain references
+        to this model's current modules and register none."""
+        return objectives_for(
+            self.spec.representation,
+            rssm=self.rssm,
+            reward_head=self.reward_head,
+            continue_head=self.continue_head,
+            twohot=self.twohot,
+            free_nats=self.spec.free_nats,
+            decoder=self.decoder,
+            cpc=self.cpc,
+        )
+
     def _head_losses(self, batch, post: State, prior: State, embed: torch.Tensor):
-        s = self.spec
-        feat = self.rssm.feat(post)
+        step = ObjectiveInputs(batch, post, prior, self.rssm.feat(post), embed)
         losses: dict[str, torch.Tensor] = {}
         metrics: dict[str, torch.Tensor] = {}
-        if self.decoder is not None:
-            # Reconstruction: summed over each observation's dims, averaged over batch and time.
-            recon = self.decoder(feat)
-            rec = 0.0
-            for key in self.vector_keys:
-                err = (recon[key].float() - symlog(batch[key].float())).square().sum(-1)
-                metrics[f"world_model/recon_{key}"] = err.mean().detach()
-                rec = rec + err
-            for key in self.image_keys:
-                err = (recon[key].float() - batch[key].float()).square().sum((-3, -2, -1))
-                metrics[f"world_model/recon_{key}"] = err.mean().detach()
-                rec = rec + err
-            losses["loss/reconstruction"] = rec.mean()
-        if self.cpc is not None:
-            # The state at t (deterministic and stochastic parts) against embeddings at t+k.
-            cpc, cpc_metrics = self.cpc(feat, embed, batch["action"], batch["is_first"])
-            losses["loss/cpc"] = cpc
-            metrics.update({f"world_model/{k}": v for k, v in cpc_metrics.items()})
-        # Reward (two-hot in symlog space) and continuation (Bernoulli).
-        reward_logits = self.reward_head(feat)
-        losses["loss/reward"] = -self.twohot.log_prob(reward_logits, batch["reward"]).mean()
-        cont_logits = self.continue_head(feat).float().squeeze(-1)
-        cont_target = 1.0 - batch["is_terminal"].float()
-        losses["loss/continue"] = F.binary_cross_entropy_with_logits(cont_logits, cont_target)
-        graph = self.rssm.graph
-        if graph is not None:  # factored dynamics: the l1 gate penalty and the graph's shape
-            penalty = graph.penalty()
-            if penalty is not None:
-                losses["loss/graph"] = penalty
-            metrics.update(graph.metrics())
-        # KL balancing with free bits: the prior learns fast, the posterior is regularised.
-        stats = [k for k in post if k not in ("deter", "stoch")]
-        post_sg = {k: post[k].detach() for k in stats}
-        prior_sg = {k: prior[k].detach() for k in stats}
-        post_d = {k: post[k] for k in stats}
-        prior_d = {k: prior[k] for k in stats}
-        dyn = self.rssm.kl(post_sg, prior_d)
-        rep = self.rssm.kl(post_d, prior_sg)
-        losses["loss/dynamics"] = dyn.clamp(min=s.free_nats).mean()
-        losses["loss/representation"] = rep.clamp(min=s.free_nats).mean()
-        with torch.no_grad():
-            reward_pred = self.twohot.decode(reward_logits)
-            metrics["world_model/kl"] = dyn.mean()
-            metrics["world_model/prior_entropy"] = self.rssm.entropy(prior_sg).mean()
-            metrics["world_model/posterior_entropy"] = self.rssm.entropy(post_sg).mean()
-            metrics["world_model/reward_error"] = (
-                (reward_pred - batch["reward"].float()).abs().mean()
-            )
-            metrics["world_model/reward_pred_mean"] = reward_pred.mean()
-            metrics["world_model/continue_accuracy"] = (
-                ((cont_logits > 0).float() == cont_target).float().mean()
-            )
+        for objective in self.objectives():
+            part_losses, part_metrics = objective.apply(step)
+            losses.update(part_losses)
+            metrics.update(part_metrics)
         return losses, metrics
 
     # ---------------------------------------------------------------------------------

@@ -17,9 +17,10 @@ import pytest
 import torch
 import yaml
 
-from imagine_rl.agents.base import Agent
+from imagine_rl.agents.base import ModelAgent
 from imagine_rl.runtime import registry
 from imagine_rl.runtime.config import ConfigError, at_least, build_config, config_class, load_yaml
+from imagine_rl.runtime.optimizers import OptimizerPolicy, Part
 from imagine_rl.runtime.registry import AgentEntry
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,49 +43,48 @@ class ToySection:
     features: int = field(default=4, metadata=at_least(1))
 
 
-class ToyAgent(Agent):
-    """Acts with a fixed linear policy plus noise; learns to predict the reward from the
-    observation (a linear model on random features), reporting ``loss/reward``."""
+class RewardModel(torch.nn.Module):
+    """A linear reward model on fixed random features of the state: ``[..., D]`` -> ``[...]``."""
+
+    def __init__(self, dim: int, features: int) -> None:
+        super().__init__()
+        self.register_buffer("features", torch.randn(dim, features))
+        self.linear = torch.nn.Linear(features, 1)
+
+    def forward(self, state: torch.Tensor) -> torch.Tensor:
+        return self.linear(torch.tanh(state @ self.features)).squeeze(-1)
+
+
+class ToyAgent(ModelAgent):
+    """Acts with noise; learns to predict the reward from the observation, reporting
+    ``loss/reward``. ``ModelAgent`` brings the accelerator, checkpoints and the act wrapper;
+    ``OptimizerPolicy`` the optimizer (an Adam for the one part)."""
 
     def __init__(self, config: Any, obs_space: gym.spaces.Dict, action_space: gym.Space) -> None:
+        super().__init__(config)
         torch.manual_seed(config.seed)
-        self.action_space = action_space
-        self.noise = config.agent.toy_noise
-        dim = obs_space["state"].shape[0]
-        self.features = torch.randn(dim, config.toy.features)
-        self.model = torch.nn.Linear(config.toy.features, 1)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.toy.lr)
+        self.action_space, self.noise = action_space, config.agent.toy_noise
+        self.model = RewardModel(obs_space["state"].shape[0], config.toy.features)
+        part = Part(list(self.model.parameters()), lr=config.toy.lr, eps=1e-8)
+        self.optimizer_policy = OptimizerPolicy(self.accelerator, {"world_model": part})
         self.rng = np.random.default_rng(config.seed)
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"world_model": self.model}  # the checkpoint's weight-key prefixes
 
     def initial_state(self, batch_size: int) -> None:
         return None
 
-    def act(self, obs, state, explore):
-        n = len(obs["is_first"])
+    def _act(self, obs, state, explore, n):
         shape = (n, *self.action_space.shape)
         noise = self.rng.normal(0, self.noise, shape) if explore else np.zeros(shape)
         return np.clip(noise, -1, 1).astype(np.float32), state
 
     def update(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # The reward received on arriving at a step, predicted from that step's observation.
-        inputs = torch.tanh(batch["state"].float() @ self.features)
-        prediction = self.model(inputs).squeeze(-1)
-        loss = (prediction - batch["reward"].float()).square().mean()
-        self.optimizer.zero_grad()
-        loss.backward()
-        self.optimizer.step()
-        return {"loss/reward": loss.detach()}
-
-    def state_dict(self) -> dict[str, Any]:
-        weights = {f"model.{k}": v for k, v in self.model.state_dict().items()}
-        weights["features"] = self.features
-        return {"weights": weights, "optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        weights = dict(state["weights"])
-        self.features = weights.pop("features")
-        self.model.load_state_dict({k.removeprefix("model."): v for k, v in weights.items()})
-        self.optimizer.load_state_dict(state["optimizer"])
+        loss = (self.model(batch["state"].float()) - batch["reward"].float()).square().mean()
+        metrics = self.optimizer_policy.step(loss, ["world_model"])
+        return {"loss/reward": loss.detach(), **metrics}
 
 
 def _validate(config: Any) -> None:

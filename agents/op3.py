@@ -235,7 +235,9 @@ class OP3Agent(ModelAgent):
         }
         spec = self.wm.spec
         if spec.heads:
-            for key in ("reward", "is_terminal", "is_last"):
+            # is_last: the actor-critic's replay value loss weighs it out (agent.behaviour).
+            flags = ("is_last",) if self.behaviour is not None else ()
+            for key in ("reward", "is_terminal", *flags):
                 data[key] = batch[key].to(self.device).float().reshape(B, T)
         if spec.goal_features:
             data["goal"] = self._pixels(batch["goal"])

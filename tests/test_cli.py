@@ -106,7 +106,7 @@ def test_help_for_an_unknown_section_is_one_line():
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: --help spars: no such section; did you mean 'sparse'? sections: env, agent, "
-        "replay, sparse, accelerator, ipu, distributed, logging, run, world_model, op3"
+        "replay, sparse, accelerator, ipu, distributed, logging, run, world_model, planner, op3"
     ]
 
 

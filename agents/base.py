@@ -142,13 +142,20 @@ class ModelAgent(Agent):
         self.generator: torch.Generator | None = None
         self.updates = 0
 
-    @abc.abstractmethod
     def modules(self) -> dict[str, torch.nn.Module]:
-        """Checkpointed modules by weight-key prefix (``world_model``, ``actor``, ...)."""
+        """Checkpointed modules by weight-key prefix: ``world_model`` (``self.wm``) and, with
+        an actor-critic (``self.behaviour``), ``actor``, ``critic``, ``slow_critic`` and
+        ``return_norm``. An agent with other modules overrides this."""
+        parts: dict[str, torch.nn.Module] = {"world_model": self.wm}
+        behaviour = getattr(self, "behaviour", None)
+        if behaviour is not None:
+            for name in ("actor", "critic", "slow_critic", "return_norm"):
+                parts[name] = getattr(behaviour, name)
+        return parts
 
     def trained(self) -> dict[str, torch.nn.Module]:
         """The trainable parts whose parameters ``num_parameters`` counts."""
-        return {"world_model": self.modules()["world_model"]}
+        return {k: m for k, m in self.modules().items() if k in ("world_model", "actor", "critic")}
 
     def place(self) -> None:
         for module in self.modules().values():

@@ -125,16 +125,6 @@ class DreamerAgent(ModelAgent):
     critic = property(lambda self: self.behaviour.critic)
     slow_critic = property(lambda self: self.behaviour.slow_critic)
 
-    def modules(self) -> dict[str, torch.nn.Module]:
-        parts: dict[str, torch.nn.Module] = {"world_model": self.wm}
-        if self.behaviour is not None:
-            for name in ("actor", "critic", "slow_critic", "return_norm"):
-                parts[name] = getattr(self.behaviour, name)
-        return parts
-
-    def trained(self) -> dict[str, torch.nn.Module]:
-        return {k: m for k, m in self.modules().items() if k in ("world_model", "actor", "critic")}
-
     def _planner(self) -> CEMPlanner:
         """CEM on predicted return (PlaNet-like; ``planner.*``), on mean predictions, sampling
         from the agent's generator (saved in checkpoints)."""

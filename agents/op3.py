@@ -191,16 +191,6 @@ class OP3Agent(ModelAgent):
             compile=self.accelerator.compile if compiling else None,
         )
 
-    def modules(self) -> dict[str, torch.nn.Module]:
-        parts: dict[str, torch.nn.Module] = {"world_model": self.wm}
-        if self.behaviour is not None:
-            for name in ("actor", "critic", "slow_critic", "return_norm"):
-                parts[name] = getattr(self.behaviour, name)
-        return parts
-
-    def trained(self) -> dict[str, torch.nn.Module]:
-        return {k: m for k, m in self.modules().items() if k in ("world_model", "actor", "critic")}
-
     def _example(self) -> dict[str, torch.Tensor]:
         """A zero ``[1, replay.batch_length]`` batch, preprocessed (the sparse FLOP count)."""
         T = self.config.replay.batch_length

@@ -61,9 +61,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from imagine_rl.agents.dreamer_config import actor_critic_spec
 from imagine_rl.agents.sparsity import cached_masks, sparsify_world_model
 from imagine_rl.runtime.accelerator import make_accelerator
 from imagine_rl.runtime.loop import planned_updates as loop_planned_updates
+from imagine_rl.runtime.optimizers import Part
+from imagine_rl.worldmodels.actor_critic import ActorCritic
 
 State = Any
 
@@ -156,6 +159,25 @@ class ModelAgent(Agent):
     def trained(self) -> dict[str, torch.nn.Module]:
         """The trainable parts whose parameters ``num_parameters`` counts."""
         return {k: m for k, m in self.modules().items() if k in ("world_model", "actor", "critic")}
+
+    def build_actor_critic(self, feat_size: int, action_dim: int, discrete: bool) -> ActorCritic:
+        """The actor-critic of ``agent.*`` on a world model's features (return percentiles
+        over every rank's returns under torchrun)."""
+        spec = actor_critic_spec(self.config, discrete)
+        factory = self.factory
+        return ActorCritic(feat_size, action_dim, discrete, spec, factory, self.accelerator.gather)
+
+    def actor_critic_parts(self) -> dict[str, Part]:
+        """The actor's and the critic's optimizer parts (``agent.actor_*``/``critic_*``);
+        none without an actor-critic."""
+        behaviour, a = getattr(self, "behaviour", None), self.config.agent
+        if behaviour is None:
+            return {}
+        actor, critic = behaviour.actor.parameters(), behaviour.critic.parameters()
+        return {
+            "actor": Part(list(actor), a.actor_lr, a.actor_eps, a.actor_grad_clip),
+            "critic": Part(list(critic), a.critic_lr, a.critic_eps, a.critic_grad_clip),
+        }
 
     def place(self) -> None:
         for module in self.modules().values():

@@ -81,13 +81,8 @@ class DreamerAgent(ModelAgent):
             self.wm = WorldModel(self.obs_shapes, self.action_dim, spec, self.factory)
             self.behaviour: ActorCritic | None = None
             if not self.planning:
-                self.behaviour = ActorCritic(
-                    self.wm.feat_size,
-                    self.action_dim,
-                    self.discrete,
-                    dreamer_config.actor_critic_spec(config, self.discrete),
-                    self.factory,
-                    gather=self.accelerator.gather,  # torchrun: every rank's returns
+                self.behaviour = self.build_actor_critic(
+                    self.wm.feat_size, self.action_dim, self.discrete
                 )
         self.planner = self._planner() if self.planning else None
         self.context: ReplayContext | None = None
@@ -160,10 +155,7 @@ class DreamerAgent(ModelAgent):
                 greedy.append(Part(params, lr, w.eps, w.grad_clip))
         wm_params = [p for p in self.wm.parameters() if id(p) not in greedy_ids]
         parts = {"world_model": Part(wm_params, w.lr, w.eps, w.grad_clip)}
-        if self.behaviour is not None:
-            actor, critic = self.behaviour.actor.parameters(), self.behaviour.critic.parameters()
-            parts["actor"] = Part(list(actor), a.actor_lr, a.actor_eps, a.actor_grad_clip)
-            parts["critic"] = Part(list(critic), a.critic_lr, a.critic_eps, a.critic_grad_clip)
+        parts.update(self.actor_critic_parts())
         laprop = dict(lr=a.lr, agc=a.agc, beta1=a.beta1, beta2=a.beta2, eps=a.opt_eps)
         laprop["warmup"] = a.warmup
         return OptimizerPolicy(self.accelerator, parts, a.optimizer, laprop, greedy)

@@ -40,7 +40,7 @@ import torch
 
 from imagine_rl.agents import op3_config
 from imagine_rl.agents.base import ModelAgent, State
-from imagine_rl.agents.dreamer_config import actor_critic_spec, composition
+from imagine_rl.agents.dreamer_config import composition
 from imagine_rl.runtime.config import Config
 from imagine_rl.runtime.optimizers import OptimizerPolicy, Part
 from imagine_rl.worldmodels.actor_critic import ActorCritic, frozen
@@ -117,14 +117,7 @@ class OP3Agent(ModelAgent):
             # SOLD-like: Dreamer's actor-critic on the slots and the goal's slots.
             self.behaviour: ActorCritic | None = None
             if composition(config)[1] == "actor_critic":
-                self.behaviour = ActorCritic(
-                    self.wm.feat_size,
-                    self.action_dim,
-                    False,
-                    actor_critic_spec(config, discrete=False),
-                    self.factory,
-                    gather=self.accelerator.gather,
-                )
+                self.behaviour = self.build_actor_critic(self.wm.feat_size, self.action_dim, False)
         self.place()
         if config.sparse.enabled:
             predict = o.prediction_scale > 0
@@ -143,12 +136,8 @@ class OP3Agent(ModelAgent):
             for name, parameter in self.wm.named_parameters():
                 if not name.startswith(trained):
                     parameter.requires_grad_(False)
-        a = config.agent
         parts = {"world_model": Part(list(self.wm.parameters()), o.lr, 1e-8, o.grad_clip)}
-        if self.behaviour is not None:
-            actor, critic = self.behaviour.actor.parameters(), self.behaviour.critic.parameters()
-            parts["actor"] = Part(list(actor), a.actor_lr, a.actor_eps, a.actor_grad_clip)
-            parts["critic"] = Part(list(critic), a.critic_lr, a.critic_eps, a.critic_grad_clip)
+        parts.update(self.actor_critic_parts())
         self.optimizer_policy = OptimizerPolicy(self.accelerator, parts)
         self.opt = self.optimizer_policy.optimizer_of("world_model")
         if self.sparsifier is not None:

@@ -62,7 +62,11 @@ import numpy as np
 import torch
 
 from imagine_rl.agents.dreamer_config import actor_critic_spec
-from imagine_rl.agents.sparsity import cached_masks, sparsify_world_model
+from imagine_rl.agents.sparsity import (
+    cached_masks,
+    sparsify_actor_critic,
+    sparsify_world_model,
+)
 from imagine_rl.runtime.accelerator import make_accelerator
 from imagine_rl.runtime.loop import planned_updates as loop_planned_updates
 from imagine_rl.runtime.optimizers import Part
@@ -140,6 +144,8 @@ class ModelAgent(Agent):
         self.accelerator = make_accelerator(config, length)
         self.device = self.accelerator.device
         self.sparsifier: Any = None
+        # sparse.behaviour: the actor's and the critic's masks (their own schedule).
+        self.behaviour_sparsifier: Any = None
         self.optimizer_policy: Any = None
         # An agent's own random stream (planning samples), saved in checkpoints; None: none.
         self.generator: torch.Generator | None = None
@@ -200,6 +206,44 @@ class ModelAgent(Agent):
         # RigL's dense gradients, like the masked ones, are averaged over ranks (torchrun).
         self.sparsifier.grad_reduce = self.accelerator.average
 
+    def sparsify_behaviour(self) -> None:
+        """With ``sparse.behaviour``: masks on the actor's and the critic's layers too (see
+        ``agents.sparsity.sparsify_actor_critic``); call after ``sparsify``, before the
+        optimizers exist."""
+        if not self.config.sparse.behaviour:
+            return
+        if self.sparsifier is None:
+            raise ValueError(
+                "sparse.behaviour=true sparsifies the actor-critic beside a sparse world "
+                "model: set sparse.enabled=true too (or sparse.behaviour=false)"
+            )
+        behaviour = getattr(self, "behaviour", None)
+        if behaviour is None:
+            raise ValueError(
+                "sparse.behaviour=true needs an actor-critic; agent.behaviour=planner has "
+                "none: set sparse.behaviour=false"
+            )
+        self.behaviour_sparsifier = sparsify_actor_critic(
+            self.config, behaviour, self.wm.feat_size, self.planned_updates, self.device
+        )
+        self.behaviour_sparsifier.grad_reduce = self.accelerator.average
+        behaviour.sync_slow_critic()  # the EMA starts from the masked critic
+
+    def attach_behaviour_sparsity(self) -> None:
+        """Re-mask the actor and the critic after each step of their optimizers."""
+        if self.behaviour_sparsifier is not None:
+            for opt in self._behaviour_optimizers():
+                self.behaviour_sparsifier.attach(opt)
+
+    def _behaviour_optimizers(self) -> list[torch.optim.Optimizer]:
+        found = [self.optimizer_policy.optimizer_of(part) for part in ("actor", "critic")]
+        return list({id(opt): opt for opt in found}.values())  # joint: one optimizer
+
+    def step_behaviour_sparsity(self) -> None:
+        """After the actor's and the critic's step: re-mask, scheduled drop/regrow, arming."""
+        if self.behaviour_sparsifier is not None:
+            self.behaviour_sparsifier.step(self._behaviour_optimizers())
+
     def cached(self) -> Any:
         """Masked weights computed once per block (``agents.sparsity.cached_masks``)."""
         return cached_masks(self.sparsifier)
@@ -223,6 +267,9 @@ class ModelAgent(Agent):
         """Once per log interval: the sparse masks' statistics (``sparse/*``) and the
         accelerator's measured (cuda) or estimated (ipu-sim) scalars."""
         out = dict(self.sparsifier.metrics()) if self.sparsifier is not None else {}
+        if self.behaviour_sparsifier is not None:
+            for key, value in self.behaviour_sparsifier.metrics().items():
+                out[key.replace("sparse/", "sparse_behaviour/", 1)] = value
         out.update(self.accelerator.metrics())
         return out
 
@@ -242,6 +289,8 @@ class ModelAgent(Agent):
             # Masks (bool), schedule position, RNG; the weights hold the masked layers as
             # `<layer>.parametrizations.weight.original` and `...weight.0.mask`.
             state["sparse"] = self.sparsifier.state_dict()
+        if self.behaviour_sparsifier is not None:
+            state["sparse_behaviour"] = self.behaviour_sparsifier.state_dict()
         return state
 
     def load_modules(self, weights: dict[str, torch.Tensor], skip: tuple[str, ...] = ()) -> None:
@@ -264,11 +313,27 @@ class ModelAgent(Agent):
                 f"sparse.enabled={now}: load it with the sparse settings it was trained with"
             )
 
+    def load_behaviour_sparsity(self, state: dict[str, Any]) -> None:
+        """The actor-critic's masks from ``state`` (refused in one line when the checkpoint and
+        this agent disagree about ``sparse.behaviour``); call after the weights are loaded."""
+        saved = "sparse_behaviour" in state
+        if saved != (self.behaviour_sparsifier is not None):
+            was, now = ("true", "false") if saved else ("false", "true")
+            raise ValueError(
+                f"checkpoint was saved with sparse.behaviour={was}, this agent has "
+                f"sparse.behaviour={now}: load it with the sparse settings it was trained with"
+            )
+        if saved:
+            self.behaviour_sparsifier.load_state_dict(state["sparse_behaviour"])
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.check_sparse("sparse" in state)
+        if ("sparse_behaviour" in state) != (self.behaviour_sparsifier is not None):
+            self.load_behaviour_sparsity(state)  # raises before any weight is touched
         self.load_modules(state["weights"])
         if self.sparsifier is not None:
             self.sparsifier.load_state_dict(state["sparse"])  # checks the masks, re-arms RigL
+        self.load_behaviour_sparsity(state)
         self.optimizer_policy.load_state_dict(state["optimizers"])
         self.updates = int(state["updates"])
         if self.generator is not None and "generator" in state:

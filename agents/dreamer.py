@@ -91,9 +91,11 @@ class DreamerAgent(ModelAgent):
         self.place()
         if config.sparse.enabled:
             self.sparsify(self.wm, self.wm.loss_and_states, self._example(), SPARSE_SKIP_DEFAULT)
+        self.sparsify_behaviour()
         self.optimizer_policy = policy = self._optimizer_policy()
         if self.sparsifier is not None:
             self.sparsifier.attach(policy.optimizer_of("world_model"))  # re-mask after a step
+        self.attach_behaviour_sparsity()
         # ipu-sim: placement, block-sparse limits and the memory budget are checked here.
         modules = {k: m for k, m in self.modules().items() if k != "return_norm"}
         self.accelerator.prepare(modules, policy.optimizers)
@@ -218,6 +220,7 @@ class DreamerAgent(ModelAgent):
                 parts = ["world_model", "actor", "critic"]
                 after = self._after_world_model_step
                 metrics.update(self.optimizer_policy.step(total + behaviour, parts, after))
+                self.step_behaviour_sparsity()
                 self.behaviour.update_slow_critic(self.updates)
                 metrics.update(behaviour_metrics)
             else:
@@ -243,6 +246,7 @@ class DreamerAgent(ModelAgent):
         """One actor and one critic step on imagination from every posterior state."""
         loss, metrics = self._behaviour_forward(post, data)
         metrics.update(self.optimizer_policy.step(loss, ["actor", "critic"]))
+        self.step_behaviour_sparsity()
         self.behaviour.update_slow_critic(self.updates)
         return metrics
 

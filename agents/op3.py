@@ -127,6 +127,7 @@ class OP3Agent(ModelAgent):
                 self._example(),
                 op3_config.SPARSE_SKIP_DEFAULT,
             )
+        self.sparsify_behaviour()
         if o.freeze_perception:
             # Frozen weights build no autograd graph: inference and decoding of the posterior
             # run forward only, and Adam skips them (their gradients stay None).
@@ -142,6 +143,7 @@ class OP3Agent(ModelAgent):
         self.opt = self.optimizer_policy.optimizer_of("world_model")
         if self.sparsifier is not None:
             self.sparsifier.attach(self.opt)  # re-mask after every step
+        self.attach_behaviour_sparsity()
         modules = {k: m for k, m in self.modules().items() if k != "return_norm"}
         self.accelerator.prepare(modules, self.optimizer_policy.optimizers)
         self.scales = {
@@ -189,6 +191,7 @@ class OP3Agent(ModelAgent):
             "is_first": torch.zeros(1, T),
             "reward": torch.zeros(1, T),
             "is_terminal": torch.zeros(1, T),
+            "is_last": torch.zeros(1, T),
             "goal": torch.zeros(1, T, *self.image_shape, dtype=torch.uint8),
         }
         batch["is_first"][:, 0] = 1
@@ -245,6 +248,7 @@ class OP3Agent(ModelAgent):
                 with frozen(self.wm), self.accelerator.autocast(), self.cached():
                     terms, behaviour_metrics = self.behaviour.loss(self.wm, post, data)
                 step.update(self.optimizer_policy.step(sum(terms.values()), ["actor", "critic"]))
+                self.step_behaviour_sparsity()
                 self.behaviour.update_slow_critic(self.updates)
                 metrics = {**metrics, **behaviour_metrics}
         self.updates += 1
@@ -400,10 +404,13 @@ class OP3Agent(ModelAgent):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.check_sparse("sparse" in state)
+        if ("sparse_behaviour" in state) != (self.behaviour_sparsifier is not None):
+            self.load_behaviour_sparsity(state)  # raises before any weight is touched
         self.load_weights(state["weights"])
         self.load_modules(state["weights"], skip=("world_model",))  # the actor-critic's
         if self.sparsifier is not None:
             self.sparsifier.load_state_dict(state["sparse"])  # checks the masks, re-arms RigL
+        self.load_behaviour_sparsity(state)
         self.optimizer_policy.load_state_dict(state["optimizers"])
         self.updates = int(state["updates"])
         self.rng.bit_generator.state = state["rng"]

@@ -71,6 +71,40 @@ def sparse_skip(model: nn.Module, patterns: Sequence[str]) -> list[str]:
     return list(dict.fromkeys([*patterns, *extra]))
 
 
+# The actor's and the critic's output layers stay dense (as the world model's heads' do).
+BEHAVIOUR_SKIP = ("actor.net.out", "critic.net.out")
+
+
+def sparsify_actor_critic(
+    config: Any,
+    actor_critic: nn.Module,
+    feat_size: int,
+    planned_updates: int,
+    device: torch.device,
+) -> sparse.Sparsifier:
+    """Masks on the actor's and the critic's layers (``sparse.behaviour``) with the settings
+    of ``config.sparse``, their schedule over ``planned_updates`` behaviour steps; FLOPs
+    counted per imagined state (features ``[1, feat_size]``). Weight keys and optimizers stay the actor's and the critic's
+    own (the masks are parametrizations of their layers, saved under their prefixes). The
+    slow critic keeps dense layers: its EMA of the masked critic is zero where the critic
+    has no weight, but it computes densely."""
+    parts = nn.ModuleDict({"actor": actor_critic.actor, "critic": actor_critic.critic})
+    horizon = getattr(config.agent, "horizon", 1)
+    library_config = config.sparse.library_config(
+        total_steps=planned_updates,
+        seed=config.seed,
+        # The actor and the critic see every imagined state of the batch at once.
+        fast_path_batch=config.replay.steps_per_batch * (horizon + 1),
+        skip=list(BEHAVIOUR_SKIP),
+    )
+    example = torch.zeros(1, feat_size, device=device)
+
+    def forward(feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return parts["actor"].net(feat), parts["critic"].net(feat)
+
+    return sparsify_model(parts, forward, library_config, example, 1, device)
+
+
 def sparsify_world_model(
     config: Any,
     model: nn.Module,

@@ -163,6 +163,14 @@ class SparseConfig(SparseSettings):
     """
 
     enabled: bool = field(default=False, metadata={"doc": "sparsify the agent's world model"})
+    behaviour: bool = field(
+        default=False,
+        metadata={
+            "doc": "also sparsify the actor and the critic (with sparse.enabled; the same "
+            "density, method and blocks, their own masks and schedule; their output layers "
+            "stay dense and the slow critic, an EMA of the masked critic, runs dense)"
+        },
+    )
     # null: the agent's own default list (typically the first layer on each input and the
     # output layers; each agent's config module documents it); `sparse.skip=[]` sparsifies
     # every linear/conv layer.

@@ -3,25 +3,29 @@
 ``balanced-bsr-bmm``: a weight ``W [out, in]`` whose mask keeps exactly ``K`` of the ``C = in/b``
 ``b x b`` blocks in each of its ``R = out/b`` block-rows is stored as ``Wb [R, b, K*b]`` (the
 active blocks of each block-row side by side) plus the block-column indices ``idx [R, K]``.
-With ``xT = x^T [in, N]`` viewed as ``[C, b*N]`` (one row per input block):
+For a chunk of ``m`` rows of ``x [N, in]``, with ``xT = x[n0:n1]^T`` viewed as ``[C, b*m]`` (one
+row per input block):
 
-    G  = xT[idx]                      # [R*K, b*N] -> [R, K*b, N]   (index_select)
-    yT = bmm(Wb, G)                   # [R, b, N]  -> y = yT^T      (one batched matmul)
+    G  = xT[idx]                      # [R*K, b*m] -> [R, K*b, m]   (index_select)
+    yT = bmm(Wb, G)                   # [R, b, m]  -> y[n0:n1] = yT^T
 
-and the backward is two more batched matmuls plus an ``index_add``:
+and the backward is two more batched matmuls plus an ``index_add`` per chunk:
 
-    dWb = bmm(dyT, G^T)               # [R, b, K*b], scattered back into a dense dW
-    dG  = bmm(Wb^T, dyT);  dxT = zeros.index_add(0, idx, dG)
+    dWb += bmm(dyT, G^T)              # [R, b, K*b], scattered back into a dense dW once
+    dG   = bmm(Wb^T, dyT);  dxT = zeros.index_add(0, idx, dG)
 
-``G`` is ``out * density / b`` times the size of ``x``. It lives in a reused workspace and the
-rows are processed in chunks that keep it under ``workspace_limit()`` bytes: a fresh allocation
-of that size per call costs more in page faults than the matmul itself on CPU. ``G`` is rebuilt
-in the backward from the saved input instead of being saved. The workspace is per process and
-not thread-safe (one forward/backward at a time per device and dtype).
+``G`` is ``out * K`` values per row of ``x`` (``out * density / b`` times the row). The rows go
+through in chunks whose ``G`` fits ``workspace_limit()`` bytes (512 KiB: a chunk's gather,
+matmul and transposes stay in the core's cache; one gather of every row at once is memory
+bound, measured 1.2-1.4x dense time at 16,384 rows where 64-row chunks took 0.8x). ``G`` lives
+in a reused buffer and is rebuilt in the backward from the saved input rather than saved.
+The buffers are per process and not thread-safe (one forward/backward at a time per device
+and dtype).
 
-Whether the kernel pays depends on shape, density, block, batch, threads and the machine, so
+Whether the kernel pays depends on shape, density, block, rows, threads and the machine:
 ``choose_kernel`` measures forward+backward against the dense-masked ``F.linear`` once per key
-and caches the decision.
+and caches the decision; below ``min_rows()`` rows a call runs dense-masked (the gather and the
+``b``-row matmuls cost more than they save: 2-6x dense time at 16 rows, every shape measured).
 """
 
 from __future__ import annotations
@@ -38,17 +42,28 @@ BALANCED_BMM = "balanced-bsr-bmm"
 CHOOSE_MARGIN = 0.9
 
 _WORKSPACE: dict[tuple[str, torch.dtype, str], torch.Tensor] = {}
-_WORKSPACE_LIMIT = [128 * 2**20]
+_WORKSPACE_LIMIT = [512 * 2**10]
+_MIN_ROWS = [128]
 _DECISIONS: dict[tuple, dict] = {}
 
 
 def workspace_limit() -> int:
-    """Bytes the gathered-input buffer of one chunk may take (its gradient takes as much)."""
+    """Bytes the gathered input of one chunk of rows may take (its gradient takes as much)."""
     return _WORKSPACE_LIMIT[0]
 
 
 def set_workspace_limit(nbytes: int) -> None:
     _WORKSPACE_LIMIT[0] = int(nbytes)
+
+
+def min_rows() -> int:
+    """Rows (the product of the input's leading dims) below which a fast layer runs
+    dense-masked."""
+    return _MIN_ROWS[0]
+
+
+def set_min_rows(rows: int) -> None:
+    _MIN_ROWS[0] = int(rows)
 
 
 def clear_workspace() -> None:
@@ -93,83 +108,70 @@ def unpack_blocks(wb: torch.Tensor, idx: torch.Tensor, shape: tuple[int, int], b
 
 
 def _chunk_rows(rows: int, k: int, block: int, n: int, itemsize: int) -> int:
+    """Rows of ``x`` per chunk: as many as keep the chunk's ``G`` within the workspace."""
     per_row = rows * k * block * itemsize
     return max(1, min(n, workspace_limit() // max(per_row, 1)))
 
 
-def _transposed(t: torch.Tensor) -> torch.Tensor:
-    """``t^T`` as a contiguous tensor: a free view when ``t`` is itself a transposed view."""
-    tt = t.t()
-    return tt if tt.is_contiguous() else tt.contiguous()
-
-
-def _gather(xt: torch.Tensor, idxf: torch.Tensor, n0: int, n1: int, block: int) -> torch.Tensor:
-    """``[R*K*b, n1-n0]`` rows of ``xt [in, N]`` for every kept block, columns ``n0:n1``."""
-    inp, n = xt.shape
+def _gather(x2d: torch.Tensor, idxf: torch.Tensor, n0: int, n1: int, block: int) -> torch.Tensor:
+    """``[R*K*b, m]``: for the rows ``n0:n1`` of ``x2d [N, in]``, the input features of every
+    kept block, one row per (block-row, kept block, feature in the block)."""
     m = n1 - n0
-    g = _buffer("G", idxf.numel() * block * m, xt).view(idxf.numel(), block, m)
-    torch.index_select(xt.view(inp // block, block, n)[:, :, n0:n1], 0, idxf, out=g)
+    xt = x2d[n0:n1].t().contiguous()  # [in, m]: small, so the transpose stays in cache
+    g = _buffer("G", idxf.numel() * block * m, x2d).view(idxf.numel(), block * m)
+    torch.index_select(xt.view(-1, block * m), 0, idxf, out=g)
     return g
 
 
 class _BalancedBlockLinear(torch.autograd.Function):
-    # Works on transposed activations (features x rows): x^T is gathered by whole rows and
-    # y^T comes out of bmm. y is returned contiguous (callers may .view() a Linear's output);
-    # dx is returned as a transposed view (autograd accepts any strides), and an input that
-    # already is a transposed view is used without a copy.
+    # Row chunks of x (contiguous slices) are transposed, gathered by whole input blocks and
+    # multiplied as y^T = Wb G per block-row; each chunk's y^T is written back transposed.
     @staticmethod
     def forward(ctx, x2d, weight, idx, block):
         rows, k = idx.shape
         out_f = weight.shape[0]
         idxf = idx.reshape(-1)
         wb = pack_blocks(weight.detach(), idx, block).contiguous()
-        xt = _transposed(x2d)
-        n = xt.shape[1]
-        yt = xt.new_empty(rows, block, n)
-        step = _chunk_rows(rows, k, block, n, xt.element_size())
+        x2d = x2d.contiguous()
+        n = x2d.shape[0]
+        y = x2d.new_empty(n, out_f)
+        step = _chunk_rows(rows, k, block, n, x2d.element_size())
         for n0 in range(0, n, step):
             n1 = min(n, n0 + step)
-            g = _gather(xt, idxf, n0, n1, block).view(rows, k * block, n1 - n0)
-            if n1 - n0 == n:
-                torch.bmm(wb, g, out=yt)
-            else:
-                yt[:, :, n0:n1] = torch.bmm(wb, g)
-        ctx.save_for_backward(xt, wb, idx)
+            g = _gather(x2d, idxf, n0, n1, block).view(rows, k * block, n1 - n0)
+            y[n0:n1] = torch.bmm(wb, g).view(out_f, n1 - n0).t()
+        ctx.save_for_backward(x2d, wb, idx)
         ctx.block = block
         ctx.weight_shape = tuple(weight.shape)
-        return yt.view(out_f, n).t().contiguous()
+        return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gy):
-        xt, wb, idx = ctx.saved_tensors
+        x2d, wb, idx = ctx.saved_tensors
         block = ctx.block
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         rows, k = idx.shape
         idxf = idx.reshape(-1)
-        inp, n = xt.shape
-        gyt = _transposed(gy).view(rows, block, n)
-        gwb = wb.new_empty(wb.shape) if need_w else None
-        gxt = xt.new_zeros(inp // block, block, n) if need_x else None
+        n, inp = x2d.shape
+        gwb = wb.new_zeros(wb.shape) if need_w else None
+        gx = x2d.new_empty(n, inp) if need_x else None
         wbt = wb.transpose(1, 2)
-        step = _chunk_rows(rows, k, block, n, xt.element_size())
+        step = _chunk_rows(rows, k, block, n, x2d.element_size())
         for n0 in range(0, n, step):
             n1 = min(n, n0 + step)
             m = n1 - n0
-            gyc = gyt[:, :, n0:n1]
+            gyt = gy[n0:n1].t().contiguous().view(rows, block, m)
             if need_w:
-                g = _gather(xt, idxf, n0, n1, block).view(rows, k * block, m)
-                if n0 == 0:
-                    torch.bmm(gyc, g.transpose(1, 2), out=gwb)
-                else:
-                    gwb.baddbmm_(gyc, g.transpose(1, 2))
+                g = _gather(x2d, idxf, n0, n1, block).view(rows, k * block, m)
+                gwb.baddbmm_(gyt, g.transpose(1, 2))
             if need_x:
                 gg = _buffer("gG", rows * k * block * m, gy).view(rows, k * block, m)
-                torch.bmm(wbt, gyc, out=gg)
-                dest = gxt if m == n else gxt[:, :, n0:n1]
-                dest.index_add_(0, idxf, gg.view(rows * k, block, m))
+                torch.bmm(wbt, gyt, out=gg)
+                gxt = gy.new_zeros(inp // block, block, m)
+                gxt.index_add_(0, idxf, gg.view(rows * k, block, m))
+                gx[n0:n1] = gxt.view(inp, m).t()
         gw = unpack_blocks(gwb, idx, ctx.weight_shape, block) if need_w else None
-        gx = gxt.view(inp, n).t() if need_x else None
         return gx, gw, None, None
 
 

@@ -149,7 +149,9 @@ def _autocast(device_type: str) -> bool:
 
 
 def _sparse_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
-    """Forward of a sparsified ``nn.Linear`` whose kernel was chosen to be the compressed one."""
+    """Forward of a sparsified ``nn.Linear`` whose kernel was chosen to be the compressed one
+    (dense-masked while RigL captures the dense gradient, under autocast, and for inputs of
+    fewer than ``kernels.min_rows()`` rows, where the kernel costs more than it saves)."""
     p = self.parametrizations.weight[0]
     original = self.parametrizations.weight.original
     if (
@@ -158,6 +160,7 @@ def _sparse_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor
         and not (p.capture and torch.is_grad_enabled())
         and input.dtype == original.dtype
         and not _autocast(input.device.type)
+        and input.numel() >= kernels.min_rows() * input.shape[-1]
     ):
         return kernels.balanced_block_linear(input, original, p.idx, self.bias, p.block)
     return F.linear(input, self.weight, self.bias)

@@ -376,3 +376,22 @@ def test_rssm_planner_trains_end_to_end(tmp_path):
     assert saved["agent"]["behaviour"] == "planner" and saved["env"]["obs"] == "state"
     assert any("loss/reconstruction" in row for row in rows)
     assert not any("loss/actor" in row for row in rows)
+
+
+def test_slots_actor_critic_with_a_sparse_actor_critic_updates_and_restores():
+    extra = ("sparse.enabled=true", "sparse.behaviour=true", "sparse.update_every=1")
+    agent = slots_agent(*extra)
+    assert agent.sparsifier is not None and agent.behaviour_sparsifier is not None
+    batch = slot_batch()
+    for _ in range(2):
+        metrics = agent.update(batch)
+    assert all(bool(torch.isfinite(v)) for v in metrics.values() if torch.is_tensor(v))
+    for la in agent.behaviour_sparsifier.sparse_layers:
+        mask = la.p.mask != 0
+        assert 0 < int(mask.sum()) < mask.numel() and not la.original[~mask].any(), la.name
+    assert agent.log_metrics()["sparse_behaviour/step"] == 2
+    restored = slots_agent(*extra)
+    restored.load_state_dict(agent.state_dict())
+    theirs = agent.behaviour_sparsifier.masks()
+    for name, mask in restored.behaviour_sparsifier.masks().items():
+        assert torch.equal(mask, theirs[name]), name

@@ -482,6 +482,34 @@ def test_state_dict_round_trip_weights_only(tmp_path):
 # ------------------------------------------------------------------------------ fast path
 
 
+@pytest.fixture(autouse=True)
+def fast_path_at_any_rows():
+    """The fast-path tests feed a few rows; the kernel's row floor would send them dense."""
+    floor = kernels.min_rows()
+    kernels.set_min_rows(0)
+    yield
+    kernels.set_min_rows(floor)
+
+
+def test_fast_layer_runs_dense_masked_below_the_row_floor(monkeypatch):
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 32)
+    sp = sparsify(layer, cfg(block=16, balanced=True, density=0.25, fast_path="on", skip=[]))
+    assert sp.sparse_layers[0].kernel == kernels.BALANCED_BMM
+    calls = []
+    kernel = kernels.balanced_block_linear
+    monkeypatch.setattr(
+        kernels, "balanced_block_linear", lambda *a: calls.append(a[0].shape) or kernel(*a)
+    )
+    kernels.set_min_rows(128)
+    small, large = torch.randn(4, 31, 64), torch.randn(2, 64, 64)  # 124 and 128 rows
+    reference = [nn.functional.linear(x, layer.weight, layer.bias) for x in (small, large)]
+    outputs = [layer(small), layer(large)]
+    assert calls == [large.shape]
+    for output, ref in zip(outputs, reference):
+        torch.testing.assert_close(output, ref)
+
+
 @pytest.mark.parametrize(
     "block,shape,lead", [(16, (64, 128), (5,)), (4, (32, 48), (3, 7)), (1, (12, 20), (4,))]
 )

@@ -234,3 +234,99 @@ def test_train_script_logs_sparse_metrics(tmp_path):
     assert 0.0 < last["sparse/flops_ratio"] < 1.0
     # total_steps of the schedule is the number of updates the run really did.
     assert last["train/updates"] == planned_updates(build_config(args[:-1]))
+
+
+# ------------------------------------------------------------------- sparse.behaviour
+
+
+def behaviour_layers(agent: DreamerAgent) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(mask, original) per sparse layer of the actor-critic."""
+    return {
+        la.name: (la.p.mask != 0, la.original.detach())
+        for la in agent.behaviour_sparsifier.sparse_layers
+    }
+
+
+def test_sparse_behaviour_masks_actor_and_critic_and_evolves_them():
+    agent = make("sparse.behaviour=true", "sparse.method=rigl")
+    sp = agent.behaviour_sparsifier
+    names = {row["name"]: row["density"] < 1 for row in sp.report()}
+    # The hidden layers are sparse, the output layers (action, value bins) stay dense.
+    assert names == {
+        "actor.net.mlp.0.0.weight": True,
+        "actor.net.out.weight": False,
+        "critic.net.mlp.0.0.weight": True,
+        "critic.net.out.weight": False,
+    }
+    assert sp.config.total_steps == planned_updates(agent.config)
+    before = {name: mask.clone() for name, (mask, _) in behaviour_layers(agent).items()}
+    batch = make_batch(OBS, BOX)
+    for _ in range(3):
+        metrics = {**agent.update(batch), **agent.log_metrics()}
+    moved = False
+    optimizers = {"actor": agent.optimizer_policy.main["actor"]}
+    optimizers["critic"] = agent.optimizer_policy.main["critic"]
+    for name, (mask, original) in behaviour_layers(agent).items():
+        assert int(mask.sum()) == int(before[name].sum()), name  # exact counts through updates
+        assert not original[~mask].any(), name  # pruned weights stay exactly zero
+        raw = next(la.original for la in sp.sparse_layers if la.name == name)
+        adam = optimizers[name.split(".")[0]].state[raw]
+        assert not adam["exp_avg"][~mask].any() and not adam["exp_avg_sq"][~mask].any(), name
+        moved |= not torch.equal(mask, before[name])
+    assert moved  # RigL changed the topology of the actor-critic too
+    assert metrics["sparse_behaviour/density"] == pytest.approx(0.1, abs=0.02)
+    assert metrics["sparse_behaviour/step"] == 3 and metrics["sparse_behaviour/updates"] == 3
+    assert metrics["sparse_behaviour/rigl_missing_grad"] == 0  # the dense gradient was captured
+    assert metrics["sparse/step"] == 3  # the world model's schedule is its own
+
+
+def test_sparse_behaviour_slow_critic_starts_from_the_masked_critic():
+    agent = make("sparse.behaviour=true")
+    critic, slow = agent.behaviour.critic, agent.behaviour.slow_critic
+    layer = critic.net.mlp[0][0]
+    mask = layer.parametrizations.weight[0].mask
+    assert 0 < int(mask.sum()) < mask.numel()
+    assert torch.equal(slow.net.mlp[0][0].weight, layer.weight)  # zero where masked
+    assert torch.equal(slow.net.out.weight, critic.net.out.weight)
+    feat = torch.randn(5, agent.wm.feat_size)
+    torch.testing.assert_close(slow.net(feat), critic.net(feat))
+
+
+def test_sparse_behaviour_has_no_host_sync_between_topology_steps():
+    from imagine_rl.runtime.profiling import count_dispatch
+
+    agent = make("sparse.behaviour=true", "sparse.method=rigl", "sparse.update_every=50")
+    batch = make_batch(OBS, BOX)
+    agent.update(batch)
+    counted = count_dispatch(lambda: agent.update(batch))
+    assert counted.ops > 100 and counted.host_syncs == 0
+
+
+def test_sparse_behaviour_checkpoint_round_trip_and_refusals():
+    batch = make_batch(OBS, BOX)
+    agent, fresh, loaded = mask_round_trip(
+        lambda: make("sparse.behaviour=true", "sparse.method=rigl"),
+        batch,
+        "world_model.rssm.deter_in.0",
+    )
+    assert "actor.net.mlp.0.0.parametrizations.weight.0.mask" in loaded["weights"]
+    theirs = agent.behaviour_sparsifier.masks()
+    for name, mask in fresh.behaviour_sparsifier.masks().items():
+        assert torch.equal(mask, theirs[name]), name
+    assert fresh.behaviour_sparsifier.step_count == 2
+    # A world-model-only sparse agent refuses it in one line, before touching its weights.
+    plain = make()
+    before = {k: v.clone() for k, v in plain.behaviour.actor.state_dict().items()}
+    with pytest.raises(ValueError, match="sparse.behaviour=true"):
+        plain.load_state_dict(loaded)
+    for key, value in plain.behaviour.actor.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    with pytest.raises(ValueError, match="sparse.behaviour=false"):
+        fresh.load_state_dict(plain.state_dict())
+
+
+def test_sparse_behaviour_needs_a_sparse_world_model_and_an_actor_critic():
+    with pytest.raises(ValueError, match="set sparse.enabled=true"):
+        make("sparse.enabled=false", "sparse.behaviour=true")
+    with pytest.raises(ValueError, match="agent.behaviour=planner has none"):
+        make("sparse.behaviour=true", "agent.behaviour=planner")

@@ -336,7 +336,17 @@ class ActorCritic(nn.Module):
         ``slow_critic_fraction``."""
         if updates % self.spec.slow_critic_every:
             return
+        slow, fast = self._slow_and_fast()
+        torch._foreach_lerp_(slow, fast, self.spec.slow_critic_fraction)
 
+    @torch.no_grad()
+    def sync_slow_critic(self) -> None:
+        """Set the slow critic to the critic, as at construction (after the critic's weights
+        changed outside training, e.g. sparse masks zeroed some)."""
+        slow, fast = self._slow_and_fast()
+        torch._foreach_copy_(slow, fast)
+
+    def _slow_and_fast(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         # Pair parameters by name, ignoring parametrizations (sparse masks put ``weight``
         # under ``parametrizations.weight.original``), so the order of the lists cannot drift.
         def canonical(name: str) -> str:
@@ -345,9 +355,7 @@ class ActorCritic(nn.Module):
         fast = {canonical(n): p for n, p in self.critic.named_parameters()}
         slow = {canonical(n): p for n, p in self.slow_critic.named_parameters()}
         names = sorted(slow)
-        torch._foreach_lerp_(
-            [slow[n] for n in names], [fast[n] for n in names], self.spec.slow_critic_fraction
-        )
+        return [slow[n] for n in names], [fast[n].detach() for n in names]
 
 
 __all__ = ["ActorCritic", "ActorCriticSpec", "frozen"]

@@ -29,6 +29,7 @@ from imagine_rl.agents.context import ReplayContext
 from imagine_rl.agents.dreamer_config import SPARSE_SKIP_DEFAULT
 from imagine_rl.runtime.config import Config
 from imagine_rl.runtime.optimizers import OptimizerPolicy, Part
+from imagine_rl.sparse import Sparsifier
 from imagine_rl.worldmodels import LayerFactory, WorldModel, one_hot, preprocess_obs
 from imagine_rl.worldmodels.actor_critic import ActorCritic, frozen
 from imagine_rl.worldmodels.planning import CEMPlanner, ReturnCost
@@ -103,16 +104,21 @@ class DreamerAgent(ModelAgent):
         self.loss_scales = dreamer_config.loss_scales(config)
         # agent.compile: the world-model step and the behaviour step each become one graph
         # (forward unrolled over replay.batch_length and agent.horizon, and its backward).
-        # Greedy InfoMax (its own optimizer steps inside the encoder's pass) and sparse masks
-        # (parametrizations and scheduled topology changes) stay eager.
-        self.compiled = (
-            self.accelerator.compiling and self.sparsifier is None and self.wm.greedy is None
-        )
+        # Greedy InfoMax (its own optimizer steps inside the encoder's pass) stays eager.
+        # Sparse masks compile: a mask is a buffer whose values a topology step rewrites in
+        # place, so no graph is rebuilt; the compiled graph multiplies by the mask (the
+        # compressed kernel is eager-only), and an update armed for RigL's dense gradient
+        # runs eagerly (``_eager_step``).
+        self.compiled = self.accelerator.compiling and self.wm.greedy is None
         if self.accelerator.compiling and not self.compiled and a.compile is True:
             raise ValueError(
-                "agent.compile=true cannot compile sparse.enabled=true or "
-                "world_model.greedy_infomax.modules>0; set agent.compile=false (or auto)"
+                "agent.compile=true cannot compile world_model.greedy_infomax.modules>0; set "
+                "agent.compile=false (or auto)"
             )
+        if self.compiled:
+            for sparsifier in (self.sparsifier, self.behaviour_sparsifier):
+                if sparsifier is not None:
+                    sparsifier.choose_kernels(force="off")
         compile_fn = self.accelerator.compile if self.compiled else (lambda fn, **_: fn)
         self._world_model_losses = compile_fn(self._world_model_losses_impl, fullgraph=True)
         self._behaviour_losses = compile_fn(self._behaviour_losses_impl, fullgraph=True)
@@ -276,7 +282,7 @@ class DreamerAgent(ModelAgent):
                     update=self.optimizer_policy.greedy_step,
                 )
         self.optimizer_policy.zero_grad()
-        if embed is None:
+        if embed is None and not self._eager_step(self.sparsifier):
             total, losses, metrics, post = self._world_model_losses(data)
         else:
             total, losses, metrics, post = self._world_model_losses_impl(data, embed)
@@ -317,8 +323,15 @@ class DreamerAgent(ModelAgent):
         starts = data["is_terminal"].numel()
         if 0 < self.config.agent.imagine_starts < starts:
             pick = torch.randperm(starts, device=self.device)[: self.config.agent.imagine_starts]
-        with frozen(self.wm):
-            return self._behaviour_losses(post, data, pick)
+        eager = self._eager_step(self.behaviour_sparsifier)
+        losses = self._behaviour_losses_impl if eager else self._behaviour_losses
+        with frozen(self.wm):  # its masks' arming is not read (no weight needs a gradient)
+            return losses(post, data, pick)
+
+    def _eager_step(self, sparsifier: Sparsifier | None) -> bool:
+        """Whether a compiled step runs eagerly this time: its masks are armed for RigL's
+        dense-gradient capture (one step in ``sparse.update_every``)."""
+        return self.compiled and sparsifier is not None and sparsifier.armed
 
     def _behaviour_losses_impl(
         self, post: State, data: dict[str, torch.Tensor], pick: torch.Tensor | None

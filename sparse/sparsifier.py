@@ -84,7 +84,9 @@ class MaskParametrization(nn.Module):
         # (acting, rollouts of a frozen model) in ``torch.nn.utils.parametrize.cached()``.
         # Not memoized here: ``p.data.lerp_(...)`` (EMA targets) does not bump any version.
         weight = original * self.mask
-        if self.capture and weight.requires_grad:
+        # requires_grad first: a frozen model (a behaviour loss imagining in it) never reads
+        # ``capture``, so a compiled graph of it does not depend on the arming.
+        if weight.requires_grad and self.capture:
             weight.register_hook(self._capture_grad)
         return weight
 
@@ -326,6 +328,13 @@ class Sparsifier:
         change. A frozen layer (e.g. a pretrained perception kept fixed) keeps its mask and
         weights: a regrown connection of a frozen layer would stay at zero."""
         return [la for la in self.sparse_layers if la.original.requires_grad]
+
+    @property
+    def armed(self) -> bool:
+        """Whether the next backward captures dense gradients (the step before a RigL update).
+        The armed forward differs (a hook on each effective weight, the dense-masked path), so
+        a compiled caller runs that step eagerly rather than tracing a second graph."""
+        return any(la.p.capture for la in self.sparse_layers)
 
     @property
     def step_count(self) -> int:

@@ -130,8 +130,8 @@ def test_compile_auto_resolves_by_device_and_run_length():
     assert resolve_compile(config(), 10**6) is True
     assert resolve_compile(config(), None) is False
     assert resolve_compile(build_config(["accelerator=ipu-sim"]), 10**6) is False
-    with pytest.raises(ValueError, match="agent.compile=true cannot compile sparse"):
-        make({"state": STATE}, BOX, "agent.compile=true", "sparse.enabled=true")
+    with pytest.raises(ValueError, match="agent.compile=true cannot compile world_model.greedy"):
+        make({"state": STATE}, BOX, "agent.compile=true", "world_model.greedy_infomax.modules=1")
 
 
 def _losses(metrics):
@@ -213,6 +213,58 @@ def test_compiled_update_equals_eager_and_round_trips(obs, action_space, extra):
     after_resumed = _losses(resumed.update(batch))
     for key, value in after_resumed.items():
         assert after_compiled[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+
+
+@pytest.mark.slow
+def test_compiled_sparse_update_equals_eager_without_recompiling_on_topology_steps():
+    """Sparse masks (world model and actor-critic, RigL every 2 updates) under
+    ``agent.compile=true``: the same losses, weights and masks as eager through two topology
+    updates; the armed updates run eagerly, and a topology step rebuilds no graph."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    obs = {"state": STATE}
+    batch = make_batch(obs, BOX, B=2, T=4)
+    sparse = (
+        "sparse.enabled=true",
+        "sparse.behaviour=true",
+        "sparse.method=rigl",
+        "sparse.update_every=2",
+        "sparse.block=4",
+        "sparse.balanced=true",
+        "sparse.fast_path=on",
+        "agent.horizon=3",
+    )
+    results = {}
+    for choice in ("false", "true"):
+        agent = make(obs, BOX, f"agent.compile={choice}", *sparse)
+        assert agent.compiled == (choice == "true")
+        history, graphs, before = [], [], counters["stats"]["unique_graphs"]
+        for step in range(5):
+            torch.manual_seed(step)
+            history.append(_losses(agent.update(batch)))
+            graphs.append(counters["stats"]["unique_graphs"] - before)
+        results[choice] = (agent, history, graphs)
+    eager_agent, eager, _ = results["false"]
+    compiled_agent, compiled, graphs = results["true"]
+    assert eager_agent.sparsifier.sparse_layers[0].kernel == "balanced-bsr-bmm"
+    assert compiled_agent.sparsifier.sparse_layers[0].kernel == "dense-masked"
+    assert compiled_agent.sparsifier.metrics()["sparse/updates"] == 2
+    assert compiled_agent.behaviour_sparsifier.metrics()["sparse/updates"] == 2
+    # Update 1 compiles the two graphs (world-model step, behaviour step); the armed updates
+    # (2 and 4) run eagerly, and after their topology steps the same two graphs serve again.
+    assert graphs == [2] * 5, graphs
+    for eager_metrics, compiled_metrics in zip(eager, compiled):
+        for key, value in eager_metrics.items():
+            assert compiled_metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+    for sparsifier in ("sparsifier", "behaviour_sparsifier"):
+        theirs = getattr(eager_agent, sparsifier).masks()
+        for name, mask in getattr(compiled_agent, sparsifier).masks().items():
+            assert torch.equal(mask, theirs[name]), name
+    for key, value in eager_agent.state_dict()["weights"].items():
+        torch.testing.assert_close(
+            compiled_agent.state_dict()["weights"][key], value, rtol=1e-4, atol=1e-5
+        )
 
 
 def test_bench_reports_ops_and_syncs_per_update(tmp_path):

@@ -105,20 +105,16 @@ class DreamerAgent(ModelAgent):
         # agent.compile: the world-model step and the behaviour step each become one graph
         # (forward unrolled over replay.batch_length and agent.horizon, and its backward).
         # Greedy InfoMax (its own optimizer steps inside the encoder's pass) stays eager.
-        # Sparse masks compile: a mask is a buffer whose values a topology step rewrites in
-        # place, so no graph is rebuilt; the compiled graph multiplies by the mask (the
-        # compressed kernel is eager-only), and an update armed for RigL's dense gradient
-        # runs eagerly (``_eager_step``).
+        # Sparse masks compile: masks and the compressed kernel's indices are buffers that a
+        # topology step rewrites in place, so no graph is rebuilt; the kernel is one op in the
+        # graph (``sparse.kernels``); an update armed for RigL's dense gradient runs eagerly
+        # (``_eager_step``).
         self.compiled = self.accelerator.compiling and self.wm.greedy is None
         if self.accelerator.compiling and not self.compiled and a.compile is True:
             raise ValueError(
                 "agent.compile=true cannot compile world_model.greedy_infomax.modules>0; set "
                 "agent.compile=false (or auto)"
             )
-        if self.compiled:
-            for sparsifier in (self.sparsifier, self.behaviour_sparsifier):
-                if sparsifier is not None:
-                    sparsifier.choose_kernels(force="off")
         compile_fn = self.accelerator.compile if self.compiled else (lambda fn, **_: fn)
         self._world_model_losses = compile_fn(self._world_model_losses_impl, fullgraph=True)
         self._behaviour_losses = compile_fn(self._behaviour_losses_impl, fullgraph=True)

@@ -34,7 +34,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 DENSE_MASKED = "dense-masked"
 BALANCED_BMM = "balanced-bsr-bmm"
@@ -123,56 +122,106 @@ def _gather(x2d: torch.Tensor, idxf: torch.Tensor, n0: int, n1: int, block: int)
     return g
 
 
-class _BalancedBlockLinear(torch.autograd.Function):
-    # Row chunks of x (contiguous slices) are transposed, gathered by whole input blocks and
-    # multiplied as y^T = Wb G per block-row; each chunk's y^T is written back transposed.
-    @staticmethod
-    def forward(ctx, x2d, weight, idx, block):
-        rows, k = idx.shape
-        out_f = weight.shape[0]
-        idxf = idx.reshape(-1)
-        wb = pack_blocks(weight.detach(), idx, block).contiguous()
-        x2d = x2d.contiguous()
-        n = x2d.shape[0]
-        y = x2d.new_empty(n, out_f)
-        step = _chunk_rows(rows, k, block, n, x2d.element_size())
-        for n0 in range(0, n, step):
-            n1 = min(n, n0 + step)
-            g = _gather(x2d, idxf, n0, n1, block).view(rows, k * block, n1 - n0)
-            y[n0:n1] = torch.bmm(wb, g).view(out_f, n1 - n0).t()
-        ctx.save_for_backward(x2d, wb, idx)
-        ctx.block = block
-        ctx.weight_shape = tuple(weight.shape)
-        return y
+# Row chunks of x (contiguous slices) are transposed, gathered by whole input blocks and
+# multiplied as y^T = Wb G per block-row; each chunk's y^T is written back transposed.
+def _forward(x2d: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor, block: int):
+    rows, k = idx.shape
+    out_f = weight.shape[0]
+    idxf = idx.reshape(-1)
+    wb = pack_blocks(weight.detach(), idx, block).contiguous()
+    x2d = x2d.contiguous()
+    n = x2d.shape[0]
+    y = x2d.new_empty(n, out_f)
+    step = _chunk_rows(rows, k, block, n, x2d.element_size())
+    for n0 in range(0, n, step):
+        n1 = min(n, n0 + step)
+        g = _gather(x2d, idxf, n0, n1, block).view(rows, k * block, n1 - n0)
+        y[n0:n1] = torch.bmm(wb, g).view(out_f, n1 - n0).t()
+    return y
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, gy):
-        x2d, wb, idx = ctx.saved_tensors
-        block = ctx.block
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        rows, k = idx.shape
-        idxf = idx.reshape(-1)
-        n, inp = x2d.shape
-        gwb = wb.new_zeros(wb.shape) if need_w else None
-        gx = x2d.new_empty(n, inp) if need_x else None
-        wbt = wb.transpose(1, 2)
-        step = _chunk_rows(rows, k, block, n, x2d.element_size())
-        for n0 in range(0, n, step):
-            n1 = min(n, n0 + step)
-            m = n1 - n0
-            gyt = gy[n0:n1].t().contiguous().view(rows, block, m)
-            if need_w:
-                g = _gather(x2d, idxf, n0, n1, block).view(rows, k * block, m)
-                gwb.baddbmm_(gyt, g.transpose(1, 2))
-            if need_x:
-                gg = _buffer("gG", rows * k * block * m, gy).view(rows, k * block, m)
-                torch.bmm(wbt, gyt, out=gg)
-                gxt = gy.new_zeros(inp // block, block, m)
-                gxt.index_add_(0, idxf, gg.view(rows * k, block, m))
-                gx[n0:n1] = gxt.view(inp, m).t()
-        gw = unpack_blocks(gwb, idx, ctx.weight_shape, block) if need_w else None
-        return gx, gw, None, None
+
+def _backward(gy, x2d, weight, idx, block: int, need_x: bool, need_w: bool):
+    """``(dx, dW)``, ``None`` for a gradient not needed; ``dW`` is zero outside the blocks."""
+    rows, k = idx.shape
+    idxf = idx.reshape(-1)
+    x2d = x2d.contiguous()
+    wb = pack_blocks(weight.detach(), idx, block).contiguous()
+    n, inp = x2d.shape
+    gwb = wb.new_zeros(wb.shape) if need_w else None
+    gx = x2d.new_empty(n, inp) if need_x else None
+    wbt = wb.transpose(1, 2)
+    step = _chunk_rows(rows, k, block, n, x2d.element_size())
+    for n0 in range(0, n, step):
+        n1 = min(n, n0 + step)
+        m = n1 - n0
+        gyt = gy[n0:n1].t().contiguous().view(rows, block, m)
+        if need_w:
+            g = _gather(x2d, idxf, n0, n1, block).view(rows, k * block, m)
+            gwb.baddbmm_(gyt, g.transpose(1, 2))
+        if need_x:
+            gg = _buffer("gG", rows * k * block * m, gy).view(rows, k * block, m)
+            torch.bmm(wbt, gyt, out=gg)
+            gxt = gy.new_zeros(inp // block, block, m)
+            gxt.index_add_(0, idxf, gg.view(rows * k, block, m))
+            gx[n0:n1] = gxt.view(inp, m).t()
+    gw = unpack_blocks(gwb, idx, tuple(weight.shape), block) if need_w else None
+    return gx, gw
+
+
+@torch.library.custom_op("imagine_rl::balanced_block_linear", mutates_args=())
+def _balanced_op(
+    x2d: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor, block: int
+) -> torch.Tensor:
+    """The kernel's forward as one opaque op: ``torch.compile`` puts it in its graph as a
+    call (no tracing into the chunk loop), so a compiled sparse update keeps the kernel."""
+    return _forward(x2d, weight, idx, block)
+
+
+@_balanced_op.register_fake
+def _(x2d: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor, block: int) -> torch.Tensor:
+    return x2d.new_empty(x2d.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op("imagine_rl::balanced_block_linear_backward", mutates_args=())
+def _balanced_backward_op(
+    gy: torch.Tensor,
+    x2d: torch.Tensor,
+    weight: torch.Tensor,
+    idx: torch.Tensor,
+    block: int,
+    need_x: bool,
+    need_w: bool,
+) -> list[torch.Tensor]:
+    gx, gw = _backward(gy, x2d, weight, idx, block, need_x, need_w)
+    # A custom op returns tensors: an empty one stands for a gradient nobody asked for.
+    return [
+        gx if gx is not None else x2d.new_empty(0),
+        gw if gw is not None else weight.new_empty(0),
+    ]
+
+
+@_balanced_backward_op.register_fake
+def _(gy, x2d, weight, idx, block, need_x, need_w):
+    return [
+        x2d.new_empty(x2d.shape if need_x else (0,)),
+        weight.new_empty(weight.shape if need_w else (0,)),
+    ]
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x2d, weight, idx, block = inputs
+    ctx.save_for_backward(x2d, weight, idx)
+    ctx.block = block
+
+
+def _op_backward(ctx, gy):
+    x2d, weight, idx = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    gx, gw = _balanced_backward_op(gy, x2d, weight.detach(), idx, ctx.block, need_x, need_w)
+    return (gx if need_x else None), (gw if need_w else None), None, None
+
+
+_balanced_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 def balanced_block_linear(
@@ -185,10 +234,11 @@ def balanced_block_linear(
     """``F.linear(x, weight * mask, bias)`` for a balanced block mask given by ``idx [R, K]``.
 
     ``weight`` is the dense ``[out, in]`` parameter (values outside the mask are ignored; its
-    gradient is zero there). Differentiable in ``x``, ``weight`` and ``bias``.
+    gradient is zero there). Differentiable in ``x``, ``weight`` and ``bias``; one op under
+    ``torch.compile`` (``imagine_rl::balanced_block_linear``).
     """
     lead = x.shape[:-1]
-    y = _BalancedBlockLinear.apply(x.reshape(-1, x.shape[-1]), weight, idx, block)
+    y = _balanced_op(x.reshape(-1, x.shape[-1]), weight, idx, block)
     if bias is not None:
         y = y + bias
     return y.reshape(*lead, weight.shape[0])

@@ -438,7 +438,8 @@ class Sparsifier:
                     if torch.is_tensor(value) and value.shape == raw.shape:
                         value.mul_(keep.to(value.dtype))
             if p.fast:
-                p.idx = kernels.indices_from_mask(new_active)
+                # In place (balanced: the same shape): a compiled graph reading it stays valid.
+                p.idx.copy_(kernels.indices_from_mask(new_active))
             p.disarm()
             changed += k
             total += la.blocks

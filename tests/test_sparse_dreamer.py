@@ -292,10 +292,22 @@ def test_sparse_behaviour_slow_critic_starts_from_the_masked_critic():
     torch.testing.assert_close(slow.net(feat), critic.net(feat))
 
 
-def test_sparse_behaviour_has_no_host_sync_between_topology_steps():
+@pytest.mark.parametrize("fast_path", ["off", "on"])
+def test_sparse_update_has_no_host_sync_between_topology_steps(monkeypatch, fast_path):
     from imagine_rl.runtime.profiling import count_dispatch
+    from imagine_rl.sparse import kernels
 
-    agent = make("sparse.behaviour=true", "sparse.method=rigl", "sparse.update_every=50")
+    monkeypatch.setattr(kernels, "_MIN_ROWS", [0])  # the compressed kernel at this tiny batch
+    agent = make(
+        "sparse.behaviour=true",
+        "sparse.method=rigl",
+        "sparse.update_every=50",
+        "sparse.block=4",
+        "sparse.balanced=true",
+        f"sparse.fast_path={fast_path}",
+    )
+    fast = [la.kernel == "balanced-bsr-bmm" for la in agent.sparsifier.sparse_layers]
+    assert any(fast) == (fast_path == "on")
     batch = make_batch(OBS, BOX)
     agent.update(batch)
     counted = count_dispatch(lambda: agent.update(batch))

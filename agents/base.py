@@ -269,7 +269,7 @@ class ModelAgent(Agent):
         out = dict(self.sparsifier.metrics()) if self.sparsifier is not None else {}
         if self.behaviour_sparsifier is not None:
             for key, value in self.behaviour_sparsifier.metrics().items():
-                out[key.replace("sparse/", "sparse_behaviour/", 1)] = value
+                out[key.replace("sparse/", "sparse/behaviour_", 1)] = value
         out.update(self.accelerator.metrics())
         return out
 

@@ -389,7 +389,7 @@ def test_slots_actor_critic_with_a_sparse_actor_critic_updates_and_restores():
     for la in agent.behaviour_sparsifier.sparse_layers:
         mask = la.p.mask != 0
         assert 0 < int(mask.sum()) < mask.numel() and not la.original[~mask].any(), la.name
-    assert agent.log_metrics()["sparse_behaviour/step"] == 2
+    assert agent.log_metrics()["sparse/behaviour_step"] == 2
     restored = slots_agent(*extra)
     restored.load_state_dict(agent.state_dict())
     theirs = agent.behaviour_sparsifier.masks()

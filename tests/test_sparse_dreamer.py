@@ -207,6 +207,7 @@ def test_train_script_logs_sparse_metrics(tmp_path):
         "sparse.enabled=true",
         "sparse.density=0.1",
         "sparse.method=rigl",
+        "sparse.behaviour=true",
         "run.steps=400",
         "run.learning_starts=100",
         "run.eval_every=400",
@@ -232,6 +233,8 @@ def test_train_script_logs_sparse_metrics(tmp_path):
     last = logged[-1]
     assert last["sparse/density"] == pytest.approx(0.1, abs=1e-3)
     assert 0.0 < last["sparse/flops_ratio"] < 1.0
+    assert last["sparse/behaviour_density"] == pytest.approx(0.1, abs=0.02)
+    assert last["sparse/behaviour_step"] == last["sparse/step"] > 0
     # total_steps of the schedule is the number of updates the run really did.
     assert last["train/updates"] == planned_updates(build_config(args[:-1]))
 
@@ -274,9 +277,9 @@ def test_sparse_behaviour_masks_actor_and_critic_and_evolves_them():
         assert not adam["exp_avg"][~mask].any() and not adam["exp_avg_sq"][~mask].any(), name
         moved |= not torch.equal(mask, before[name])
     assert moved  # RigL changed the topology of the actor-critic too
-    assert metrics["sparse_behaviour/density"] == pytest.approx(0.1, abs=0.02)
-    assert metrics["sparse_behaviour/step"] == 3 and metrics["sparse_behaviour/updates"] == 3
-    assert metrics["sparse_behaviour/rigl_missing_grad"] == 0  # the dense gradient was captured
+    assert metrics["sparse/behaviour_density"] == pytest.approx(0.1, abs=0.02)
+    assert metrics["sparse/behaviour_step"] == 3 and metrics["sparse/behaviour_updates"] == 3
+    assert metrics["sparse/behaviour_rigl_missing_grad"] == 0  # the dense gradient was captured
     assert metrics["sparse/step"] == 3  # the world model's schedule is its own
 
 

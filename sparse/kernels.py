@@ -34,6 +34,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
 
 DENSE_MASKED = "dense-masked"
 BALANCED_BMM = "balanced-bsr-bmm"
@@ -222,6 +223,19 @@ def _op_backward(ctx, gy):
 
 
 _balanced_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+# FLOPs of the opaque ops for ``torch.utils.flop_counter`` (2 per multiply-add of a kept
+# block): without them a FlopCounterMode would count a fast layer as free.
+@register_flop_formula(torch.ops.imagine_rl.balanced_block_linear)
+def _forward_flops(x_shape, w_shape, idx_shape, block, *args, **kwargs) -> int:
+    rows, k = idx_shape
+    return 2 * x_shape[0] * rows * block * k * block
+
+
+@register_flop_formula(torch.ops.imagine_rl.balanced_block_linear_backward)
+def _backward_flops(gy_shape, x_shape, w_shape, idx_shape, block, need_x, need_w, **kwargs):
+    return _forward_flops(x_shape, w_shape, idx_shape, block) * (int(need_x) + int(need_w))
 
 
 def balanced_block_linear(

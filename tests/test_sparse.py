@@ -491,6 +491,24 @@ def fast_path_at_any_rows():
     kernels.set_min_rows(floor)
 
 
+def test_flop_counter_counts_the_fast_kernel_by_its_kept_blocks():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    out_f, in_f, block, k, n = 64, 128, 16, 2, 10
+    active = torch.zeros(out_f // block, in_f // block, dtype=torch.bool)
+    active[:, :k] = True
+    idx = kernels.indices_from_mask(active)
+    w = torch.randn(out_f, in_f, requires_grad=True)
+    x = torch.randn(n, in_f, requires_grad=True)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        balanced_block_linear(x, w, idx, None, block).sum().backward()
+    kept = out_f * k * block  # weights in the kept blocks
+    # forward, then the input's and the weight's gradients: 2 FLOPs per kept weight per row.
+    assert counter.get_total_flops() == 3 * 2 * n * kept
+
+
 def test_fast_layer_runs_dense_masked_below_the_row_floor(monkeypatch):
     torch.manual_seed(0)
     layer = nn.Linear(64, 32)

@@ -756,6 +756,11 @@ def summarize(results_dir: str | Path) -> dict[str, Any]:
     """``summary.json``'s content, from ``results_dir``'s ``experiment.yaml`` and run records
     alone (a committed summary can be recomputed from what is committed beside it)."""
     results_dir = Path(results_dir)
+    if not (results_dir / "experiment.yaml").is_file():
+        raise ExperimentError(
+            f"{results_dir}: no experiment.yaml beside the run records (the harness writes it "
+            "with the first record); copy it with the records"
+        )
     spec = yaml.safe_load((results_dir / "experiment.yaml").read_text())
     sha = hashlib.sha256((results_dir / "experiment.yaml").read_bytes()).hexdigest()
     metric = spec.get("metric") or DEFAULT_METRIC

@@ -424,3 +424,10 @@ def test_a_second_signal_kills_the_workers_and_the_handlers_are_restored(tmp_pat
     assert len(lines) == 6 and not list(experiment.records_dir.glob("*.jsonl"))
     held = harness._lock(experiment.runs_root / ".lock")  # released: a next `run` may start
     held.close()
+
+
+def test_summarize_without_the_experiment_file_says_what_to_copy(tmp_path):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "a-s0.jsonl").write_text("{}\n")
+    with pytest.raises(harness.ExperimentError, match="no experiment.yaml beside the run"):
+        harness.summarize(tmp_path)

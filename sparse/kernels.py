@@ -3,20 +3,22 @@
 ``balanced-bsr-bmm``: a weight ``W [out, in]`` whose mask keeps exactly ``K`` of the ``C = in/b``
 ``b x b`` blocks in each of its ``R = out/b`` block-rows is stored as ``Wb [R, b, K*b]`` (the
 active blocks of each block-row side by side) plus the block-column indices ``idx [R, K]``.
-For a chunk of ``m`` rows of ``x [N, in]``, with ``xT = x[n0:n1]^T`` viewed as ``[C, b*m]`` (one
-row per input block):
+For a chunk of ``m`` rows of ``x [N, in]`` viewed as ``[m, C, b]`` (one ``b``-vector per input
+block):
 
-    G  = xT[idx]                      # [R*K, b*m] -> [R, K*b, m]   (index_select)
-    yT = bmm(Wb, G)                   # [R, b, m]  -> y[n0:n1] = yT^T
+    G  = x[n0:n1][:, idx]             # [m, R*K, b] -> [R, m, K*b] (index_select; strided view)
+    y  = bmm(G, Wb^T)                 # [R, m, b]   -> y[n0:n1] viewed as [m, R, b]
 
 and the backward is two more batched matmuls plus an ``index_add`` per chunk:
 
-    dWb += bmm(dyT, G^T)              # [R, b, K*b], scattered back into a dense dW once
-    dG   = bmm(Wb^T, dyT);  dxT = zeros.index_add(0, idx, dG)
+    dWb^T += bmm(G^T, dy)             # [R, K*b, b], scattered back into a dense dW once
+    dG     = bmm(dy, Wb);  dx[:, idx] += dG
 
+BLAS reads the strided ``[R, m, .]`` views directly, so no chunk is transposed (the first
+version transposed every chunk in and out: those copies took 0.65 s of a 3 s xs update).
 ``G`` is ``out * K`` values per row of ``x`` (``out * density / b`` times the row). The rows go
-through in chunks whose ``G`` fits ``workspace_limit()`` bytes (512 KiB: a chunk's gather,
-matmul and transposes stay in the core's cache; one gather of every row at once is memory
+through in chunks whose ``G`` fits ``workspace_limit()`` bytes (512 KiB: a chunk's gather
+and matmul stay in the core's cache; one gather of every row at once is memory
 bound, measured 1.2-1.4x dense time at 16,384 rows where 64-row chunks took 0.8x). ``G`` lives
 in a reused buffer and is rebuilt in the backward from the saved input rather than saved.
 The buffers are per process and not thread-safe (one forward/backward at a time per device
@@ -114,30 +116,30 @@ def _chunk_rows(rows: int, k: int, block: int, n: int, itemsize: int) -> int:
 
 
 def _gather(x2d: torch.Tensor, idxf: torch.Tensor, n0: int, n1: int, block: int) -> torch.Tensor:
-    """``[R*K*b, m]``: for the rows ``n0:n1`` of ``x2d [N, in]``, the input features of every
-    kept block, one row per (block-row, kept block, feature in the block)."""
+    """``[m, R*K, b]``: for the rows ``n0:n1`` of ``x2d [N, in]``, the input features of every
+    kept block (one ``b``-vector per row, block-row and kept block), in a reused buffer."""
     m = n1 - n0
-    xt = x2d[n0:n1].t().contiguous()  # [in, m]: small, so the transpose stays in cache
-    g = _buffer("G", idxf.numel() * block * m, x2d).view(idxf.numel(), block * m)
-    torch.index_select(xt.view(-1, block * m), 0, idxf, out=g)
+    g = _buffer("G", m * idxf.numel() * block, x2d).view(m, idxf.numel(), block)
+    torch.index_select(x2d[n0:n1].view(m, -1, block), 1, idxf, out=g)
     return g
 
 
-# Row chunks of x (contiguous slices) are transposed, gathered by whole input blocks and
-# multiplied as y^T = Wb G per block-row; each chunk's y^T is written back transposed.
+# Row chunks of x (contiguous slices) are gathered by whole input blocks into ``[m, R*K, b]``
+# and multiplied per block-row as strided batches (``[R, m, K*b] @ [R, K*b, b]``): BLAS reads
+# the strided views directly, so no chunk is transposed.
 def _forward(x2d: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor, block: int):
     rows, k = idx.shape
-    out_f = weight.shape[0]
+    out_f, in_f = weight.shape
     idxf = idx.reshape(-1)
-    wb = pack_blocks(weight.detach(), idx, block).contiguous()
+    wbt = pack_blocks(weight.detach(), idx, block).transpose(1, 2).contiguous()  # [R, K*b, b]
     x2d = x2d.contiguous()
     n = x2d.shape[0]
     y = x2d.new_empty(n, out_f)
     step = _chunk_rows(rows, k, block, n, x2d.element_size())
     for n0 in range(0, n, step):
         n1 = min(n, n0 + step)
-        g = _gather(x2d, idxf, n0, n1, block).view(rows, k * block, n1 - n0)
-        y[n0:n1] = torch.bmm(wb, g).view(out_f, n1 - n0).t()
+        g = _gather(x2d, idxf, n0, n1, block).view(n1 - n0, rows, k * block).transpose(0, 1)
+        y[n0:n1].view(n1 - n0, rows, block).transpose(0, 1).copy_(torch.bmm(g, wbt))
     return y
 
 
@@ -145,27 +147,26 @@ def _backward(gy, x2d, weight, idx, block: int, need_x: bool, need_w: bool):
     """``(dx, dW)``, ``None`` for a gradient not needed; ``dW`` is zero outside the blocks."""
     rows, k = idx.shape
     idxf = idx.reshape(-1)
-    x2d = x2d.contiguous()
-    wb = pack_blocks(weight.detach(), idx, block).contiguous()
+    x2d, gy = x2d.contiguous(), gy.contiguous()
+    wb = pack_blocks(weight.detach(), idx, block).contiguous()  # [R, b, K*b]
     n, inp = x2d.shape
-    gwb = wb.new_zeros(wb.shape) if need_w else None
-    gx = x2d.new_empty(n, inp) if need_x else None
-    wbt = wb.transpose(1, 2)
+    gwbt = wb.new_zeros(rows, k * block, block) if need_w else None
+    gx = x2d.new_zeros(n, inp) if need_x else None
     step = _chunk_rows(rows, k, block, n, x2d.element_size())
     for n0 in range(0, n, step):
         n1 = min(n, n0 + step)
         m = n1 - n0
-        gyt = gy[n0:n1].t().contiguous().view(rows, block, m)
+        gyr = gy[n0:n1].view(m, rows, block).transpose(0, 1)  # [R, m, b]
         if need_w:
-            g = _gather(x2d, idxf, n0, n1, block).view(rows, k * block, m)
-            gwb.baddbmm_(gyt, g.transpose(1, 2))
+            g = _gather(x2d, idxf, n0, n1, block).view(m, rows, k * block).transpose(0, 1)
+            gwbt.baddbmm_(g.transpose(1, 2), gyr)
         if need_x:
-            gg = _buffer("gG", rows * k * block * m, gy).view(rows, k * block, m)
-            torch.bmm(wbt, gyt, out=gg)
-            gxt = gy.new_zeros(inp // block, block, m)
-            gxt.index_add_(0, idxf, gg.view(rows * k, block, m))
-            gx[n0:n1] = gxt.view(inp, m).t()
-    gw = unpack_blocks(gwb, idx, tuple(weight.shape), block) if need_w else None
+            gg = torch.bmm(gyr, wb)  # [R, m, K*b]
+            gg = gg.transpose(0, 1).reshape(m, rows * k, block)
+            gx[n0:n1].view(m, inp // block, block).index_add_(1, idxf, gg)
+    gw = None
+    if need_w:
+        gw = unpack_blocks(gwbt.transpose(1, 2), idx, tuple(weight.shape), block)
     return gx, gw
 
 

@@ -313,9 +313,9 @@ class ModelAgent(Agent):
                 f"sparse.enabled={now}: load it with the sparse settings it was trained with"
             )
 
-    def load_behaviour_sparsity(self, state: dict[str, Any]) -> None:
-        """The actor-critic's masks from ``state`` (refused in one line when the checkpoint and
-        this agent disagree about ``sparse.behaviour``); call after the weights are loaded."""
+    def check_behaviour_sparsity(self, state: dict[str, Any]) -> None:
+        """Refuse, in one line and before any weight is loaded, a checkpoint that disagrees
+        with this agent about ``sparse.behaviour``."""
         saved = "sparse_behaviour" in state
         if saved != (self.behaviour_sparsifier is not None):
             was, now = ("true", "false") if saved else ("false", "true")
@@ -323,13 +323,15 @@ class ModelAgent(Agent):
                 f"checkpoint was saved with sparse.behaviour={was}, this agent has "
                 f"sparse.behaviour={now}: load it with the sparse settings it was trained with"
             )
-        if saved:
+
+    def load_behaviour_sparsity(self, state: dict[str, Any]) -> None:
+        """The actor-critic's masks from a checked ``state``; call after the weights."""
+        if self.behaviour_sparsifier is not None:
             self.behaviour_sparsifier.load_state_dict(state["sparse_behaviour"])
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.check_sparse("sparse" in state)
-        if ("sparse_behaviour" in state) != (self.behaviour_sparsifier is not None):
-            self.load_behaviour_sparsity(state)  # raises before any weight is touched
+        self.check_behaviour_sparsity(state)
         self.load_modules(state["weights"])
         if self.sparsifier is not None:
             self.sparsifier.load_state_dict(state["sparse"])  # checks the masks, re-arms RigL

@@ -404,8 +404,7 @@ class OP3Agent(ModelAgent):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.check_sparse("sparse" in state)
-        if ("sparse_behaviour" in state) != (self.behaviour_sparsifier is not None):
-            self.load_behaviour_sparsity(state)  # raises before any weight is touched
+        self.check_behaviour_sparsity(state)
         self.load_weights(state["weights"])
         self.load_modules(state["weights"], skip=("world_model",))  # the actor-critic's
         if self.sparsifier is not None:

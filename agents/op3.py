@@ -131,9 +131,10 @@ class OP3Agent(ModelAgent):
         if o.freeze_perception:
             # Frozen weights build no autograd graph: inference and decoding of the posterior
             # run forward only, and Adam skips them (their gradients stay None).
-            # The reward and continue heads (op3.heads) predict from the slots, as the dynamics
-            # does: they train on the frozen perception too.
-            trained = ("dynamics.", "cpc.", "reward_head.", "continue_head.")
+            # The reward and continue heads (op3.heads, with the goal pairs' pooling scores)
+            # predict from the slots, as the dynamics does: they train on the frozen
+            # perception too.
+            trained = ("dynamics.", "cpc.", "reward_head.", "continue_head.", "goal_attention.")
             for name, parameter in self.wm.named_parameters():
                 if not name.startswith(trained):
                     parameter.requires_grad_(False)

@@ -72,7 +72,8 @@ class OP3Config(SlotSpec):
 # too, see ``agents.sparsity.sparse_skip``), by the Dreamer's rules: the first layer on each
 # input (the encoder's pixel conv, the 4-d position embeddings of encoder and decoder, the
 # dynamics' action input) and the output layers (the decoder's RGB and mask logit per pixel;
-# with op3.heads the reward and continue heads' outputs, as the Dreamer's).
+# with op3.heads the reward and continue heads' outputs, as the Dreamer's; the goal pairs'
+# pooling scores, one per pooled token).
 # Narrow inputs masked at density 0.1 would reach the model through a handful of weights.
 SPARSE_SKIP_DEFAULT = (
     "op3.encoder.conv0",
@@ -82,6 +83,7 @@ SPARSE_SKIP_DEFAULT = (
     "op3.decoder.out",
     "op3.reward.out",
     "op3.continue.out",
+    "op3.goal_attention",
 )
 
 

@@ -343,13 +343,69 @@ def test_feat_concatenates_the_slots_in_order_then_the_goal():
         assert torch.equal(feat[..., k * S : (k + 1) * S], slots[..., k, :])
     with pytest.raises(ValueError, match="goal_features=False"):
         model.feat({"slots": slots, "goal": slots})
-    goal_model = tiny_model(goal_features=True)
+    goal_model = tiny_model(goal_features=True, goal_pairing="concat")
+    assert goal_model.goal_attention is None
     goal = slots.flip(-2)
     feat = goal_model.feat({"slots": slots, "goal": goal})
     assert goal_model.feat_size == 2 * K * S and feat.shape == (2, 3, 2 * K * S)
     assert torch.equal(feat, torch.cat([slots.flatten(-2), goal.flatten(-2)], -1))
     with pytest.raises(ValueError, match="goal_features=True"):
         goal_model.feat({"slots": slots})
+
+
+def test_matched_goal_pairs_equal_a_hand_computation():
+    model = tiny_model(goal_features=True)  # goal_pairing="matched" is the default
+    K, S, D = model.num_slots, model.state_dim, model.spec.slot_dim
+    slots = random_slots(model, 2)
+    # The goal shows the same objects (features) elsewhere (frames), in another slot order.
+    perm = torch.tensor([2, 0, 3, 1])
+    goal = slots[:, perm].clone()
+    goal[..., D:] = torch.rand(2, K, 4)
+    pairs = model.goal_pairs(slots, goal)
+    assert pairs.shape == (2, K, 2 * S + 3) and model.pair_size == 2 * S + 3
+    for n in range(2):
+        for k in range(K):
+            j = int((perm == k).nonzero())  # the goal slot showing slot k's object
+            offset = goal[n, j, D : D + 2] - slots[n, k, D : D + 2]
+            expected = torch.cat([slots[n, k], goal[n, j], offset, offset.norm()[None]])
+            torch.testing.assert_close(pairs[n, k], expected)
+    # feat: softmax over the K pairs of each of the K scores, the pairs' weighted sums.
+    with torch.no_grad():
+        model.goal_attention.weight.normal_()
+    weights = torch.softmax(pairs @ model.goal_attention.weight.T + model.goal_attention.bias, 1)
+    expected = torch.einsum("nkq,nkp->nqp", weights, pairs).flatten(1)
+    feat = model.feat({"slots": slots, "goal": goal})
+    assert model.feat_size == K * (2 * S + 3) and feat.shape == (2, model.feat_size)
+    torch.testing.assert_close(feat, expected)
+
+
+def test_matched_goal_features_ignore_the_order_of_slots_and_goal_slots():
+    model = tiny_model(goal_features=True)
+    with torch.no_grad():
+        model.goal_attention.weight.normal_()
+    slots, goal = random_slots(model, 3), random_slots(model, 3)
+    feat = model.feat({"slots": slots, "goal": goal})
+    for perm_slots, perm_goal in [([3, 2, 1, 0], [0, 1, 2, 3]), ([1, 3, 0, 2], [2, 0, 3, 1])]:
+        permuted = {"slots": slots[:, perm_slots], "goal": goal[:, perm_goal]}
+        torch.testing.assert_close(model.feat(permuted), feat)
+    # The concatenation is order dependent: the reason for the matching.
+    concat = tiny_model(goal_features=True, goal_pairing="concat")
+    permuted = concat.feat({"slots": slots, "goal": goal[:, [1, 0, 2, 3]]})
+    assert not torch.allclose(permuted, concat.feat({"slots": slots, "goal": goal}))
+
+
+def test_the_reward_loss_trains_the_goal_pooling_scores():
+    model = tiny_model(heads=True, goal_features=True)
+    batch = _head_batch()
+    batch["goal"] = batch["pixels"].flip(1)
+    with torch.no_grad():  # the reward head's output starts at 0 and passes no gradient back
+        model.reward_head[-1].weight.normal_()
+    losses, _, _ = model.loss_and_states(batch)
+    losses["loss/reward"].backward()
+    grad = model.goal_attention.weight.grad
+    assert grad is not None and grad.abs().sum() > 0 and torch.isfinite(grad).all()
+    with pytest.raises(ValueError, match="goal_pairing"):
+        SlotSpec(goal_pairing="sorted")
 
 
 def _head_batch(B: int = 2, T: int = 3) -> dict[str, torch.Tensor]:

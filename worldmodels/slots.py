@@ -106,6 +106,7 @@ _STEP_KEYS = ("slots", "action")
 SLOT_INITS = ("farthest", "learned", "gaussian")
 INFERENCE_MODES = ("fresh", "filter")
 REPRESENTATIONS = ("reconstruction", "reconstruction+cpc", "cpc")
+GOAL_PAIRINGS = ("matched", "concat")
 
 
 @dataclass
@@ -179,6 +180,16 @@ class SlotSpec:
     # carries ``goal [..., K, S]`` (inferred from the batch's ``goal`` frames in
     # ``loss_and_states``), and ``feat_size`` is 2 K S instead of K S.
     goal_features: bool = False
+    # With goal_features, how the goal's slots enter ``feat``. matched: each slot is paired
+    # with the goal slot of the same appearance (a Hungarian matching on the features alone:
+    # the goal shows the same objects elsewhere), each pair is ``[slot, goal slot, centre
+    # offset (y, x), its length]``, and K learned attention scores (softmax over the pairs)
+    # pool the K pairs into K tokens, so ``feat`` does not depend on the order of either set of
+    # slots and ``feat_size`` is ``K (2 S + 3)``. concat: the K slots, then the K goal slots, in
+    # slot order (``2 K S``): the order of the goal's slots is arbitrary, so a head must learn
+    # which goal slot belongs to which slot (on blocks:push-1 its reward error stayed above a
+    # constant predictor's, results/slots-actor-critic-push-1).
+    goal_pairing: Literal["matched", "concat"] = "matched"
 
     def __post_init__(self) -> None:
         if self.slot_init not in SLOT_INITS:
@@ -190,6 +201,10 @@ class SlotSpec:
         if self.representation not in REPRESENTATIONS:
             raise ValueError(
                 f"representation: expected one of {REPRESENTATIONS}, got {self.representation!r}"
+            )
+        if self.goal_pairing not in GOAL_PAIRINGS:
+            raise ValueError(
+                f"goal_pairing: expected one of {GOAL_PAIRINGS}, got {self.goal_pairing!r}"
             )
         if self.cpc_temperature <= 0:
             raise ValueError(f"cpc_temperature: must be > 0, got {self.cpc_temperature}")
@@ -664,6 +679,10 @@ class SlotWorldModel(nn.Module):
             # until the head has learned anything, rather than noise a planner would chase.
             self.reward_head = self._head("reward", f, outscale=0.0)
             self.continue_head = self._head("continue", f)
+        # The pooling scores of goal_pairing=matched (one per slot pair and pooled token).
+        self.goal_attention: nn.Module | None = None
+        if s.goal_features and s.goal_pairing == "matched":
+            self.goal_attention = f.linear(self.pair_size, s.slots, name="goal_attention")
 
     def _head(self, name: str, factory: LayerFactory, outscale: float = 1.0) -> nn.Sequential:
         """An MLP ``[..., feat_size]`` -> ``[..., 1]`` (layers ``op3.<name>.0``, ``.out``)."""
@@ -685,9 +704,18 @@ class SlotWorldModel(nn.Module):
         return self.spec.slot_dim + 4
 
     @property
+    def pair_size(self) -> int:
+        """Size of one (slot, goal slot) pair of ``goal_pairing=matched``: ``2 S + 3``."""
+        return 2 * self.state_dim + 3
+
+    @property
     def feat_size(self) -> int:
-        """Size of ``feat``: the K slot states, then (``spec.goal_features``) the K goal slots."""
-        return self.spec.slots * self.state_dim * (2 if self.spec.goal_features else 1)
+        """Size of ``feat``: the K slot states; with ``spec.goal_features`` also the K goal
+        slots (``concat``: ``2 K S``) or K pooled slot-goal pairs (``matched``: ``K (2 S + 3)``)."""
+        K, S = self.spec.slots, self.state_dim
+        if not self.spec.goal_features:
+            return K * S
+        return K * self.pair_size if self.spec.goal_pairing == "matched" else 2 * K * S
 
     # ---------------------------------------------------------------------------------
     def initial(self, tokens: torch.Tensor, colours: torch.Tensor) -> torch.Tensor:
@@ -981,7 +1009,27 @@ class SlotWorldModel(nn.Module):
         assert goal.shape == slots.shape, (
             f"feat: goal {tuple(goal.shape)} and slots {tuple(slots.shape)} must match"
         )
-        return torch.cat([slots.flatten(-2), goal.flatten(-2)], -1)
+        if self.goal_attention is None:
+            return torch.cat([slots.flatten(-2), goal.flatten(-2)], -1)
+        pairs = self.goal_pairs(slots, goal)  # [..., K, P]
+        weights = self.goal_attention(pairs).float().softmax(-2).to(pairs.dtype)  # [..., K, Q]
+        return torch.einsum("...kq,...kp->...qp", weights, pairs).flatten(-2)
+
+    def goal_pairs(self, slots: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
+        """Each slot with the goal slot of the same appearance (``hungarian_order`` on the
+        features' squared distances; no gradient through the choice), then the offset of the
+        goal slot's centre from the slot's and its length: ``[slot, goal slot, dy, dx, |d|]``.
+
+        Shapes: ``slots [..., K, S]``, ``goal [..., K, S]`` -> ``[..., K, 2 S + 3]``.
+        """
+        D = self.spec.slot_dim
+        costs = (slots[..., :, None, :D] - goal[..., None, :, :D]).square().sum(-1)
+        order = hungarian_order(costs)  # [..., K]: the goal slot of each slot
+        matched = goal.gather(-2, order[..., None].expand_as(goal))
+        offset = matched[..., D : D + 2] - slots[..., D : D + 2]
+        # The epsilon keeps the length's gradient finite where a slot sits on its goal.
+        length = (offset.square().sum(-1, keepdim=True) + 1e-8).sqrt()
+        return torch.cat([slots, matched, offset, length], -1)
 
     def _checked_head(self, feat: torch.Tensor, head: nn.Module | None, name: str) -> nn.Module:
         """``head``, after checking that it exists and that ``feat`` is ``[..., feat_size]``."""
@@ -1169,6 +1217,7 @@ class SlotWorldModel(nn.Module):
 
 
 __all__ = [
+    "GOAL_PAIRINGS",
     "HEAD_LOSS_KEYS",
     "LOSS_KEYS",
     "SLOT_INITS",

@@ -48,6 +48,12 @@ from imagine_rl.worldmodels.layers import LayerFactory
 from imagine_rl.worldmodels.planning import CEMPlanner, GoalCost
 from imagine_rl.worldmodels.slots import SlotSpec, SlotWorldModel
 
+# World-model parts built only under some settings: the loss/cpc projections
+# (op3.representation=...cpc), and the reward and continue heads and the goal pairs' pooling
+# (agent.behaviour=actor_critic). A run started from weights without them (init=) builds them
+# fresh.
+OPTIONAL_PARTS = ("cpc.", "reward_head.", "continue_head.", "goal_attention.")
+
 
 def slot_spec(config: Config) -> SlotSpec:
     """The slot world model described by ``config.op3`` (whose architecture keys are
@@ -104,6 +110,10 @@ class OP3Agent(ModelAgent):
             )
         # agent.compile=auto compiles the planning cost on cuda only (not by run length).
         super().__init__(config, planned_updates, compile_by_length=False)
+        # The actor-critic learns in imagination: with no loss on the dynamics (the perception
+        # stage, preset op3_perception) the rollouts it would learn from are untrained, so it
+        # waits (a later stage starts it from its initial weights, not from noise fitted there).
+        self.dynamics_trained = dynamics_losses
         self.action_space = action_space
         self.action_shape = tuple(action_space.shape)
         self.action_dim = int(np.prod(self.action_shape))
@@ -244,7 +254,8 @@ class OP3Agent(ModelAgent):
                 )
             total = sum(self.scales[k] * v for k, v in losses.items())
             step = self.optimizer_policy.step(total, ["world_model"], self._after_step)
-            if self.behaviour is not None:  # imagination from every posterior (slots, goal)
+            if self.behaviour is not None and self.dynamics_trained:
+                # Imagination from every posterior (slots, goal).
                 post = {k: v.detach() for k, v in post.items()}
                 with frozen(self.wm), self.accelerator.autocast(), self.cached():
                     terms, behaviour_metrics = self.behaviour.loss(self.wm, post, data)
@@ -391,12 +402,12 @@ class OP3Agent(ModelAgent):
         prefix = "world_model."
         own = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
         self.check_sparse(any(".parametrizations." in k for k in own), "weights were")
-        # The loss/cpc projections exist only with op3.representation=...cpc: weights from a
-        # model without them (e.g. a reconstruction perception, `init=`) keep this model's
-        # fresh ones, and theirs are dropped where this model has none.
+        # Some parts exist only under some settings (OPTIONAL_PARTS): weights from a model
+        # without them (e.g. a reconstruction perception of the planner composition, `init=`)
+        # keep this model's fresh ones, and theirs are dropped where this model has none.
         mine = self.wm.state_dict()
-        own = {k: v for k, v in own.items() if k in mine or not k.startswith("cpc.")}
-        own.update({k: v for k, v in mine.items() if k.startswith("cpc.") and k not in own})
+        own = {k: v for k, v in own.items() if k in mine or not k.startswith(OPTIONAL_PARTS)}
+        own.update({k: v for k, v in mine.items() if k.startswith(OPTIONAL_PARTS) and k not in own})
         self.wm.load_state_dict(own, strict=True)
         if self.sparsifier is not None:
             # The masks came with the weights (buffers): check their counts against this

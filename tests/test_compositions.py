@@ -321,6 +321,48 @@ def test_slots_actor_critic_updates_acts_and_restores():
     np.testing.assert_array_equal(a1, a2)
 
 
+def test_slots_actor_critic_starts_from_a_planner_perception():
+    """``init=`` from the planner composition (agent=op3: no reward or continue head, no goal
+    pooling): its weights come over, the parts only the actor-critic composition has start
+    fresh, and a model of other sizes is still refused."""
+    planner = slots_agent("agent.behaviour=planner")
+    assert planner.behaviour is None and planner.wm.reward_head is None
+    planner.wm.encoder.convs[0].weight.data.add_(1.0)  # trained weights, to tell them apart
+    agent = slots_agent()
+    fresh = {k: v.clone() for k, v in agent.wm.state_dict().items()}
+    agent.load_weights(planner.state_dict()["weights"])
+    loaded = agent.wm.state_dict()
+    theirs = planner.wm.state_dict()
+    for key, value in loaded.items():
+        if key.startswith(("reward_head.", "continue_head.", "goal_attention.")):
+            assert key not in theirs and torch.equal(value, fresh[key]), key
+        else:
+            assert torch.equal(value, theirs[key]), key
+    other = slots_agent("op3.slot_dim=8")
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        other.load_weights(planner.state_dict()["weights"])
+
+
+def test_slots_actor_critic_waits_while_no_dynamics_loss_trains():
+    """The perception stage (op3.dynamics_scale=0, op3.prediction_scale=0: preset
+    op3_perception) trains the world model only: imagined rollouts of an untrained dynamics
+    teach the actor-critic nothing."""
+    agent = slots_agent("op3.dynamics_scale=0", "op3.prediction_scale=0")
+    assert not agent.dynamics_trained and slots_agent().dynamics_trained
+    behaviour = {
+        name: {k: v.clone() for k, v in agent.modules()[name].state_dict().items()}
+        for name in ("actor", "critic", "slow_critic")
+    }
+    encoder = {k: v.clone() for k, v in agent.wm.encoder.state_dict().items()}
+    metrics = agent.update(slot_batch())
+    assert "loss/actor" not in metrics and "loss/critic" not in metrics
+    assert "loss/reconstruction" in metrics and "loss/reward" in metrics
+    for name, before in behaviour.items():
+        after = agent.modules()[name].state_dict()
+        assert all(torch.equal(v, after[k]) for k, v in before.items()), name
+    assert any(not torch.equal(v, agent.wm.encoder.state_dict()[k]) for k, v in encoder.items())
+
+
 # --------------------------------------------------------------------------------------
 # End to end
 # --------------------------------------------------------------------------------------

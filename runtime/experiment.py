@@ -244,6 +244,12 @@ def _run_spec(experiment: Experiment, variant: str, seed: int) -> RunSpec:
                 f"{'base' if key in experiment.base else 'variant ' + variant}"
             )
     merged.setdefault("accelerator.threads", 1)  # one torch thread per worker
+    init = merged.pop("init", None)  # train's argument, not a config key
+    if init is not None and not Path(str(init)).is_dir():
+        raise ExperimentError(
+            f"{experiment.path}: {'base' if 'init' in experiment.base else 'variant ' + variant}"
+            f": init={init} is not a run directory; train that run first or fix the path"
+        )
     args = [format_override(k, v) for k, v in merged.items()]
     args += [f"seed={seed}", f"run.dir={run_dir}"]
     try:
@@ -252,6 +258,8 @@ def _run_spec(experiment: Experiment, variant: str, seed: int) -> RunSpec:
         raise ExperimentError(
             f"{experiment.path}: variant {variant}: {str(error).splitlines()[0]}"
         ) from None
+    if init is not None:
+        args.append(f"init={init}")
     return RunSpec(
         variant=variant,
         seed=seed,

@@ -162,6 +162,7 @@ def test_run_metrics_against_hand_computation():
         ({"variants": {"bad": {"no.such.key": 1}}}, "variant bad:"),
         ({"base": {**BASE, "seed": 3}}, "seed is set by the experiment per run"),
         ({"workers": 0}, "workers must be a positive integer"),
+        ({"variants": {"warm": {"init": "no/such/run"}}}, "variant warm: init=no/such/run is not"),
     ],
 )
 def test_bad_files_are_refused_in_one_line(tmp_path, change, message):
@@ -170,6 +171,18 @@ def test_bad_files_are_refused_in_one_line(tmp_path, change, message):
         load(tmp_path, path)
     assert message in str(error.value) and "\n" not in str(error.value)
     assert not (tmp_path / "results").exists() and not (tmp_path / "runs").exists()
+
+
+def test_init_goes_to_train_and_not_to_the_config(tmp_path):
+    """``init=`` (a new run from another run's weights, e.g. one shared pretrained perception)
+    is train's argument: each run's command carries it, the config check does not see it."""
+    source = tmp_path / "pretrained"
+    source.mkdir()
+    path = write(tmp_path, variants={"warm": {"init": str(source)}, "cold": {}})
+    experiment = load(tmp_path, path)
+    args = {run.key: run.args for run in experiment.runs}
+    assert args["warm-s0"][-1] == f"init={source}" and args["warm-s1"][-1] == f"init={source}"
+    assert not any(arg.startswith("init=") for arg in args["cold-s0"])
 
 
 def test_a_results_folder_of_another_file_is_refused(tmp_path):

@@ -49,6 +49,20 @@ def test_op3_preset_runs_both_stages_and_single_stage_presets_one():
         assert build_config([f"preset=op3,{stage}"]).run.stages == []
 
 
+def test_slots_actor_critic_preset_composes_the_pretrained_recipe():
+    config = build_config(["preset=op3,slots_actor_critic"])
+    assert config.run.stages == ["op3_perception", "slots_actor_critic_behaviour"]
+    assert (config.world_model.kind, config.agent.behaviour) == ("slots", "actor_critic")
+    assert config.env.id == "blocks:push-1" and config.env.goal_obs
+    stage2 = build_config(["preset=op3,slots_actor_critic,slots_actor_critic_behaviour"])
+    assert stage2.run.stages == [] and stage2.op3.freeze_perception
+    assert (stage2.run.steps, stage2.run.learning_starts, stage2.run.replay_ratio) == (
+        6000,
+        2000,
+        64,
+    )
+
+
 def test_bad_stages_are_one_line_config_errors(tmp_path, capsys):
     with pytest.raises(ConfigError, match="run.stages: unknown preset 'op3_perceptio'.*did you"):
         build_config(["run.stages=[op3_perceptio]"])
@@ -132,3 +146,35 @@ def test_two_stages_in_one_command_then_the_same_command_skips_them(tmp_path, ca
     # A setting that would change what a finished stage trained is refused, in one line.
     assert train_script.main([*command, "op3.slots=3"]) == 2
     assert "was trained with op3.slots=4" in _one_line_error(capsys)
+
+
+def test_slots_actor_critic_stages_train_the_behaviour_only_on_the_pretrained_perception(
+    tmp_path, capsys
+):
+    """The two stages of preset slots_actor_critic, at debug sizes: the perception stage
+    leaves the actor-critic alone (no dynamics loss trains there), the second starts from its
+    weights with the perception frozen and trains the actor-critic."""
+    run_dir = tmp_path / "run"
+    command = [
+        *(a for a in TINY if not a.startswith("run.stages=")),
+        "run.stages=[op3_perception,slots_actor_critic_behaviour]",
+        "world_model.kind=slots",
+        "agent.behaviour=actor_critic",
+        "agent.horizon=3",
+        "run.log_every=10",
+        f"run.dir={run_dir}",
+    ]
+    assert train_script.main(command) == 0, capsys.readouterr().err
+    first = run_dir / "op3_perception"
+
+    def rows(stage_dir: Path) -> list[dict]:
+        lines = (stage_dir / "metrics.jsonl").read_text().splitlines()
+        return [row for row in map(yaml.safe_load, lines) if "loss/reconstruction" in row]
+
+    assert rows(first) and not any("loss/actor" in row for row in rows(first))
+    assert rows(run_dir) and all("loss/actor" in row for row in rows(run_dir))
+    before = load_checkpoint(first).agent_state["weights"]
+    after = load_checkpoint(run_dir).agent_state["weights"]
+    encoder = [k for k in before if k.startswith("world_model.encoder.")]
+    assert encoder and all(torch.equal(before[k], after[k]) for k in encoder)
+    assert any(k.startswith("actor.") for k in after)

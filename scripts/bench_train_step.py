@@ -363,15 +363,20 @@ def _single_main(config, options) -> int:
         )
         timings[name] = _time_mode(mode_config, batches, options, device)
     first = next(iter(timings.values()))
-    # FLOPs of the same math in either mode, counted on an eager update.
+    # FLOPs of the same math in either mode, counted on an eager update (a compiled update runs
+    # graphs that a FlopCounterMode does not see, and fullgraph=True refuses to run uncompiled).
     eager = timings.get("eager", first)
+    counted = eager["agent"]
+    if eager["compiled"]:
+        from imagine_rl import agents
+
+        seed_everything(config.seed)
+        eager_config = dataclasses.replace(
+            config, agent=dataclasses.replace(config.agent, compile=False)
+        )
+        counted = agents.make_agent(eager_config, *_spaces(config))
     with FlopCounterMode(display=False) as counter:
-        if eager["compiled"]:
-            torch._dynamo.config.disable = True
-        try:
-            eager["agent"].update(eager["batch"])
-        finally:
-            torch._dynamo.config.disable = False
+        counted.update(eager["batch"])
     flops = counter.get_total_flops()
     precision = resolve_precision(config)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)

@@ -245,11 +245,6 @@ def _run_spec(experiment: Experiment, variant: str, seed: int) -> RunSpec:
             )
     merged.setdefault("accelerator.threads", 1)  # one torch thread per worker
     init = merged.pop("init", None)  # train's argument, not a config key
-    if init is not None and not Path(str(init)).is_dir():
-        raise ExperimentError(
-            f"{experiment.path}: {'base' if 'init' in experiment.base else 'variant ' + variant}"
-            f": init={init} is not a run directory; train that run first or fix the path"
-        )
     args = [format_override(k, v) for k, v in merged.items()]
     args += [f"seed={seed}", f"run.dir={run_dir}"]
     try:
@@ -577,6 +572,14 @@ def run_experiment(
     )
     if not pending:
         return 0
+    # init= is needed by the runs still to start only (status and report read records).
+    for run in pending:
+        for arg in run.args:
+            if arg.startswith("init=") and not Path(arg[5:]).is_dir():
+                raise ExperimentError(
+                    f"{experiment.path}: {run.key}: {arg} is not a run directory; train that "
+                    "run first or fix the path"
+                )
     experiment.results_dir.mkdir(parents=True, exist_ok=True)
     experiment.runs_root.mkdir(parents=True, exist_ok=True)
     lock = _lock(experiment.runs_root / ".lock")  # held while this runs

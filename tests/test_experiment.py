@@ -162,7 +162,6 @@ def test_run_metrics_against_hand_computation():
         ({"variants": {"bad": {"no.such.key": 1}}}, "variant bad:"),
         ({"base": {**BASE, "seed": 3}}, "seed is set by the experiment per run"),
         ({"workers": 0}, "workers must be a positive integer"),
-        ({"variants": {"warm": {"init": "no/such/run"}}}, "variant warm: init=no/such/run is not"),
     ],
 )
 def test_bad_files_are_refused_in_one_line(tmp_path, change, message):
@@ -183,6 +182,13 @@ def test_init_goes_to_train_and_not_to_the_config(tmp_path):
     args = {run.key: run.args for run in experiment.runs}
     assert args["warm-s0"][-1] == f"init={source}" and args["warm-s1"][-1] == f"init={source}"
     assert not any(arg.startswith("init=") for arg in args["cold-s0"])
+    # A missing init= directory stops `run` before anything starts; status and report, which
+    # read records only, do not need it.
+    missing = write(tmp_path, name="missing", variants={"warm": {"init": "no/such/run"}})
+    experiment = load(tmp_path, missing)
+    with pytest.raises(ExperimentError, match="warm-s0: init=no/such/run is not a run directory"):
+        run_experiment(experiment, echo=lambda line: None)
+    assert not (tmp_path / "results").exists() and not (tmp_path / "runs").exists()
 
 
 def test_a_results_folder_of_another_file_is_refused(tmp_path):

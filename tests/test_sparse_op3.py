@@ -170,8 +170,9 @@ def test_default_skip_keeps_inputs_and_outputs_dense():
     agent = make()
     dense = {r["name"] for r in agent.sparsifier.report() if not r["sparse"]}
     assert dense == DEFAULT_DENSE
-    # Two patterns name the reward and continue heads' outputs, built with op3.heads only.
-    assert len(SPARSE_SKIP_DEFAULT) == len(DEFAULT_DENSE) + 2
+    # Three patterns name layers this model does not build: the reward and continue heads'
+    # outputs (op3.heads) and the goal pairs' pooling scores (op3.goal_features).
+    assert len(SPARSE_SKIP_DEFAULT) == len(DEFAULT_DENSE) + 3
     for name in dense:
         weight = agent.wm.get_parameter(name)
         assert weight.count_nonzero() == weight.numel(), name  # untouched, dense init

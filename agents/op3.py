@@ -144,7 +144,7 @@ class OP3Agent(ModelAgent):
             # The reward and continue heads (op3.heads, with the goal pairs' pooling scores)
             # predict from the slots, as the dynamics does: they train on the frozen
             # perception too.
-            trained = ("dynamics.", "cpc.", "reward_head.", "continue_head.", "goal_attention.")
+            trained = ("dynamics.", *OPTIONAL_PARTS)
             for name, parameter in self.wm.named_parameters():
                 if not name.startswith(trained):
                     parameter.requires_grad_(False)

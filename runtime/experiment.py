@@ -104,6 +104,7 @@ class RunSpec:
     record: Path
     staged: bool  # a run.stages config: re-running its command resumes it
     steps: int
+    init: str | None = None  # init= (another run's weights), the last of args when given
 
     @property
     def key(self) -> str:
@@ -263,6 +264,7 @@ def _run_spec(experiment: Experiment, variant: str, seed: int) -> RunSpec:
         record=experiment.records_dir / f"{variant}-s{seed}.jsonl",
         staged=bool(config.run.stages),
         steps=config.run.steps,
+        init=None if init is None else str(init),
     )
 
 
@@ -574,12 +576,11 @@ def run_experiment(
         return 0
     # init= is needed by the runs still to start only (status and report read records).
     for run in pending:
-        for arg in run.args:
-            if arg.startswith("init=") and not Path(arg[5:]).is_dir():
-                raise ExperimentError(
-                    f"{experiment.path}: {run.key}: {arg} is not a run directory; train that "
-                    "run first or fix the path"
-                )
+        if run.init is not None and not Path(run.init).is_dir():
+            raise ExperimentError(
+                f"{experiment.path}: {run.key}: init={run.init} is not a run directory; train "
+                "that run first or fix the path"
+            )
     experiment.results_dir.mkdir(parents=True, exist_ok=True)
     experiment.runs_root.mkdir(parents=True, exist_ok=True)
     lock = _lock(experiment.runs_root / ".lock")  # held while this runs

@@ -1016,16 +1016,14 @@ class SlotWorldModel(nn.Module):
         return torch.einsum("...kq,...kp->...qp", weights, pairs).flatten(-2)
 
     def goal_pairs(self, slots: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
-        """Each slot with the goal slot of the same appearance (``hungarian_order`` on the
-        features' squared distances; no gradient through the choice), then the offset of the
-        goal slot's centre from the slot's and its length: ``[slot, goal slot, dy, dx, |d|]``.
+        """Each slot with the goal slot of the same appearance (``match_slots`` under
+        ``_feature_error``; no gradient through the choice), then the offset of the goal slot's
+        centre from the slot's and its length: ``[slot, goal slot, dy, dx, |d|]``.
 
         Shapes: ``slots [..., K, S]``, ``goal [..., K, S]`` -> ``[..., K, 2 S + 3]``.
         """
         D = self.spec.slot_dim
-        costs = (slots[..., :, None, :D] - goal[..., None, :, :D]).square().sum(-1)
-        order = hungarian_order(costs)  # [..., K]: the goal slot of each slot
-        matched = goal.gather(-2, order[..., None].expand_as(goal))
+        matched = match_slots(slots, goal, self._feature_error)  # row k: slot k's goal slot
         offset = matched[..., D : D + 2] - slots[..., D : D + 2]
         # The epsilon keeps the length's gradient finite where a slot sits on its goal.
         length = (offset.square().sum(-1, keepdim=True) + 1e-8).sqrt()

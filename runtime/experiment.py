@@ -254,6 +254,13 @@ def _run_spec(experiment: Experiment, variant: str, seed: int) -> RunSpec:
         raise ExperimentError(
             f"{experiment.path}: variant {variant}: {str(error).splitlines()[0]}"
         ) from None
+    steps = config.run.steps
+    if config.run.stages:
+        # A staged run ends with its last stage, whose preset sets its length (runtime.run's
+        # plan_stages builds each stage's config the same way).
+        last = [a for a in args if not a.startswith("preset=")]
+        last += [f"preset={','.join([*config.preset, config.run.stages[-1]])}", "run.stages=[]"]
+        steps = build_config(last).run.steps
     if init is not None:
         args.append(f"init={init}")
     return RunSpec(
@@ -263,7 +270,7 @@ def _run_spec(experiment: Experiment, variant: str, seed: int) -> RunSpec:
         run_dir=run_dir,
         record=experiment.records_dir / f"{variant}-s{seed}.jsonl",
         staged=bool(config.run.stages),
-        steps=config.run.steps,
+        steps=steps,
         init=None if init is None else str(init),
     )
 

@@ -191,6 +191,16 @@ def test_init_goes_to_train_and_not_to_the_config(tmp_path):
     assert not (tmp_path / "results").exists() and not (tmp_path / "runs").exists()
 
 
+def test_a_staged_run_is_finished_at_its_last_stage_length(tmp_path):
+    """preset=op3 runs two stages: its own run.steps (10,000) is not the run's length, the last
+    stage's (op3_dynamics: 25,000) is, so a run stopped past 10,000 is not recorded."""
+    path = write(tmp_path, base={"preset": "op3", "logging.wandb": False}, variants={"op3": {}})
+    run = load(tmp_path, path).runs[0]
+    assert run.staged and run.steps == 25000
+    single = write(tmp_path, name="single", variants={"dense": {}})
+    assert [r.steps for r in load(tmp_path, single).runs] == [300, 300]
+
+
 def test_a_results_folder_of_another_file_is_refused(tmp_path):
     path = write(tmp_path)
     folder = tmp_path / "results" / "tiny"
